@@ -1,0 +1,59 @@
+"""`dgtrain [overrides]` trains (Hydra); `dgtrain <subcommand> ...` runs one of the tools below.
+
+Heavy imports (torch, the training code) happen only once a command needs them, so `--help` and
+`--cfg job` answer quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from dgtrain.errors import DgtrainError
+
+log = logging.getLogger("dgtrain")
+
+SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", each taking argv and returning an exit code
+
+
+def _train_task(cfg):
+    """The Hydra task function: one training run in Hydra's run directory; returns the sweep objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    try:
+        from dgtrain.train import fit
+
+        result = fit(cfg, hc.runtime.output_dir, choices=dict(hc.runtime.choices))
+        return result.objective
+    except DgtrainError as e:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job and the sweep goes on
+        log.error(str(e))
+        sys.exit(e.exit_code)
+
+
+def train_main() -> None:
+    import hydra
+
+    from dgtrain.config import register_schema
+    from dgtrain.paths import config_dir
+
+    register_schema()
+    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        name = sys.argv[1]
+        module, func = SUBCOMMANDS[name].split(":")
+        try:
+            code = getattr(importlib.import_module(module), func)(sys.argv[2:])
+        except DgtrainError as e:
+            print(f"dgtrain {name}: error: {e}", file=sys.stderr)
+            code = e.exit_code
+        sys.exit(code)
+    train_main()

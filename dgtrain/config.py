@@ -1,0 +1,147 @@
+"""The config schema (typed fields fail at compose time), cross-field validation, and safe `_target_` calls.
+
+Only the parts a user swaps (model, data, loss, optimizer, scheduler, loggers) are `_target_` nodes;
+loop settings are typed dataclass fields so that `trainer.max_steps=ten` fails before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from dgtrain.errors import DgtrainError
+
+# `_target_` values are resolved only under these prefixes (plus `allowed_targets` from the config),
+# so a config file, an override or a stored checkpoint cannot make dgtrain call `os.system`.
+DEFAULT_ALLOWED_TARGETS = ("dgtrain.", "torch.")
+
+# Keys of a data node that describe it rather than being arguments of its builder.
+DATA_META_KEYS = ("task", "batch_size", "num_workers")
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class TrainerConfig:
+    # Optimizer steps to run; when null, max_epochs decides.
+    max_steps: int | None = None
+    max_epochs: int = 10
+    # Micro-batches per optimizer step; the effective batch is data.batch_size * grad_accum_steps.
+    grad_accum_steps: int = 1
+    # Clip the global gradient norm to this value (null: no clipping).
+    clip_grad_norm: float | None = None
+    # Bring loss and metrics to the host every N optimizer steps (and on the last one).
+    log_every: int = 10
+    # Evaluate every N optimizer steps; null: at the end of each epoch. Always at the end.
+    eval_every: int | None = None
+    # Cap on validation batches per evaluation (null: the whole validation split).
+    eval_batches: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: Any = None
+    data: Any = None
+    loss: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    logger: Any = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # auto | cpu | cuda | cuda:N
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    seed: int = 0
+    # Extra module prefixes whose callables `_target_` may name (dgtrain. and torch. are always allowed).
+    allowed_targets: list[str] = field(default_factory=list)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="dgtrain_schema", node=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe construction of `_target_` nodes
+
+
+def locate(target: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_TARGETS, key: str = "_target_") -> Any:
+    """Import `target` ("pkg.mod.name") if it lies under an allowed prefix; refuse otherwise."""
+    if not isinstance(target, str) or not any(target.startswith(p) for p in allowed):
+        raise DgtrainError(
+            f"{key}={target!r} is not allowed: dgtrain only calls targets under {', '.join(allowed)}. "
+            "If this callable is yours and trusted, add its module prefix to `allowed_targets` "
+            f"(for example `allowed_targets=[{str(target).rsplit('.', 1)[0]}.]`)."
+        )
+    module_name, _, attr = target.rpartition(".")
+    obj: Any = None
+    # Walk back along the dotted path so that nested names (torch.optim.lr_scheduler.StepLR) resolve.
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            obj = None
+        break
+    if obj is None or not callable(obj):
+        raise DgtrainError(f"{key}={target!r}: no callable named {attr!r} in module {module_name!r}.")
+    return obj
+
+
+def allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
+    extra = tuple(str(p) for p in (cfg.get("allowed_targets") or []))
+    return DEFAULT_ALLOWED_TARGETS + extra
+
+
+def build(
+    node: DictConfig,
+    *args: Any,
+    allowed: tuple[str, ...],
+    key: str,
+    exclude: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Any:
+    """Call `node._target_` with the node's other keys; `_partial_: true` returns a partial."""
+    params = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(params, dict)
+    target = params.pop("_target_", None)
+    partial = bool(params.pop("_partial_", False))
+    for k in exclude:
+        params.pop(k, None)
+    fn = locate(target, allowed, key=f"{key}._target_")
+    params.update(kwargs)
+    if partial:
+        return functools.partial(fn, *args, **params)
+    try:
+        return fn(*args, **params)
+    except TypeError as e:
+        raise DgtrainError(f"{key}: calling {target} failed: {e}. Check the keys under `{key}`.") from e
+
+
+def find_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every (key path, `_target_` value) in a config tree."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if k == "_target_":
+                found.append((sub, v))
+            else:
+                found.extend(find_targets(v, sub))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found.extend(find_targets(v, f"{path}[{i}]"))
+    return found

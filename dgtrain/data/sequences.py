@@ -1,0 +1,209 @@
+"""Sequence data: `seq2seq_synthetic` (copy / reverse / sort, a new length per example) and `text`
+(a character- or byte-level language model over any text file).
+
+Seq2seq batches are padded only to their own longest sequence, so every batch builds a graph of its
+own shape: the define-by-run case that static-graph tools handle badly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from dgtrain.data import DataBundle, DataInfo, limit, split_indices
+from dgtrain.errors import DgtrainError
+
+PAD, BOS, EOS = 0, 1, 2
+N_SPECIAL = 3
+SEQ2SEQ_TASKS = ("copy", "reverse", "sort")
+
+
+class PaddedPairs(Dataset):
+    """Variable-length (source, target) token sequences; a batch is padded to its own longest member."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD):
+        self.pairs, self.pad_id = pairs, pad_id
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return self.pairs[i]
+
+    def __getitems__(self, idx: Sequence[int]):
+        src = pad_sequence([self.pairs[i][0] for i in idx], batch_first=True, padding_value=self.pad_id)
+        tgt = pad_sequence([self.pairs[i][1] for i in idx], batch_first=True, padding_value=self.pad_id)
+        return src, tgt
+
+
+def seq2seq_synthetic(
+    *,
+    seed: int,
+    seq_task: str = "reverse",
+    num_examples: int = 8000,
+    num_symbols: int = 10,
+    min_len: int = 3,
+    max_len: int = 12,
+    val_fraction: float = 0.1,
+    max_examples: int | None = None,
+) -> DataBundle:
+    """Source: random symbols + EOS. Target: BOS + f(symbols) + EOS, f being copy, reverse or sort."""
+    if seq_task not in SEQ2SEQ_TASKS:
+        raise DgtrainError(f"data.seq_task={seq_task!r}: expected one of {', '.join(SEQ2SEQ_TASKS)}.")
+    if not 1 <= min_len <= max_len:
+        raise DgtrainError(f"data.min_len={min_len}, data.max_len={max_len}: need 1 <= min_len <= max_len.")
+    g = torch.Generator().manual_seed(seed + 1)
+    n = limit(num_examples, max_examples)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
+    eos, bos = torch.tensor([EOS]), torch.tensor([BOS])
+    pairs = []
+    for length in lengths.tolist():
+        sym = torch.randint(N_SPECIAL, N_SPECIAL + num_symbols, (length,), generator=g)
+        out = {"copy": sym, "reverse": sym.flip(0), "sort": sym.sort().values}[seq_task]
+        pairs.append((torch.cat([sym, eos]), torch.cat([bos, out, eos])))
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
+    info = DataInfo(
+        task="seq2seq",
+        vocab_size=N_SPECIAL + num_symbols,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+        max_len=max_len + 2,
+    )
+    return DataBundle(
+        PaddedPairs([pairs[i] for i in train_idx.tolist()]),
+        PaddedPairs([pairs[i] for i in val_idx.tolist()]),
+        info,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+# The default corpus is real English prose that exists on every machine with Python: the docstrings
+# of these standard-library modules, in a fixed order. Point data.path at any text file instead.
+DEFAULT_CORPUS_MODULES = (
+    "argparse",
+    "bisect",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "fractions",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "random",
+    "shutil",
+    "statistics",
+    "string",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+)
+
+
+def default_corpus() -> str:
+    seen: set[str] = set()
+    parts: list[str] = []
+    for name in DEFAULT_CORPUS_MODULES:
+        mod = importlib.import_module(name)
+        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+        for obj in objs:
+            doc = (
+                inspect.getdoc(obj)
+                if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj))
+                else None
+            )
+            if doc and len(doc) > 40 and doc not in seen:
+                seen.add(doc)
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+class TokenWindows(Dataset):
+    """Consecutive windows of `seq_len + 1` tokens; input is the first seq_len, target the last."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        w = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
+        return w[:-1], w[1:]
+
+    def __getitems__(self, idx: Sequence[int]):
+        starts = torch.as_tensor(idx) * self.seq_len
+        w = self.tokens[starts.unsqueeze(1) + torch.arange(self.seq_len + 1)]
+        return w[:, :-1], w[:, 1:]
+
+
+def text(
+    *,
+    seed: int,
+    path: str | None = None,
+    level: str = "char",
+    seq_len: int = 64,
+    val_fraction: float = 0.1,
+    max_chars: int | None = None,
+) -> DataBundle:
+    """A language-modelling corpus. The split is contiguous (the last `val_fraction` of the text), since
+    overlapping random windows would leak validation text into training."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DgtrainError(
+                f"data.path={path}: file not found. Expected a UTF-8 text file "
+                "(or leave data.path unset to use the built-in corpus)."
+            )
+        raw = p.read_bytes()
+        if level == "char":
+            try:
+                corpus = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DgtrainError(
+                    f"data.path={p}: not valid UTF-8 ({e}). Use data.level=byte for binary "
+                    "or other encodings."
+                ) from e
+    else:
+        corpus = default_corpus()
+        raw = corpus.encode("utf-8")
+    if level == "char":
+        corpus = corpus[: limit(len(corpus), max_chars)]
+        vocab = sorted(set(corpus))
+        index = {c: i for i, c in enumerate(vocab)}
+        tokens = torch.tensor([index[c] for c in corpus], dtype=torch.long)
+        extra = {"vocab": "".join(vocab)}
+    elif level == "byte":
+        raw = raw[: limit(len(raw), max_chars)]
+        tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        vocab, extra = range(256), {}
+    else:
+        raise DgtrainError(f"data.level={level!r}: expected 'char' or 'byte'.")
+    n_val = int(len(tokens) * val_fraction)
+    if n_val < seq_len + 1 or len(tokens) - n_val < seq_len + 1:
+        raise DgtrainError(
+            f"data=text: the corpus ({len(tokens)} tokens) is too short for data.seq_len={seq_len} "
+            f"with data.val_fraction={val_fraction}; use a longer file or a shorter seq_len."
+        )
+    train, val = TokenWindows(tokens[:-n_val], seq_len), TokenWindows(tokens[-n_val:], seq_len)
+    info = DataInfo(task="lm", vocab_size=len(vocab), max_len=seq_len, extra=extra)
+    return DataBundle(train, val, info)
+
+
+__all__ = ["seq2seq_synthetic", "text", "split_indices"]

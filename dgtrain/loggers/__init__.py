@@ -1,0 +1,42 @@
+"""Metric sinks. Every sink implements the small `MetricLogger` protocol; `metrics.jsonl` is always on,
+the others (`configs/logger/*`) are chosen with `logger=`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class MetricLogger(Protocol):
+    def log_config(self, config: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self, summary: dict[str, Any], status: str) -> None: ...
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan" / "inf": JSON has no literal for these
+    return v
+
+
+class JsonlLogger:
+    """One JSON object per logged step in `<run_dir>/metrics.jsonl`, flushed on every write."""
+
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+        self.path = Path(run_dir) / filename
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self, summary: dict[str, Any], status: str) -> None:
+        self._f.close()

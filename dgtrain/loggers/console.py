@@ -1,0 +1,157 @@
+"""The console: a live rich progress display on a terminal, plain log lines elsewhere (CI, pipes),
+and a summary table at the end. Metric values reach it only on logging steps."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+log = logging.getLogger("dgtrain")
+
+
+def _fmt(key: str, v: Any) -> str:
+    if isinstance(v, float):
+        if key.endswith("lr"):
+            return f"{v:.2e}"
+        if key.startswith("mem/") or key.endswith("_per_s"):
+            return f"{v:,.0f}"
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ConsoleLogger:
+    def __init__(self, mode: str = "auto"):
+        if mode not in ("auto", "rich", "plain"):
+            raise ValueError(f"logger.console.mode={mode!r}: expected auto, rich or plain")
+        self.interactive = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
+        self.console = Console()
+        self._progress: Progress | None = None
+        self._swapped: list[tuple[logging.Logger, logging.Handler]] = []
+        self.total = 0
+        self._t0 = time.perf_counter()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, total_steps: int, description: str = "train") -> None:
+        self.total, self._t0 = total_steps, time.perf_counter()
+        if not self.interactive:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]}  mem {task.fields[mem]}"
+            ),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            refresh_per_second=4,
+        )
+        self._task = self._progress.add_task(
+            description, total=total_steps, loss="-", lr="-", speed="-", mem="-"
+        )
+        self._progress.start()
+        # Route log records through rich while the live display runs, so lines print above the bar.
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr):
+                root.removeHandler(h)
+                self._swapped.append((root, h))
+        if self._swapped:
+            self._rich_handler = RichHandler(console=self.console, show_path=False)
+            root.addHandler(self._rich_handler)
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self._progress is not None:
+            fields = {}
+            if "train/loss" in metrics:
+                fields["loss"] = _fmt("train/loss", metrics["train/loss"])
+            if "train/lr" in metrics:
+                fields["lr"] = _fmt("train/lr", metrics["train/lr"])
+            if "perf/samples_per_s" in metrics:
+                tok = metrics.get("perf/tokens_per_s")
+                fields["speed"] = f"{metrics['perf/samples_per_s']:,.0f} samples/s" + (
+                    f" {tok:,.0f} tok/s" if tok is not None else ""
+                )
+            if "mem/rss_mb" in metrics:
+                fields["mem"] = f"rss {metrics['mem/rss_mb']:,.0f} MB" + (
+                    f" cuda {metrics['mem/cuda_peak_mb']:,.0f} MB" if "mem/cuda_peak_mb" in metrics else ""
+                )
+            self._progress.update(self._task, completed=step, **fields)
+            val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+            if val:
+                self._progress.console.log(
+                    f"step {step}: " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in val.items())
+                )
+            return
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / step * (self.total - step) if step else 0.0
+        pct = f" ({100 * step // self.total}%)" if self.total else ""
+        parts = [f"step {step}/{self.total}{pct}"]
+        parts += [f"{k} {_fmt(k, v)}" for k, v in metrics.items()]
+        parts.append(f"eta {_eta(eta)}")
+        log.info(" | ".join(parts))
+
+    def close(self, summary: dict[str, Any], status: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            root = logging.getLogger()
+            if self._swapped:
+                root.removeHandler(self._rich_handler)
+            for lg, h in self._swapped:
+                lg.addHandler(h)
+            self._swapped = []
+        if summary:
+            self.console.print(summary_table(summary, status))
+
+
+def summary_table(summary: dict[str, Any], status: str) -> Table:
+    t = Table(title=f"dgtrain run: {status}", show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("final", justify="right")
+    t.add_column("best", justify="right")
+    final, best = summary.get("final", {}), summary.get("best", {})
+    for k in sorted(final):
+        if k.startswith(("train/", "val/")):
+            b = best.get(k)
+            t.add_row(k, _fmt(k, final[k]), "" if b is None else f"{_fmt(k, b['value'])} @ {b['step']}")
+    t.add_section()
+    t.add_row("steps", f"{summary.get('steps')} (epoch {summary.get('epochs')})", "")
+    t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s", "")
+    t.add_row("peak RSS", f"{summary.get('peak_rss_mb', 0):,.0f} MB", "")
+    if summary.get("peak_cuda_mb") is not None:
+        t.add_row("peak CUDA allocated", f"{summary['peak_cuda_mb']:,.0f} MB", "")
+    t.add_row("parameters", f"{summary.get('parameters', 0):,}", "")
+    t.add_row("device", str(summary.get("device_name", summary.get("device"))), "")
+    t.add_row("run dir", str(summary.get("run_dir")), "")
+    return t

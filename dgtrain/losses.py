@@ -1,0 +1,45 @@
+"""Losses (`configs/loss/*`). Each builder knows which tasks it fits, so a mismatch fails before training."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dgtrain.errors import DgtrainError
+
+
+def mse(*, task: str, pad_id: int | None = None) -> nn.Module:
+    if task != "regression":
+        raise DgtrainError(
+            f"loss=mse fits regression data, but the data's task is {task}; use loss=cross_entropy "
+            "or loss=auto."
+        )
+    return nn.MSELoss()
+
+
+def cross_entropy(
+    *, task: str, pad_id: int | None = None, label_smoothing: float = 0.0, ignore_index: int | None = None
+) -> nn.Module:
+    """Cross-entropy over logits; padding tokens (the data's pad id) are ignored unless
+    `ignore_index` is set explicitly."""
+    if task == "regression":
+        raise DgtrainError(
+            "loss=cross_entropy needs class or token targets, but the data's task is regression; "
+            "use loss=mse or loss=auto."
+        )
+    if ignore_index is None:
+        ignore_index = pad_id if pad_id is not None else -100
+    return nn.CrossEntropyLoss(ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def auto(*, task: str, pad_id: int | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """MSE for regression, cross-entropy for everything else."""
+    if task == "regression":
+        return mse(task=task)
+    return cross_entropy(task=task, pad_id=pad_id, label_smoothing=label_smoothing)
+
+
+TASKS_OF = {
+    "mse": ("regression",),
+    "cross_entropy": ("classification", "seq2seq", "lm"),
+    "auto": ("regression", "classification", "seq2seq", "lm"),
+}

@@ -1,0 +1,193 @@
+"""`transformer`: an encoder-decoder for sequence-to-sequence, or a decoder-only causal LM.
+
+Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash or
+memory-efficient on CUDA) when the masks allow it. Blocks are pre-norm for stable training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgtrain.data import DataInfo
+from dgtrain.errors import DgtrainError
+
+ARCHS = ("encdec", "decoder")
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise DgtrainError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}.")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, D/H)
+        b, t, d = x.shape
+        return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        """key_mask: (B, S) bool, True where the key is a real token (False = padding)."""
+        context = x if context is None else context
+        q = self._heads(self.q_proj(x))
+        k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask))
+        return x + self.ff(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, cross: bool):
+        super().__init__()
+        self.ln1, self.ln3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model) if cross else None
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout) if cross else None
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # The causal mask alone suffices for target padding: padding only ever follows real tokens,
+        # so no real query can see it, and outputs at padded positions are ignored by the loss.
+        x = x + self.drop(self.self_attn(self.ln1(x), causal=True))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn(self.ln2(x), context=memory, key_mask=memory_mask))
+        return x + self.ff(self.ln3(x))
+
+
+class Transformer(nn.Module):
+    tasks = ("seq2seq", "lm")
+
+    def __init__(
+        self,
+        vocab_size: int,
+        arch: str = "encdec",
+        d_model: int = 64,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        max_positions: int = 512,
+        pad_id: int | None = None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise DgtrainError(f"model.arch={arch!r}: expected one of auto, {', '.join(ARCHS)}.")
+        self.arch, self.max_positions = arch, max_positions
+        self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        d_ff = d_ff or 4 * d_model
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_positions, d_model)
+        self.drop = nn.Dropout(dropout)
+        if arch == "encdec":
+            self.encoder = nn.ModuleList(
+                EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
+            )
+            self.enc_ln = nn.LayerNorm(d_model)
+        self.decoder = nn.ModuleList(
+            DecoderBlock(d_model, n_heads, d_ff, dropout, cross=arch == "encdec") for _ in range(n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    @classmethod
+    def from_data(cls, info: DataInfo, arch: str = "auto", **params) -> Transformer:
+        wanted = {"seq2seq": "encdec", "lm": "decoder"}[info.task]
+        if arch == "auto":
+            arch = wanted
+        elif arch != wanted:
+            raise DgtrainError(
+                f"model.arch={arch} cannot learn {info.task} data; use model.arch={wanted} "
+                "(or model.arch=auto)."
+            )
+        max_positions = params.get("max_positions", 512)
+        if info.max_len > max_positions:
+            raise DgtrainError(
+                f"sequences reach {info.max_len} tokens but model.max_positions={max_positions}; "
+                f"raise model.max_positions to at least {info.max_len}."
+            )
+        return cls(
+            info.vocab_size, arch=arch, pad_id=info.pad_id, bos_id=info.bos_id, eos_id=info.eos_id, **params
+        )
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.max_positions:
+            raise ValueError(f"sequence of {t} tokens exceeds model.max_positions={self.max_positions}")
+        pos = torch.arange(t, device=tokens.device)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
+
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        src_mask = None if self.pad_id is None else src != self.pad_id
+        x = self._embed(src)
+        for block in self.encoder:
+            x = block(x, src_mask)
+        return self.enc_ln(x), src_mask
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self._embed(tokens)
+        for block in self.decoder:
+            x = block(x, memory, memory_mask)
+        return self.head(self.ln_f(x))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> torch.Tensor:
+        """encdec: logits for each position of `tgt_in` (teacher forcing). decoder: next-token logits of `src`."""
+        if self.arch == "decoder":
+            return self.decode(src)
+        memory, src_mask = self.encode(src)
+        return self.decode(tgt_in, memory, src_mask)
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Greedy decoding for encdec: returns (B, <= max_len) tokens after BOS; stops once all hit EOS."""
+        memory, src_mask = self.encode(src)
+        ys = torch.full((src.shape[0], 1), self.bos_id, dtype=torch.long, device=src.device)
+        done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            nxt = self.decode(ys, memory, src_mask)[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            ys = torch.cat([ys, nxt[:, None]], dim=1)
+            done |= nxt == self.eos_id
+            if bool(done.all()):
+                break
+        return ys[:, 1:]

@@ -1,0 +1,23 @@
+"""Where the packaged configs and recipes live (repository checkout or installed wheel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PKG = Path(__file__).resolve().parent
+
+
+def _first_dir(*candidates: Path) -> Path:
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(f"none of {[str(c) for c in candidates]} exists; is dgtrain installed correctly?")
+
+
+def config_dir() -> Path:
+    # A wheel carries configs inside the package; a checkout (or editable install) has them at the top.
+    return _first_dir(_PKG / "configs", _PKG.parent / "configs")
+
+
+def recipes_dir() -> Path:
+    return _first_dir(_PKG / "recipes", _PKG.parent / "recipes")

@@ -1,0 +1,157 @@
+"""What differs between tasks: how a batch becomes a loss, and how the validation split is scored.
+
+Evaluation keeps running sums on the device and brings them to the host once, at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+class Task:
+    name = ""
+    monitor = "val/loss"  # the validation metric that decides "best" and is the sweep objective
+    mode = "min"
+
+    def units(self, batch) -> torch.Tensor | None:
+        """Tokens in a batch, as a device tensor (None for non-sequence tasks)."""
+        return None
+
+    def loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Regression(Task):
+    name, monitor, mode = "regression", "val/mse", "min"
+
+    def loss(self, model, batch, loss_fn):
+        x, y = batch
+        return loss_fn(model(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+        n, loss_sum, sse, y_sum, y_sq = 0, 0.0, 0.0, 0.0, 0.0
+        for x, y in batches:
+            with autocast():
+                pred = model(x).float()
+            loss_sum = loss_sum + loss_fn(pred, y) * len(y)
+            sse = sse + (pred - y).pow(2).sum()
+            y_sum, y_sq = y_sum + y.sum(0), y_sq + y.pow(2).sum(0)
+            n += len(y)
+        sst = (y_sq - y_sum.pow(2) / n).sum()  # sum of squares about the validation mean
+        loss, sse, sst = (float(t) for t in (loss_sum, sse, sst))
+        return {
+            "val/loss": loss / n,
+            "val/mse": sse / (n * y_sum.numel()),
+            "val/r2": 1.0 - sse / max(sst, 1e-12),
+        }
+
+
+class Classification(Task):
+    name, monitor, mode = "classification", "val/acc", "max"
+
+    def loss(self, model, batch, loss_fn):
+        x, y = batch
+        return loss_fn(model(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+        n, loss_sum, correct = 0, 0.0, 0
+        for x, y in batches:
+            with autocast():
+                logits = model(x).float()
+            loss_sum = loss_sum + loss_fn(logits, y) * len(y)
+            correct = correct + (logits.argmax(-1) == y).sum()
+            n += len(y)
+        return {"val/loss": float(loss_sum) / n, "val/acc": float(correct) / n}
+
+
+class Seq2Seq(Task):
+    """Teacher forcing in training (the decoder sees the true previous token); greedy decoding in
+    evaluation, so val/acc is the token accuracy of what the model really generates."""
+
+    name, monitor, mode = "seq2seq", "val/acc", "max"
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def units(self, batch):
+        return (batch[1][:, 1:] != self.pad_id).sum()
+
+    def loss(self, model, batch, loss_fn):
+        src, tgt = batch
+        logits = model(src, tgt[:, :-1])
+        return loss_fn(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+        tokens, loss_sum, correct, seq_correct, n_seq = 0, 0.0, 0, 0, 0
+        for src, tgt in batches:
+            target = tgt[:, 1:]
+            real = target != self.pad_id
+            n_tok = real.sum()
+            with autocast():
+                logits = model(src, tgt[:, :-1]).float()
+                generated = model.generate(src, max_len=target.shape[1])
+            loss_sum = loss_sum + loss_fn(logits.flatten(0, 1), target.flatten()) * n_tok
+            pred = torch.full_like(target, self.pad_id)
+            width = min(generated.shape[1], target.shape[1])
+            pred[:, :width] = generated[:, :width]
+            hit = (pred == target) & real
+            correct = correct + hit.sum()
+            seq_correct = seq_correct + (hit | ~real).all(dim=1).sum()
+            tokens = tokens + n_tok
+            n_seq += len(src)
+        tokens = float(tokens)
+        return {
+            "val/loss": float(loss_sum) / tokens,
+            "val/acc": float(correct) / tokens,
+            "val/seq_acc": float(seq_correct) / n_seq,
+        }
+
+
+class LanguageModel(Task):
+    name, monitor, mode = "lm", "val/ppl", "min"
+
+    def units(self, batch):
+        return torch.tensor(batch[1].numel())
+
+    def loss(self, model, batch, loss_fn):
+        x, y = batch
+        return loss_fn(model(x).flatten(0, 1).float(), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+        tokens, loss_sum = 0, 0.0
+        for x, y in batches:
+            with autocast():
+                logits = model(x).float()
+            loss_sum = loss_sum + loss_fn(logits.flatten(0, 1), y.flatten()) * y.numel()
+            tokens += y.numel()
+        loss = float(loss_sum) / tokens
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+
+def make_task(name: str, pad_id: int | None = None) -> Task:
+    if name == "seq2seq":
+        return Seq2Seq(pad_id if pad_id is not None else -100)
+    return {"regression": Regression, "classification": Classification, "lm": LanguageModel}[name]()
+
+
+# Which direction is better, for every validation metric any task reports.
+HIGHER_IS_BETTER = {
+    "val/acc": True,
+    "val/seq_acc": True,
+    "val/r2": True,
+    "val/loss": False,
+    "val/mse": False,
+    "val/ppl": False,
+}

@@ -1,0 +1,397 @@
+"""The training loop. Read `fit` top to bottom: it is the whole of what happens in a run.
+
+Per optimizer step: `grad_accum_steps` micro-batches each build their graph on the device (forward),
+release it (backward), then clip, step the optimizer and the schedule. Losses stay on the device;
+they reach the host only on logging steps, so the loop never waits for the accelerator in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dgtrain import __version__
+from dgtrain.config import allowed_prefixes, build, locate
+from dgtrain.data import DataBundle, make_loader
+from dgtrain.errors import DgtrainError, NonFiniteLossError
+from dgtrain.loggers import JsonlLogger
+from dgtrain.loggers.console import ConsoleLogger
+from dgtrain.memory import memory_metrics, rss_peak_mb
+from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
+from dgtrain.validation import check_config
+
+log = logging.getLogger("dgtrain")
+
+
+# ----------------------------------------------------------------------------------------- set-up
+
+
+def resolve_device(spec: str) -> torch.device:
+    spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DgtrainError(
+                f"device={spec}: CUDA is not available (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda or 'none'}). Use device=cpu or device=auto."
+            )
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DgtrainError(
+                f"device={spec}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
+            )
+        return dev
+    raise DgtrainError(f"device={spec!r}: expected auto, cpu, cuda or cuda:N.")
+
+
+def precision_of(cfg: DictConfig) -> str:
+    p = cfg.precision
+    return str(getattr(p, "value", p))
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A zero-argument context factory: autocast for bf16/fp16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DgtrainError(
+            f"precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+            "use precision=fp16 or precision=fp32."
+        )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """Everything a run (or `dgtrain graph` / `eval`) builds from a config."""
+
+    device: torch.device
+    data: DataBundle
+    task: Task
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    train_loader: Any
+    val_loader: Any
+
+
+def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
+    """`model._target_` names a class; dgtrain models size themselves from the data (`from_data`)."""
+    params = OmegaConf.to_container(cfg.model, resolve=True)
+    cls = locate(params.pop("_target_"), allowed, key="model._target_")
+    factory = getattr(cls, "from_data", None)
+    try:
+        return factory(info, **params) if factory else cls(**params)
+    except TypeError as e:
+        raise DgtrainError(
+            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options)."
+        ) from e
+
+
+def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
+    allowed = allowed_prefixes(cfg)
+    device = device or resolve_device(cfg.device)
+    data = build(
+        cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
+    )
+    task = make_task(data.info.task, data.info.pad_id)
+    torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
+    model = build_model(cfg, data.info, allowed).to(device)
+    loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
+    pin = device.type == "cuda"
+    nw = int(cfg.data.get("num_workers", 0))
+    bs = int(cfg.data.batch_size)
+    train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
+
+
+class BatchStream:
+    """Micro-batches across epoch boundaries, on the device; knows the epoch and position within it."""
+
+    def __init__(self, loader, device: torch.device, epoch: int = 0):
+        self.loader, self.device = loader, device
+        self.epoch, self.position, self.completed_epochs = epoch, 0, epoch
+        self._it = None
+
+    def __next__(self):
+        if self._it is None:
+            self.loader.batch_sampler.set_epoch(self.epoch, self.position)
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+            return next(self)
+        self.position += 1
+        if self.position == len(self.loader):
+            self.completed_epochs = self.epoch + 1
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+def to_device(batches, device: torch.device):
+    for batch in batches:
+        yield tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def evaluate(s: Setup, autocast, max_batches: int | None) -> dict[str, float]:
+    s.model.eval()
+    try:
+        return s.task.evaluate(
+            s.model, to_device(itertools.islice(s.val_loader, max_batches), s.device), s.loss_fn, autocast
+        )
+    finally:
+        s.model.train()
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]
+    model: torch.nn.Module
+    setup: Setup
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def objective(self) -> float | None:
+        return self.summary["monitor"]["value"]
+
+
+def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> TrainResult:
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    check_config(cfg, choices)  # every config problem at once, before anything heavy happens
+    device = resolve_device(cfg.device)
+    precision = precision_of(cfg)
+    autocast = autocast_for(device, precision)
+    seed_everything(cfg.seed)
+    s = setup(cfg, device)
+    model, task, tc = s.model, s.task, cfg.trainer
+
+    accum = int(tc.grad_accum_steps)
+    steps_per_epoch = max(1, len(s.train_loader) // accum)
+    max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
+    optimizer = build(cfg.optimizer, allowed=allowed_prefixes(cfg), key="optimizer")(model.parameters())
+    scheduler = build(cfg.scheduler, allowed=allowed_prefixes(cfg), key="scheduler")(
+        optimizer, total_steps=max_steps
+    )
+    # fp16 needs loss scaling; with enabled=False the scaler passes everything through unchanged.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    n_params = sum(p.numel() for p in model.parameters())
+
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    sinks = build_loggers(cfg, run_dir)
+    console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for sink in sinks:
+        sink.log_config(resolved)
+    log.info(
+        f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
+        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{len(s.data.val):,} val examples | {max_steps} steps"
+    )
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, dict[str, float]] = {}
+    final: dict[str, float] = {}
+    status, step, peak_cuda = "failed", 0, None
+    stream = BatchStream(s.train_loader, device)
+    log_every, eval_every = int(tc.log_every), tc.eval_every
+    loss_buf = torch.zeros(log_every, device=device)  # per-step losses since the last log, on the device
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    samples, steps_since_log, last_eval_epochs, eval_s = 0, 0, 0, 0.0
+    last_finite: tuple[int, float] | None = None
+    counts_tokens = False
+    t_log = time.perf_counter()
+
+    def record(metrics: dict[str, Any]) -> None:
+        nonlocal peak_cuda
+        metrics = {"epoch": stream.epoch, **metrics}
+        for sink in sinks:
+            sink.log_metrics(metrics, step)
+        history.append({"step": step, **metrics})
+        final.update({k: v for k, v in metrics.items() if k != "epoch"})
+        if "mem/cuda_peak_mb" in metrics:
+            peak_cuda = max(peak_cuda or 0.0, metrics["mem/cuda_peak_mb"])
+        for k, v in metrics.items():
+            if k in HIGHER_IS_BETTER and math.isfinite(v):
+                better = (lambda a, b: a > b) if HIGHER_IS_BETTER[k] else (lambda a, b: a < b)
+                if k not in best or better(v, best[k]["value"]):
+                    best[k] = {"value": v, "step": step}
+
+    if console:
+        console.start(max_steps)
+    try:
+        model.train()
+        while step < max_steps:
+            # ---- one optimizer step: forward and backward for each micro-batch, graphs freed as we go
+            step_loss = torch.zeros((), device=device)
+            for _ in range(accum):
+                batch = next(stream)
+                with autocast():
+                    loss = task.loss(model, batch, s.loss_fn) / accum
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+                samples += len(batch[0])
+                units = task.units(batch)
+                if units is not None:
+                    tokens += units.to(device)
+                    counts_tokens = True
+            if tc.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.clip_grad_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_buf[steps_since_log] = step_loss
+            step += 1
+            steps_since_log += 1
+            if console:
+                console.advance(step)
+
+            # ---- logging step: the only place the host waits for the device
+            metrics: dict[str, Any] = {}
+            if step % log_every == 0 or step == max_steps:
+                losses = loss_buf[:steps_since_log].tolist()
+                for i, v in enumerate(losses):
+                    if not math.isfinite(v):
+                        bad = step - steps_since_log + i + 1
+                        last = (
+                            f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}"
+                            if last_finite
+                            else "no finite loss before it"
+                        )
+                        raise NonFiniteLossError(
+                            f"train/loss became {v} at step {bad} ({last}). Training stopped. Lower optimizer.lr, "
+                            "set trainer.clip_grad_norm, or use precision=fp32."
+                        )
+                    last_finite = (step - steps_since_log + i + 1, v)
+                dt = time.perf_counter() - t_log - eval_s
+                metrics = {
+                    "train/loss": sum(losses) / len(losses),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                }
+                if tc.clip_grad_norm:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
+                metrics["perf/samples_per_s"] = samples / dt
+                if counts_tokens:
+                    metrics["perf/tokens_per_s"] = int(tokens) / dt
+                metrics.update(memory_metrics(device))
+                samples, steps_since_log, eval_s = 0, 0, 0.0
+                tokens.zero_()
+                t_log = time.perf_counter()
+
+            # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
+            epoch_ended = stream.completed_epochs > last_eval_epochs
+            if (
+                (eval_every and step % int(eval_every) == 0)
+                or (not eval_every and epoch_ended)
+                or step == max_steps
+            ):
+                t_eval = time.perf_counter()
+                metrics.update(evaluate(s, autocast, tc.eval_batches))
+                eval_s += time.perf_counter() - t_eval
+                last_eval_epochs = stream.completed_epochs
+            if metrics:
+                record(metrics)
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary = make_summary(
+            status,
+            step,
+            stream.epoch,
+            final,
+            best,
+            task,
+            device,
+            n_params,
+            peak_cuda,
+            time.perf_counter() - t_start,
+            run_dir,
+        )
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for sink in sinks:
+            sink.close(summary, status)
+    return TrainResult(summary, model, s, history)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def make_summary(
+    status, step, epoch, final, best, task, device, n_params, peak_cuda, wall_s, run_dir
+) -> dict:
+    mon = best.get(task.monitor)
+    return {
+        "status": status,
+        "steps": step,
+        "epochs": epoch,
+        "wall_s": round(wall_s, 3),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "dgtrain": __version__,
+        "parameters": n_params,
+        "peak_rss_mb": round(rss_peak_mb(), 1),
+        "peak_cuda_mb": None if peak_cuda is None else round(peak_cuda, 1),
+        "monitor": {
+            "metric": task.monitor,
+            "mode": task.mode,
+            "value": mon["value"] if mon else None,
+            "step": mon["step"] if mon else None,
+        },
+        "final": final,
+        "best": best,
+        "run_dir": str(run_dir),
+    }
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured."""
+    sinks: list = [JsonlLogger(run_dir)]
+    for name, node in (cfg.get("logger") or {}).items():
+        sinks.append(build(node, allowed=allowed_prefixes(cfg), key=f"logger.{name}"))
+    if not any(isinstance(x, ConsoleLogger) for x in sinks):
+        sinks.append(ConsoleLogger())
+    return sinks
