@@ -26,6 +26,8 @@ def _train_task(cfg):
         from dgtrain.train import fit
 
         result = fit(cfg, hc.runtime.output_dir, choices=dict(hc.runtime.choices))
+        if result.exit_code:
+            sys.exit(result.exit_code)
         return result.objective
     except DgtrainError as e:
         if hc.mode == RunMode.MULTIRUN:

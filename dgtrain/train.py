@@ -129,6 +129,44 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
 
 
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to stop after the current optimizer step (never mid-step), so the
+    loggers, and anything else that runs on the way out, see a consistent state. A second signal
+    falls back to the default behaviour."""
+
+    EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal = signal.Signals(signum).name
+        for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM is not ignored
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES.get(self.signal or "", 1)
+
+
 class BatchStream:
     """Micro-batches across epoch boundaries, on the device; knows the epoch and position within it."""
 
@@ -176,6 +214,7 @@ class TrainResult:
     model: torch.nn.Module
     setup: Setup
     history: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int = 0  # 143 after SIGTERM, 130 after SIGINT
 
     @property
     def objective(self) -> float | None:
@@ -244,8 +283,43 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 if k not in best or better(v, best[k]["value"]):
                     best[k] = {"value": v, "step": step}
 
+    def train_metrics() -> dict[str, Any]:
+        """Bring the losses since the last log to the host (the one sync), check them, add speed and memory."""
+        nonlocal samples, steps_since_log, eval_s, t_log, last_finite
+        losses = loss_buf[:steps_since_log].tolist()
+        for i, v in enumerate(losses):
+            if not math.isfinite(v):
+                bad = step - steps_since_log + i + 1
+                last = (
+                    f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}"
+                    if last_finite
+                    else "no finite loss before it"
+                )
+                raise NonFiniteLossError(
+                    f"train/loss became {v} at step {bad} ({last}). Training stopped. Lower optimizer.lr, "
+                    "set trainer.clip_grad_norm, or use precision=fp32."
+                )
+            last_finite = (step - steps_since_log + i + 1, v)
+        dt = time.perf_counter() - t_log - eval_s
+        metrics: dict[str, Any] = {
+            "train/loss": sum(losses) / len(losses),
+            "train/lr": optimizer.param_groups[0]["lr"],
+        }
+        if tc.clip_grad_norm:
+            metrics["train/grad_norm"] = float(grad_norm)
+        metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
+        metrics["perf/samples_per_s"] = samples / dt
+        if counts_tokens:
+            metrics["perf/tokens_per_s"] = int(tokens) / dt
+        metrics.update(memory_metrics(device))
+        samples, steps_since_log, eval_s = 0, 0, 0.0
+        tokens.zero_()
+        t_log = time.perf_counter()
+        return metrics
+
     if console:
         console.start(max_steps)
+    stop = StopRequest().__enter__()
     try:
         model.train()
         while step < max_steps:
@@ -275,38 +349,11 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             if console:
                 console.advance(step)
 
-            # ---- logging step: the only place the host waits for the device
+            # ---- logging step: the only place the host waits for the device. A stop signal makes
+            # this a logging step too, so no completed step goes unrecorded.
             metrics: dict[str, Any] = {}
-            if step % log_every == 0 or step == max_steps:
-                losses = loss_buf[:steps_since_log].tolist()
-                for i, v in enumerate(losses):
-                    if not math.isfinite(v):
-                        bad = step - steps_since_log + i + 1
-                        last = (
-                            f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}"
-                            if last_finite
-                            else "no finite loss before it"
-                        )
-                        raise NonFiniteLossError(
-                            f"train/loss became {v} at step {bad} ({last}). Training stopped. Lower optimizer.lr, "
-                            "set trainer.clip_grad_norm, or use precision=fp32."
-                        )
-                    last_finite = (step - steps_since_log + i + 1, v)
-                dt = time.perf_counter() - t_log - eval_s
-                metrics = {
-                    "train/loss": sum(losses) / len(losses),
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                }
-                if tc.clip_grad_norm:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
-                metrics["perf/samples_per_s"] = samples / dt
-                if counts_tokens:
-                    metrics["perf/tokens_per_s"] = int(tokens) / dt
-                metrics.update(memory_metrics(device))
-                samples, steps_since_log, eval_s = 0, 0, 0.0
-                tokens.zero_()
-                t_log = time.perf_counter()
+            if step % log_every == 0 or step == max_steps or stop.signal:
+                metrics = train_metrics()
 
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = stream.completed_epochs > last_eval_epochs
@@ -319,13 +366,16 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 metrics.update(evaluate(s, autocast, tc.eval_batches))
                 eval_s += time.perf_counter() - t_eval
                 last_eval_epochs = stream.completed_epochs
+            if stop.signal and steps_since_log:  # the signal came during evaluation
+                metrics.update(train_metrics())
             if metrics:
                 record(metrics)
-        status = "completed"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
+            if stop.signal:
+                log.warning(f"{stop.signal} received: stopped after step {step}")
+                break
+        status = "completed" if step >= max_steps else "stopped"
     finally:
+        stop.__exit__()
         summary = make_summary(
             status,
             step,
@@ -342,7 +392,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for sink in sinks:
             sink.close(summary, status)
-    return TrainResult(summary, model, s, history)
+    return TrainResult(summary, model, s, history, stop.exit_code if stop.signal else 0)
 
 
 def _device_name(device: torch.device) -> str:
