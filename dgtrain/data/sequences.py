@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,19 +119,23 @@ DEFAULT_CORPUS_MODULES = (
 def default_corpus() -> str:
     seen: set[str] = set()
     parts: list[str] = []
-    for name in DEFAULT_CORPUS_MODULES:
-        mod = importlib.import_module(name)
-        objs = [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
-        for obj in objs:
-            doc = (
-                inspect.getdoc(obj)
-                if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj))
-                else None
-            )
-            if doc and len(doc) > 40 and doc not in seen:
-                seen.add(doc)
-                parts.append(doc)
+    with warnings.catch_warnings():  # reading docstrings touches deprecated aliases (typing.re, ...)
+        warnings.simplefilter("ignore")
+        for name in DEFAULT_CORPUS_MODULES:
+            _collect_docs(name, seen, parts)
     return "\n\n".join(parts)
+
+
+def _collect_docs(name: str, seen: set[str], parts: list[str]) -> None:
+    """Append the docstrings of a module and of its public classes and functions, each once."""
+    mod = importlib.import_module(name)
+    for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
+        if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) > 40 and doc not in seen:
+            seen.add(doc)
+            parts.append(doc)
 
 
 class TokenWindows(Dataset):

@@ -1,0 +1,216 @@
+"""The real CLI, end to end, in subprocesses: each model trains and improves, outputs are well formed,
+and every kind of bad input gives its message and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli_env, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+# model option -> (overrides, the validation metric that must improve, higher is better?)
+MODELS = {
+    "linreg": (["trainer.max_steps=60", "trainer.eval_every=20"], "val/mse", False),
+    "mlp": (["trainer.max_steps=60", "trainer.eval_every=20"], "val/acc", True),
+    "convnet": (["trainer.max_steps=60", "trainer.eval_every=20"], "val/acc", True),
+    "transformer": (
+        ["trainer.max_steps=90", "trainer.eval_every=30", "data.num_examples=2000"],
+        "val/acc",
+        True,
+    ),
+    "transformer data=text": (
+        ["trainer.max_steps=60", "trainer.eval_every=20", "model.n_layers=1"],
+        "val/ppl",
+        False,
+    ),
+}
+
+
+def _check_outputs(run: Path) -> tuple[list[dict], dict]:
+    rows = read_metrics(run)
+    assert rows, "metrics.jsonl is empty"
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), "one row per logged step, in order"
+    for r in rows:
+        assert isinstance(r["step"], int) and isinstance(r["epoch"], int)
+    train_rows = [r for r in rows if "train/loss" in r]
+    for key in (
+        "train/loss",
+        "train/lr",
+        "perf/step_ms",
+        "perf/samples_per_s",
+        "mem/rss_mb",
+        "mem/rss_peak_mb",
+    ):
+        assert all(key in r for r in train_rows), key
+    assert not any(k.startswith("mem/cuda") for r in rows for k in r), "CUDA figures on a CPU run"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("status", "steps", "wall_s", "device", "torch", "parameters", "peak_rss_mb", "final", "best"):
+        assert key in summary, key
+    assert summary["status"] == "completed" and summary["parameters"] > 0 and summary["peak_rss_mb"] > 0
+    assert (run / "config.yaml").is_file() and (run / "dgtrain.log").is_file()
+    return rows, summary
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_each_model_trains_end_to_end_and_improves(tmp_path, model):
+    overrides, metric, higher = MODELS[model]
+    run = tmp_path / "run"
+    p = run_cli(
+        [*f"model={model}".split(), *overrides, "trainer.log_every=10", f"hydra.run.dir={run}"], tmp_path
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows, summary = _check_outputs(run)
+    values = [r[metric] for r in rows if metric in r]
+    assert len(values) >= 3
+    assert (values[-1] > values[0]) if higher else (values[-1] < values[0]), (
+        f"{metric} did not improve: {values}"
+    )
+    if model.startswith("transformer"):
+        assert all("perf/tokens_per_s" in r for r in rows if "train/loss" in r)
+    assert "\x1b[" not in p.stdout, "control codes in non-terminal output"
+
+
+def test_default_run_reaches_95_percent_on_digits_within_a_minute(tmp_path):
+    run = tmp_path / "run"
+    p = run_cli([f"hydra.run.dir={run}"], tmp_path, env=cli_env(OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    _, summary = _check_outputs(run)
+    assert summary["final"]["val/acc"] >= 0.95, summary["final"]
+    assert summary["wall_s"] < 60
+    assert "val/acc" in p.stdout and "run dir" in p.stdout  # the final summary table
+
+
+def test_console_script_help_and_cfg(tmp_path):
+    exe = Path(sys.executable).parent / "dgtrain"
+    if not exe.exists():
+        pytest.skip("dgtrain console script not installed in this environment")
+    p = subprocess.run([str(exe), "--help"], cwd=tmp_path, capture_output=True, text=True, env=cli_env())
+    assert p.returncode == 0
+    for group in ("model:", "data:", "optimizer:", "scheduler:", "loss:"):
+        assert group in p.stdout
+    p = subprocess.run(
+        [str(exe), "--cfg", "job", "model=linreg"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert p.returncode == 0 and "synthetic_linear" in p.stdout
+    assert not (tmp_path / "outputs").exists(), "--cfg job must not create a run directory"
+
+
+BAD = {
+    "unknown option": (["model=mpl"], 1, "Could not find 'model/mpl'"),
+    "unknown key": (["trainer.max_step=3"], 1, "max_step"),
+    "wrong type": (["trainer.max_steps=ten"], 1, "could not be converted to Integer"),
+    "bad precision": (["precision=fp8"], 1, "expected one of [fp32, bf16, fp16]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_hydra_rejects_bad_overrides_writing_nothing(tmp_path, case):
+    args, code, message = BAD[case]
+    run = tmp_path / "run"
+    p = run_cli([*args, f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == code
+    assert message in p.stdout + p.stderr
+    assert not run.exists(), "nothing may be written for a config that does not compose"
+
+
+def test_cuda_without_cuda_is_one_clear_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = run_cli(["device=cuda", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert p.returncode == 2
+    out = p.stdout + p.stderr
+    assert "device=cuda: CUDA is not available" in out and "Traceback" not in out
+
+
+def test_missing_data_files_name_path_and_expected_files(tmp_path):
+    p = run_cli(
+        ["data=mnist", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
+    assert p.returncode == 2
+    out = p.stdout + p.stderr
+    assert str(tmp_path / "nowhere") in out and "t10k-labels-idx1-ubyte" in out and "Traceback" not in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_incompatible_model_and_data_names_both(tmp_path):
+    p = run_cli(["model=convnet", "data=text", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert p.returncode == 2
+    out = p.stdout + p.stderr
+    assert "model=convnet cannot train on data=text" in out and "Models for data=text: transformer" in out
+
+
+def test_nonfinite_loss_exits_nonzero_naming_the_step(tmp_path):
+    run = tmp_path / "run"
+    p = run_cli(
+        [
+            "model=linreg",
+            "optimizer=sgd",
+            "optimizer.lr=10",
+            "optimizer.momentum=0",
+            "trainer.max_steps=100",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 3
+    out = p.stdout + p.stderr
+    assert "train/loss became" in out and "at step" in out and "last finite loss" in out
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_wheel_install_works_from_any_directory(tmp_path):
+    """`pip install .` (not editable) carries configs inside the package."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert (target / "dgtrain" / "configs" / "train.yaml").is_file()
+    env = cli_env()
+    env["PYTHONPATH"] = str(target)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = subprocess.run(
+        [sys.executable, "-c", "import dgtrain.paths as p; print(p.config_dir())"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.stdout.strip().startswith(str(target)), p.stdout + p.stderr
+    run = elsewhere / "run"
+    p = subprocess.run(
+        [sys.executable, "-m", "dgtrain", "model=linreg", "trainer.max_steps=5", f"hydra.run.dir={run}"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (run / "summary.json").is_file()
