@@ -145,8 +145,8 @@ def test_seq2seq_batches_are_padded_to_their_own_longest():
     loader = make_loader(b.train, 4, shuffle=True, seed=0)
     widths = set()
     for src, tgt in loader:
-        lengths = (src != PAD).sum(1)
-        assert src.shape[1] == int(lengths.max()), "a batch is padded beyond its longest sequence"
+        assert src.shape[1] == int((src != PAD).sum(1).max()), "a batch is padded beyond its longest source"
+        assert tgt.shape[1] == int((tgt != PAD).sum(1).max()), "a batch is padded beyond its longest target"
         widths.add(src.shape[1])
     assert len(widths) > 3, "batches should have different shapes"
 
