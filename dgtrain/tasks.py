@@ -29,12 +29,16 @@ class Task:
         raise NotImplementedError
 
 
-class Regression(Task):
-    name, monitor, mode = "regression", "val/mse", "min"
+class _InputTarget(Task):
+    """Tasks whose batches are (inputs, targets) and whose model output meets the loss directly."""
 
     def loss(self, model, batch, loss_fn):
         x, y = batch
         return loss_fn(model(x).float(), y)
+
+
+class Regression(_InputTarget):
+    name, monitor, mode = "regression", "val/mse", "min"
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
@@ -55,12 +59,8 @@ class Regression(Task):
         }
 
 
-class Classification(Task):
+class Classification(_InputTarget):
     name, monitor, mode = "classification", "val/acc", "max"
-
-    def loss(self, model, batch, loss_fn):
-        x, y = batch
-        return loss_fn(model(x).float(), y)
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
