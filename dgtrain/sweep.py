@@ -354,7 +354,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], swept):
+    for ax, key in zip(axes[0], swept, strict=True):
         raw = [r["params"].get(key, "") for r in rows]
         nums = [_number(v) for v in raw]
         y = [r["objective"] for r in rows]
@@ -437,7 +437,7 @@ def summary_main(argv: list[str]) -> int:
     p.add_argument("--no-plot", action="store_true", help="do not write sweep_objective.png")
     p.add_argument("--json", action="store_true", help="print sweep_summary.json instead of the table")
     args = p.parse_args(argv)
-    result = summarize(args.sweep_dir, table=not args.json, png=not args.no_plot)
+    summarize(args.sweep_dir, table=not args.json, png=not args.no_plot)
     if args.json:
         print((args.sweep_dir / "sweep_summary.json").read_text(), end="")
     return 0
