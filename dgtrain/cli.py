@@ -15,7 +15,7 @@ log = logging.getLogger("dgtrain")
 
 SUBCOMMANDS: dict[str, str] = {
     "sweep-summary": "dgtrain.sweep:summary_main",
-    "wandb-sweep": "dgtrain.sweep:wandb_sweep_main",
+    "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
 }  # name -> "module:function", each taking argv and returning an exit code
 
 

@@ -83,12 +83,19 @@ def _write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
     tmp.replace(job_dir / "summary.json")
 
 
+def _trial_key(overrides: list[str]) -> list[str]:
+    """What identifies a trial: its overrides in any order, less `sweep.resume` itself."""
+    return sorted(o for o in overrides if _split(o)[0] != "sweep.resume")
+
+
 def finished_objective(job_dir: Path, overrides: list[str], cfg: DictConfig) -> float | None:
     """The objective of a completed trial already in `job_dir` with the same overrides and objective
     settings, or None when the job must (re)run."""
     summary = _read_summary(job_dir)
     sweep = (summary or {}).get("sweep") or {}
-    if not summary or summary.get("status") != "completed" or sweep.get("overrides") != overrides:
+    if not summary or summary.get("status") != "completed":
+        return None
+    if _trial_key(sweep.get("overrides") or []) != _trial_key(overrides):
         return None
     metric = cfg.sweep.metric or sweep.get("metric")
     if metric != sweep.get("metric") or _direction_of(cfg, metric) != sweep.get("direction"):
@@ -105,7 +112,10 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
         if done is not None:
             log.info(f"sweep.resume: {job_dir} already completed ({' '.join(overrides)}); objective {done}")
             return done
-    (job_dir / "summary.json").unlink(missing_ok=True)  # a stale summary must not describe this attempt
+    # A re-run job (sweep.resume, a reused sweep dir): the earlier attempt's files must not describe this one.
+    (job_dir / "summary.json").unlink(missing_ok=True)
+    if (job_dir / "metrics.jsonl").exists():
+        (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
 
     t0 = time.perf_counter()
     error: str | None = None
@@ -173,6 +183,13 @@ def _number(value: str) -> float | None:
     except ValueError:
         return None
     return v if math.isfinite(v) else None
+
+
+def _short(override: str) -> str:
+    """`optimizer.lr=0.006431172050131994` -> `optimizer.lr=0.006431` for the table."""
+    key, value = _split(override)
+    v = _number(value)
+    return f"{key}={v:.4g}" if v is not None and "." in value else override
 
 
 def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
@@ -323,7 +340,7 @@ def print_table(result: dict[str, Any], file=None) -> None:
     for name in ("status", "wall s", "peak MB", "error"):
         table.add_column(name, justify="right" if name in ("wall s", "peak MB") else "left")
     for r in result["trials"]:
-        shown = [o for o in r["overrides"] if _split(o)[0] in swept] if swept else r["overrides"]
+        shown = [_short(o) for o in r["overrides"] if not swept or _split(o)[0] in swept]
         peak = r.get("peak_cuda_mb") or r.get("peak_rss_mb")
         error = (r.get("error") or "")[:80]
         style = "bold green" if r["rank"] == 1 else ("red" if r["status"] == "failed" else None)
