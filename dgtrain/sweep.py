@@ -318,7 +318,7 @@ def write_csv(result: dict[str, Any], path: Path) -> None:
         w.writerow([*cols, "error", "overrides"])
         for r in result["trials"]:
             w.writerow(
-                [r["params"].get(c, "") if c in keys else _fmt(r.get(c), 10) for c in cols]
+                [r["params"].get(c, "") if c in keys else ("" if r.get(c) is None else r[c]) for c in cols]
                 + [r.get("error") or "", " ".join(r["overrides"])]
             )
 

@@ -7,7 +7,7 @@ where `sweep=PRESET` brings the preset's fixed settings (model, data, sweep.metr
 after a config group (`model`, `optimizer`, `data`) therefore switches the group, like `model=convnet`.
 The search space comes from the preset's `hydra.sweeper.params` (Hydra's sweep syntax):
     choice(a, b)              -> values: [a, b]
-    interval(a, b)            -> distribution: uniform (int_uniform when both ends are integers)
+    interval(a, b)            -> distribution: uniform (int(interval(a, b)): int_uniform)
     tag(log, interval(a, b))  -> distribution: log_uniform_values
     range(a, b, step)         -> values: [a, a+step, ...]
 Nothing here talks to W&B: `wandb sweep FILE` registers the sweep, `wandb agent ID` runs it.
@@ -58,9 +58,12 @@ def parameter_spec(key: str, expr: str) -> dict[str, Any]:
         return {"values": [_plain(v) for v in override.sweep_iterator()]}
     if isinstance(value, IntervalSweep):
         lo, hi = value.start, value.end
+        ints = isinstance(lo, int) and isinstance(hi, int)  # int(interval(a, b)), as for Optuna
         if "log" in value.tags:
+            if ints:
+                return {"distribution": "q_log_uniform_values", "min": lo, "max": hi, "q": 1}
             return {"distribution": "log_uniform_values", "min": float(lo), "max": float(hi)}
-        if isinstance(lo, int) and isinstance(hi, int):
+        if ints:
             return {"distribution": "int_uniform", "min": lo, "max": hi}
         return {"distribution": "uniform", "min": float(lo), "max": float(hi)}
     return {"value": _plain(value)}
