@@ -286,3 +286,33 @@ def test_optuna_study_continues_after_an_interruption(tmp_path):
     data = json.loads((sweep_dir / "sweep_summary.json").read_text())
     assert data["counts"] == {"completed": 4}
     assert math.isclose(data["best"]["objective"], study.best_value)
+
+
+@pytest.mark.slow
+def test_optuna_records_failed_trials_and_samples_on(tmp_path):
+    import optuna
+
+    sweep_dir = tmp_path / "study"
+    # A search space with an invalid learning rate: those trials fail, the study goes on.
+    args = [
+        "-m",
+        "sweep=linreg_optuna",
+        "hydra.sweeper.n_trials=4",
+        "optimizer.lr=choice(0.05,-1)",
+        "trainer.max_steps=10",
+        "trainer.log_every=5",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="linreg_optuna", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    states = {t.number: (t.state.name, t.params["optimizer.lr"]) for t in study.trials}
+    assert len(states) == 4
+    assert {s for s, lr in states.values() if lr == -1} == {"FAIL"}
+    assert {s for s, lr in states.values() if lr == 0.05} == {"COMPLETE"}
+    rows = {x["job"]: x for x in _csv_rows(sweep_dir)}
+    for n, (state, _) in states.items():
+        if state == "FAIL":
+            assert rows[str(n)]["status"] == "failed" and "optimizer.lr=-1" in rows[str(n)]["error"]
+        else:
+            assert rows[str(n)]["status"] == "completed"

@@ -13,6 +13,7 @@ hydra-optuna-sweeper is imported only when this sweeper is used.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# optuna 2.x on SQLAlchemy 1.4: a 2.0-migration warning and alembic's INFO lines ("setup plugin ...") say
+# nothing a dgtrain user can act on. Set here, at plugin discovery, because Hydra builds the sampler
+# (importing optuna) before the sweeper.
+os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class DgtrainOptunaSweeper(Sweeper):
