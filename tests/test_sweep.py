@@ -316,3 +316,35 @@ def test_optuna_records_failed_trials_and_samples_on(tmp_path):
             assert rows[str(n)]["status"] == "failed" and "optimizer.lr=-1" in rows[str(n)]["error"]
         else:
             assert rows[str(n)]["status"] == "completed"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_out_of_memory_fails_one_trial_and_the_next_one_trains(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sweep_dir = tmp_path / "oom"
+    # 4096-channel convolutions on 256x256 images: a batch of 64 needs ~70 GB per activation (out of
+    # memory on any current GPU), a batch of 2 about 2 GB. The OOM job runs first, in the same process.
+    args = [
+        "-m",
+        "model=convnet",
+        "data=synthetic_images",
+        "data.num_examples=80",
+        "data.image_size=256",
+        "model.channels=[4096,4096]",
+        "data.batch_size=64,2",
+        "device=cuda",
+        "trainer.max_steps=2",
+        "trainer.eval_batches=1",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode != 0
+    oom = _summary(sweep_dir / "0")
+    assert oom["status"] == "failed" and "OutOfMemoryError" in oom["error"], oom.get("error")
+    assert _summary(sweep_dir / "1")["status"] == "completed"
+    rows = {x["job"]: x for x in _csv_rows(sweep_dir)}
+    assert rows["1"]["rank"] == "1" and float(rows["1"]["peak_cuda_mb"]) > 0
