@@ -142,6 +142,10 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
             from dgtrain.memory import rss_peak_mb
 
             summary["peak_rss_mb"] = round(rss_peak_mb(), 1)
+        torch = sys.modules.get("torch")
+        if summary.get("peak_cuda_mb") is None and torch is not None and torch.cuda.is_initialized():
+            # e.g. out of memory before the first logging step: the peak since the last reset
+            summary["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         summary.update(status="failed", error=error, traceback=traceback.format_exc())
         summary.setdefault("sweep", {"overrides": overrides})
         summary["sweep"]["objective"] = None
@@ -355,7 +359,9 @@ def print_table(result: dict[str, Any], file=None) -> None:
             error,
             style=style,
         )
-    Console(file=file or sys.stdout, width=160).print(table)
+    out = file or sys.stdout
+    # A terminal sets its own width; a log file or pipe gets room for the error column.
+    Console(file=out, width=None if out.isatty() else 160).print(table)
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

@@ -12,7 +12,7 @@ from conftest import run_cli
 from omegaconf import OmegaConf
 
 from dgtrain.errors import DgtrainError
-from dgtrain.sweep import collect, objective_from_history
+from dgtrain.sweep import collect, objective_from_history, summary_main
 from dgtrain.wandb_sweep import parameter_spec, wandb_sweep_config
 
 # Four short linear-regression jobs: two learning rates x two seeds.
@@ -174,11 +174,19 @@ def test_every_sweep_preset_composes(compose):
 # -------------------------------------------------------------------------------- end to end (CLI)
 
 
-@pytest.mark.slow
-def test_grid_of_four_jobs_ranks_them_in_table_csv_and_json(tmp_path):
-    sweep_dir = tmp_path / "grid"
-    r = run_cli(["-m", *GRID, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One finished 4-job grid sweep, shared by the tests below (copy it before changing it)."""
+    tmp = tmp_path_factory.mktemp("grid")
+    sweep_dir = tmp / "grid"
+    r = run_cli(["-m", *GRID, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]
+    return sweep_dir, r
+
+
+@pytest.mark.slow
+def test_grid_of_four_jobs_ranks_them_in_table_csv_and_json(grid, tmp_path):
+    sweep_dir, r = grid
     objectives = {}
     for n in range(4):
         s = _summary(sweep_dir / str(n))
@@ -230,16 +238,21 @@ def test_failed_jobs_are_recorded_and_the_others_complete(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_grid_runs_only_the_unfinished_jobs(tmp_path):
-    sweep_dir = tmp_path / "grid"
-    args = ["-m", *GRID, f"hydra.sweep.dir={sweep_dir}"]
-    assert run_cli(args, cwd=tmp_path).returncode == 0
-    # An interruption: job 2 never started, job 3 died before writing its summary.
+def test_resumed_grid_runs_only_the_unfinished_jobs(grid, tmp_path):
     import shutil
 
+    sweep_dir = tmp_path / "grid"
+    shutil.copytree(grid[0], sweep_dir)
+    args = ["-m", *GRID, f"hydra.sweep.dir={sweep_dir}"]
+    # An interruption: job 2 never started, job 3 died before writing its summary.
     shutil.rmtree(sweep_dir / "2")
     (sweep_dir / "3" / "summary.json").unlink()
     kept = {n: (sweep_dir / n / "metrics.jsonl").stat().st_mtime_ns for n in ("0", "1")}
+    assert summary_main([str(sweep_dir), "--no-plot"]) == 0  # the summary of the interrupted sweep
+    assert [(x["job"], x["status"]) for x in _csv_rows(sweep_dir)][2:] == [
+        ("3", "incomplete"),
+        ("", "missing"),
+    ]
     r = run_cli([*args, "sweep.resume=true"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     trained = [line for line in r.stdout.splitlines() if "] run dir " in line]
