@@ -13,7 +13,10 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
-SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", each taking argv and returning an exit code
+SUBCOMMANDS: dict[str, str] = {
+    "sweep-summary": "dgtrain.sweep:summary_main",
+    "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
+}  # name -> "module:function", each taking argv and returning an exit code
 
 
 def _train_task(cfg):
@@ -22,6 +25,10 @@ def _train_task(cfg):
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        from dgtrain.sweep import run_trial
+
+        return run_trial(cfg, hc)  # records a failed trial in its run dir, then re-raises
     try:
         from dgtrain.train import fit
 
@@ -30,8 +37,6 @@ def _train_task(cfg):
             sys.exit(result.exit_code)
         return result.objective
     except DgtrainError as e:
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # Hydra records the failed job and the sweep goes on
         log.error(str(e))
         sys.exit(e.exit_code)
 

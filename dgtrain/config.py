@@ -31,6 +31,21 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Direction(str, Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+@dataclass
+class SweepConfig:
+    # The metric a sweep optimises; null: the task's validation metric (val/acc, val/mse, ...).
+    metric: str | None = None
+    # minimize | maximize; null: the metric's own direction.
+    direction: Direction | None = None
+    # Skip a job whose run dir already holds a completed run with the same overrides.
+    resume: bool = False
+
+
 @dataclass
 class TrainerConfig:
     # Optimizer steps to run; when null, max_epochs decides.
@@ -57,6 +72,7 @@ class TrainConfig:
     scheduler: Any = None
     logger: Any = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     precision: Precision = Precision.fp32
