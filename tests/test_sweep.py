@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from tests.conftest import run_cli
 from omegaconf import OmegaConf
 
 from dgtrain.errors import DgtrainError
