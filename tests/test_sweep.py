@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
-from tests.conftest import run_cli
 from omegaconf import OmegaConf
 
 from dgtrain.errors import DgtrainError
 from dgtrain.sweep import collect, objective_from_history, summary_main
 from dgtrain.wandb_sweep import parameter_spec, wandb_sweep_config
+from tests.conftest import run_cli
 
 # Four short linear-regression jobs: two learning rates x two seeds.
 GRID = ["model=linreg", "optimizer.lr=0.01,0.1", "seed=0,1", "trainer.max_steps=10", "trainer.log_every=5"]
