@@ -150,7 +150,7 @@ class WandbLogger:
                 f"logger=wandb: wandb.init failed: {e}. Check logger.wandb.project/entity and your "
                 "credentials (`wandb login`), or log offline with logger.wandb.mode=offline."
             ) from e
-        if self.run.id:
+        if self.run.id and self.mode != "disabled":  # a disabled run has nothing to reattach to
             (self.run_dir / RUN_ID_FILE).write_text(self.run.id + "\n")
 
     def log_config(self, config: dict[str, Any]) -> None:
