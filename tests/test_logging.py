@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_env, read_metrics, run_cli
 
 from dgtrain.errors import DgtrainError
+from tests.conftest import cli_env, read_metrics, run_cli
 
 TINY = ["model=linreg", "trainer.log_every=5"]
 
