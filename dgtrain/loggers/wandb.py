@@ -12,6 +12,8 @@ import logging
 import math
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -120,6 +122,11 @@ class WandbLogger:
         self.run_dir = Path(run_dir)
         self.mode = resolve_mode(mode)
         hydra_group, hydra_name = _hydra_defaults(self.run_dir)
+        run_id = id or os.environ.get("WANDB_RUN_ID")
+        if hydra_group and not id and run_id:
+            # One $WANDB_RUN_ID for every job of a sweep would pour them all into one run.
+            log.warning(f"$WANDB_RUN_ID={run_id} ignored in a multirun: each job gets its own W&B run")
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self._init_kwargs = dict(
             project=project or os.environ.get("WANDB_PROJECT") or "dgtrain",
             entity=entity,  # None: $WANDB_ENTITY, else the account's default entity
@@ -129,8 +136,8 @@ class WandbLogger:
             notes=notes,
             job_type=job_type,
             mode=self.mode,
-            id=id or os.environ.get("WANDB_RUN_ID"),
-            resume="allow" if (id or os.environ.get("WANDB_RUN_ID")) else None,
+            id=run_id,
+            resume="allow" if run_id else None,
             # The run's files next to the rest of the run, unless the user pointed W&B elsewhere.
             dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir),
         )
