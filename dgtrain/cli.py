@@ -13,10 +13,12 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
+# name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
+    "plot": "dgtrain.plots:main",
     "sweep-summary": "dgtrain.sweep:summary_main",
     "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
-}  # name -> "module:function", each taking argv and returning an exit code
+}
 
 
 def _train_task(cfg):

@@ -27,8 +27,9 @@ from dgtrain import __version__
 from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError, NonFiniteLossError
-from dgtrain.loggers import JsonlLogger
+from dgtrain.loggers import JsonlLogger, wants_run_dir
 from dgtrain.loggers.console import ConsoleLogger
+from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import memory_metrics, rss_peak_mb
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.validation import check_config
@@ -438,10 +439,13 @@ def make_summary(
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured."""
+    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots."""
     sinks: list = [JsonlLogger(run_dir)]
     for name, node in (cfg.get("logger") or {}).items():
-        sinks.append(build(node, allowed=allowed_prefixes(cfg), key=f"logger.{name}"))
+        # Sinks that keep files (wandb, tensorboard) take the run dir.
+        extra = {"run_dir": run_dir} if wants_run_dir(node, allowed_prefixes(cfg)) else {}
+        sinks.append(build(node, allowed=allowed_prefixes(cfg), key=f"logger.{name}", **extra))
     if not any(isinstance(x, ConsoleLogger) for x in sinks):
         sinks.append(ConsoleLogger())
+    sinks.append(PlotLogger(run_dir))  # last: draws what the others have logged
     return sinks

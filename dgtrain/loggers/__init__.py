@@ -40,3 +40,19 @@ class JsonlLogger:
 
     def close(self, summary: dict[str, Any], status: str) -> None:
         self._f.close()
+
+
+def wants_run_dir(node: Any, allowed: tuple[str, ...]) -> bool:
+    """Whether the `_target_` of a logger node takes a `run_dir` argument (sinks that keep files)."""
+    import inspect
+
+    from dgtrain.config import locate
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if target is None:
+        return False
+    factory = locate(target, allowed, key="logger._target_")
+    try:
+        return "run_dir" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False

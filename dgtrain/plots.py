@@ -1,0 +1,197 @@
+"""Curves from `metrics.jsonl`: the PNGs written into `<run_dir>/plots/` at the end of every run, and
+`dgtrain plot RUN_DIR [RUN_DIR ...]`, which overlays several runs in one figure.
+
+matplotlib is imported only here, with the headless Agg backend, so plots render without a display.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dgtrain.errors import DgtrainError
+
+INSTALL_HINT = "pip install 'dgtrain[plots]'"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed, and never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of `<run_dir>/metrics.jsonl`; "nan"/"inf" strings back to floats, bad lines skipped
+    (a SIGKILL can leave the last line half-written)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DgtrainError(f"{run_dir}: no metrics.jsonl here; is this a dgtrain run directory?")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.append({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items()})
+    return rows
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        v = row.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            steps.append(int(row["step"]))
+            values.append(float(v))
+    return steps, values
+
+
+def keys(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(k for k in row if k != "step"))
+    return list(seen)
+
+
+def panels(rows: list[dict[str, Any]], monitor: str | None = None) -> list[tuple[str, str, list[str]]]:
+    """(name, title, metric keys) for the loss, validation metric, learning rate and memory panels
+    that these rows have data for."""
+    present = keys(rows)
+    val = [k for k in present if k.startswith("val/") and k != "val/loss"]
+    if monitor in val:  # the task's own metric first
+        val.remove(monitor)
+        val.insert(0, monitor)
+    out = [
+        ("loss", "loss", [k for k in ("train/loss", "val/loss") if k in present]),
+        ("val", "validation metric", val[:1]),
+        ("lr", "learning rate", [k for k in ("train/lr",) if k in present]),
+        ("memory", "memory (MB)", [k for k in present if k.startswith("mem/")]),
+    ]
+    return [p for p in out if p[2]]
+
+
+def _monitor(run_dir: Path) -> str | None:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())["monitor"]["metric"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _draw(ax, runs: list[tuple[str, list[dict]]], metric_keys: list[str], title: str) -> None:
+    colors = [f"C{i}" for i in range(10)]
+    styles = ["-", "--", ":", "-."]
+    for i, (label, rows) in enumerate(runs):
+        for j, key in enumerate(metric_keys):
+            steps, values = series(rows, key)
+            if not steps:
+                continue
+            name = key if len(runs) == 1 else f"{label} {key}"
+            # One point (a single evaluation) would be invisible as a line.
+            marker = "o" if len(steps) == 1 else None
+            ax.plot(steps, values, styles[j % 4], color=colors[i % 10], marker=marker, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    if title == "learning rate" and any(v > 0 for _, rows in runs for v in series(rows, "train/lr")[1]):
+        ax.set_yscale("log")
+    ax.legend(fontsize="small")
+
+
+def write_run_plots(run_dir: Path | str) -> list[Path]:
+    """`<run_dir>/plots/{loss,val,lr,memory}.png` from the run's metrics.jsonl; returns the files."""
+    run_dir = Path(run_dir)
+    rows = read_history(run_dir)
+    plt = _pyplot()
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    files = []
+    for name, title, metric_keys in panels(rows, _monitor(run_dir)):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        _draw(ax, [(run_dir.name, rows)], metric_keys, title)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def labels_for(run_dirs: list[Path]) -> list[str]:
+    """Short, distinct labels: each run dir relative to the folder the runs share."""
+    resolved = [d.resolve() for d in run_dirs]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath(resolved))
+    labels = [str(d.relative_to(common)) or d.name for d in resolved]
+    return labels if len(set(labels)) == len(labels) else [str(d) for d in run_dirs]
+
+
+def compare(run_dirs: list[Path], out: Path, metrics: list[str] | None = None) -> Path:
+    """One figure overlaying the runs: a panel per metric group (or per metric given)."""
+    runs = list(zip(labels_for(run_dirs), [read_history(d) for d in run_dirs], strict=True))
+    if metrics:
+        groups = [(k, k, [k]) for k in metrics]
+        missing = [k for k in metrics if not any(series(rows, k)[0] for _, rows in runs)]
+        if missing:
+            have = sorted({k for _, rows in runs for k in keys(rows)})
+            raise DgtrainError(
+                f"--metric {', '.join(missing)}: not logged by any of these runs. Logged metrics: "
+                f"{', '.join(have)}."
+            )
+    else:
+        # Panels from the union of what the runs logged, validation metric from the first run's task.
+        groups = panels([row for _, rows in runs for row in rows], _monitor(run_dirs[0]))
+    if not groups:
+        raise DgtrainError(f"{', '.join(map(str, run_dirs))}: no metrics logged yet, nothing to plot.")
+    fig = figure(runs, groups)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    _pyplot().close(fig)
+    return out
+
+
+def figure(runs: list[tuple[str, list[dict]]], groups: list[tuple[str, str, list[str]]]):
+    """A matplotlib figure with one panel per group, every run overlaid in each panel."""
+    plt = _pyplot()
+    ncols = 2 if len(groups) > 1 else 1
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), dpi=100, squeeze=False)
+    for ax, (_, title, metric_keys) in zip(axes.flat, groups, strict=False):
+        _draw(ax, runs, metric_keys, title)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str]) -> int:
+    """`dgtrain plot RUN_DIR [RUN_DIR ...] [-o OUT] [--metric KEY ...]`."""
+    p = argparse.ArgumentParser(
+        prog="dgtrain plot",
+        description="Overlay the curves of one or more dgtrain runs (their metrics.jsonl) in one PNG.",
+    )
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("-o", "--out", type=Path, default=Path("dgtrain_plot.png"), help="output PNG")
+    p.add_argument(
+        "--metric",
+        action="append",
+        help="plot this metric key (repeatable), e.g. --metric val/acc; default: loss, validation "
+        "metric, learning rate and memory panels",
+    )
+    args = p.parse_args(argv)
+    try:
+        _pyplot()
+    except ImportError as e:
+        raise DgtrainError(
+            f"dgtrain plot needs matplotlib, which is not installed ({e}): {INSTALL_HINT}"
+        ) from e
+    out = compare(args.run_dirs, args.out, args.metric)
+    print(f"wrote {out}")
+    return 0
