@@ -256,6 +256,27 @@ def read_wandb_id(run_dir: Path) -> str | None:
     return (p.read_text().strip() or None) if p.is_file() else None
 
 
+def newest_valid(directory: Path, why: str) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over."""
+    candidates = list_checkpoints(directory)[::-1]
+    errors = []
+    for i, p in enumerate(candidates):
+        try:
+            state = load(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left"
+            log.warning(f"{why}: {e} {nxt}.")
+            continue
+        return p, state
+    if errors:
+        raise CheckpointError(
+            f"{why}: none of the {len(candidates)} checkpoint(s) in {directory} is readable:\n"
+            + "\n".join(f"  - {e}" for e in errors)
+        )
+    return None
+
+
 class Checkpointer:
     """Where a run's checkpoints go, when they are due, and which ones are kept (`cfg.checkpoint`)."""
 
@@ -293,26 +314,6 @@ class Checkpointer:
             for p in self.dir.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
 
-    def newest_valid(self, directory: Path, why: str) -> tuple[Path, dict] | None:
-        """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over."""
-        candidates = list_checkpoints(directory)[::-1]
-        errors = []
-        for i, p in enumerate(candidates):
-            try:
-                state = load(p)
-            except CheckpointError as e:
-                errors.append(str(e))
-                nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left"
-                log.warning(f"{why}: {e} {nxt}.")
-                continue
-            return p, state
-        if errors:
-            raise CheckpointError(
-                f"{why}: none of the {len(candidates)} checkpoint(s) in {directory} is readable:\n"
-                + "\n".join(f"  - {e}" for e in errors)
-            )
-        return None
-
     def load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that
         file (a directory: its newest valid one). The stored config must pass the allow-list."""
@@ -322,14 +323,14 @@ class Checkpointer:
             return None
         resume = str(resume)
         if resume == "auto":
-            found = self.newest_valid(self.dir, "resume=auto")
+            found = newest_valid(self.dir, "resume=auto")
             if found is None:
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None
         elif Path(resume).is_dir():
             d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
-            found = self.newest_valid(d, f"resume={resume}")
+            found = newest_valid(d, f"resume={resume}")
             if found is None:
                 raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt) in {d}.")
         else:

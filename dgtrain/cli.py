@@ -14,6 +14,7 @@ from dgtrain.errors import DgtrainError
 log = logging.getLogger("dgtrain")
 
 SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", each taking argv and returning an exit code
+SUBCOMMANDS["eval"] = "dgtrain.evaluate:main"  # dgtrain eval RUN_DIR|CHECKPOINT (docs/checkpoints.md)
 
 
 def _train_task(cfg):
