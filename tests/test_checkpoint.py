@@ -327,7 +327,9 @@ def test_resume_from_a_malicious_checkpoint_does_not_run_it(tmp_path):
 
     bad = tmp_path / "evil.pt"
     torch.save({"format": ckpt_io.FORMAT, "model": Evil()}, bad)
-    p = run_cli(["model=linreg", "device=cpu", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    p = run_cli(
+        ["model=linreg", "device=cpu", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
     assert p.returncode != 0 and str(bad) in _out(p) and "refused" in _out(p)
     assert not sentinel.exists()
 
