@@ -383,6 +383,13 @@ def make_state(
     }
 
 
+def pending_losses(loop: dict[str, Any], log_every: int) -> torch.Tensor:
+    """The losses of the log window a save cut in half. A resumed run with a smaller trainer.log_every
+    keeps the newest ones that fit its window (the loop logs before the window fills)."""
+    pending = loop["pending_losses"]
+    return pending[len(pending) - min(len(pending), log_every - 1) :]
+
+
 def restore(
     state: dict[str, Any],
     *,

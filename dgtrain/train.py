@@ -294,12 +294,14 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         best.update(loop["best"])
         final.update(loop["final"])
         peak_cuda, last_finite, counts_tokens = loop["peak_cuda"], loop["last_finite"], loop["counts_tokens"]
-        skipped, steps_since_log = loop["skipped_steps"], len(loop["pending_losses"])
-        loss_buf[:steps_since_log] = loop["pending_losses"].to(device)  # a log window cut by the save
+        pending = ckpt_io.pending_losses(loop, log_every)  # a log window the save cut in half
+        skipped, steps_since_log = loop["skipped_steps"], len(pending)
+        loss_buf[:steps_since_log] = pending.to(device)
         tokens.fill_(loop["tokens"])
     config_plain = ckpt_io.plain_config(cfg)
 
     def checkpoint_state() -> dict[str, Any]:
+        """The objects' states plus the loop's counters that exact resume needs (restored just above)."""
         loop = {
             "step": step,
             "epoch": stream.epoch,
@@ -448,6 +450,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             if regular or new_best:
                 checkpointer.save(step, checkpoint_state(), regular=regular, best=new_best)
             if stop.signal:
+                if steps_since_log or not regular:  # the signal came after this step was logged/saved
+                    if steps_since_log:
+                        record(train_metrics())
+                    checkpointer.save(step, checkpoint_state())
                 log.warning(f"{stop.signal} received: stopped after step {step} (checkpoint saved)")
                 if stop.signal == "SIGUSR1":
                     log.warning(f"SLURM job {slurm_requeue(step)} requeued")

@@ -367,10 +367,9 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues(tmp_path):
     assert ckpt_io.load(ckpt_io.list_checkpoints(run / "checkpoints")[-1])["step"] == last
 
 
-def _nan_run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
+def _nan_args(tmp_path: Path, mode: str) -> list[str]:
     (tmp_path / "nanmodel.py").write_text(NAN_MODEL)
-    env = cli_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    args = [
+    return [
         "model=linreg",
         "model._target_=nanmodel.NanAt",
         "+model.nan_at=3",
@@ -381,14 +380,13 @@ def _nan_run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
         "checkpoint.every=1",
         "checkpoint.keep_last=null",
         f"trainer.nonfinite={mode}",
-        f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    return run_cli(args, tmp_path, env=env)
 
 
 @pytest.mark.slow
 def test_nonfinite_fail_stops_before_the_update_naming_the_step(tmp_path):
-    p = _nan_run(tmp_path, "fail")
+    env = cli_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    p = run_cli([*_nan_args(tmp_path, "fail"), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env)
     assert p.returncode == 3
     assert "train/loss became nan at step 3 (last finite loss" in _out(p)
     assert "before that step's optimizer update" in _out(p)
@@ -401,11 +399,13 @@ def test_nonfinite_fail_stops_before_the_update_naming_the_step(tmp_path):
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
 
 
-@pytest.mark.slow
-def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(tmp_path):
-    p = _nan_run(tmp_path, "skip")
-    assert p.returncode == 0, p.stderr
+def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, tmp_path, monkeypatch):
+    from dgtrain.train import fit
+
+    monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
+    run.mkdir()
+    assert fit(compose(_nan_args(tmp_path, "skip")), run).summary["status"] == "completed"
     s = [ckpt_io.load(run / "checkpoints" / f"step_{i:08d}.pt") for i in (2, 3, 4)]
     for k in s[1]["model"]:
         assert torch.equal(s[1]["model"][k], s[0]["model"][k]), "step 3 (skipped) changed nothing"
@@ -426,14 +426,17 @@ def test_a_target_outside_the_allow_list_is_refused_before_anything_runs(tmp_pat
 
 
 @pytest.mark.slow
-def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_path):
+def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_path, capsys):
     p = run_cli(["eval", str(reference), "--json"], tmp_path)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     final = json.loads((reference / "summary.json").read_text())["final"]
     assert out["weights"].endswith("model.safetensors")
     assert out["metrics"]["val/acc"] == final["val/acc"] and out["metrics"]["val/loss"] == final["val/loss"]
-    p = run_cli(["eval", str(reference / "checkpoints" / "step_00000015.pt")], tmp_path)
-    assert p.returncode == 0 and "val/acc" in p.stdout and "(step 15)" in p.stdout
-    p = run_cli(["eval", str(tmp_path / "missing.pt")], tmp_path)
-    assert p.returncode == 2 and "missing.pt" in _out(p)
+    from dgtrain.evaluate import main as eval_main
+
+    assert eval_main([str(reference / "checkpoints" / "step_00000015.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "val/acc" in printed and "(step 15)" in printed
+    with pytest.raises(DgtrainError, match="missing.pt"):
+        eval_main([str(tmp_path / "missing.pt")])
