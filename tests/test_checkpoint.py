@@ -440,3 +440,43 @@ def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_p
     assert "val/acc" in printed and "(step 15)" in printed
     with pytest.raises(DgtrainError, match="missing.pt"):
         eval_main([str(tmp_path / "missing.pt")])
+
+
+def test_resume_from_a_path_into_a_new_run_dir_carries_the_wandb_run_id(compose, tmp_path):
+    state = _tiny_state(4)
+    state["config"] = {"model": {"_target_": "dgtrain.models.linreg.LinearRegression"}}
+    state["wandb_run_id"] = "abc123"
+    path = ckpt_io.save(state, tmp_path / "old" / "step_00000004.pt")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.jsonl").write_text(
+        '{"step": 3}\n{"step": 4}\n{"step": 5}\n{"step": 6, "trai'
+    )
+    cfg = compose(["model=linreg", f"resume={path}"])
+    c = ckpt_io.Checkpointer(cfg, tmp_path / "new")
+    got = c.load_for_resume(cfg, ("dgtrain.", "torch."))
+    assert got["step"] == 4 and got["path"] == str(path)
+    assert (tmp_path / "new" / ckpt_io.WANDB_ID_FILE).read_text().strip() == "abc123"
+    assert [r["step"] for r in read_metrics(tmp_path / "new")] == [3, 4], "rows past the checkpoint dropped"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rng_state_round_trips_and_a_cuda_run_resumes(compose, tmp_path):
+    from dgtrain.train import fit
+
+    torch.cuda.manual_seed_all(5)
+    torch.zeros(1, device="cuda")
+    ckpt_io.save({"rng": ckpt_io.rng_state()}, tmp_path / "rng.pt")
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(9)
+    ckpt_io.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+    common = ["model=mlp", "device=cuda", "trainer.max_steps=6", "trainer.log_every=1", "checkpoint.every=3"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    full = fit(compose(common), tmp_path / "a")
+    first = tmp_path / "a" / "checkpoints" / "step_00000003.pt"
+    resumed = fit(compose([*common, f"resume={first}"]), tmp_path / "b")
+    assert resumed.summary["steps"] == 6
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
