@@ -64,7 +64,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
     """Write through a temporary file in the same directory, fsync it, then rename it over `path`.
 
     A crash at any point leaves either the old file or the new one under `path`, never a partial one;
-    on an exception the temporary file is removed (after SIGKILL, `remove_stale_temp` clears it)."""
+    on an exception the temporary file is removed (after SIGKILL, the next resume clears it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -317,10 +317,10 @@ class Checkpointer:
     def load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that
         file (a directory: its newest valid one). The stored config must pass the allow-list."""
-        self.remove_stale_temp()
         resume = cfg.get("resume")
         if resume is None:
             return None
+        self.remove_stale_temp()  # only when resuming: a fresh run may share an explicit checkpoint.dir
         resume = str(resume)
         if resume == "auto":
             found = newest_valid(self.dir, "resume=auto")

@@ -164,6 +164,36 @@ def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint_and_no_temp_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys
+from dgtrain import checkpoint as c
+
+def half_then_die(f):
+    f.write(b"PK half a zip archive")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+c.atomic_write(sys.argv[1], half_then_die)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(compose, tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    ckpt_io.save(_tiny_state(1), ckdir / "step_00000001.pt")
+    target = ckdir / "step_00000001.pt"
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(target)], env=cli_env(), timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    assert ckpt_io.load(target)["step"] == 1, "the final name still holds the previous, complete file"
+    assert len(list(ckdir.glob(".*.tmp"))) == 1 and ckpt_io.list_checkpoints(ckdir) == [target]
+    state = _tiny_state(1)
+    state["config"] = {"model": {"_target_": "dgtrain.models.linreg.LinearRegression"}}
+    ckpt_io.save(state, target)
+    cfg = compose(["model=linreg", "resume=auto"])
+    assert ckpt_io.Checkpointer(cfg, tmp_path).load_for_resume(cfg, ("dgtrain.", "torch."))["step"] == 1
+    assert not list(ckdir.glob(".*.tmp")), "resuming clears what the killed writer left"
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
