@@ -15,6 +15,7 @@ log = logging.getLogger("dgtrain")
 
 # name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
+    "eval": "dgtrain.evaluate:main",
     "plot": "dgtrain.plots:main",
     "sweep-summary": "dgtrain.sweep:summary_main",
     "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",

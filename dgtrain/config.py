@@ -46,6 +46,11 @@ class SweepConfig:
     resume: bool = False
 
 
+class NonFinite(str, Enum):
+    fail = "fail"  # stop before the optimizer step, naming the step
+    skip = "skip"  # leave the parameters unchanged for that step, count it (train/skipped_steps)
+
+
 @dataclass
 class TrainerConfig:
     # Optimizer steps to run; when null, max_epochs decides.
@@ -61,6 +66,20 @@ class TrainerConfig:
     eval_every: int | None = None
     # Cap on validation batches per evaluation (null: the whole validation split).
     eval_batches: int | None = None
+    # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
+    nonfinite: NonFinite = NonFinite.fail
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N optimizer steps (null: only at the end and on a stop signal).
+    every: int | None = None
+    # Keep the newest K step checkpoints (null: keep all); best.pt is kept apart.
+    keep_last: int | None = 2
+    # Also keep best.pt, the checkpoint with the best value of the task's monitor metric (val/...).
+    best: bool = True
+    # Where checkpoints go (null: <run dir>/checkpoints).
+    dir: str | None = None
 
 
 @dataclass
@@ -73,6 +92,9 @@ class TrainConfig:
     logger: Any = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # null: start fresh | auto: the newest valid checkpoint of the run dir (fresh if none) | PATH: that file.
+    resume: str | None = None
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     precision: Precision = Precision.fp32

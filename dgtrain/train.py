@@ -24,9 +24,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dgtrain import __version__
+from dgtrain import checkpoint as ckpt_io
 from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
-from dgtrain.errors import DgtrainError, NonFiniteLossError
+from dgtrain.errors import DgtrainError
+from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
 from dgtrain.loggers import JsonlLogger, wants_run_dir
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
@@ -133,9 +135,10 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
 class StopRequest:
     """SIGTERM / SIGINT ask the loop to stop after the current optimizer step (never mid-step), so the
     loggers, and anything else that runs on the way out, see a consistent state. A second signal
-    falls back to the default behaviour."""
+    falls back to the default behaviour. Inside a SLURM job, SIGUSR1 (the preemption notice of
+    `sbatch --signal=USR1@...`) stops the same way and the loop then requeues the job."""
 
-    EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
+    EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 138}  # 128 + signal number (Linux)
 
     def __init__(self):
         self.signal: str | None = None
@@ -146,7 +149,12 @@ class StopRequest:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            import os
+
+            sigs = [signal.SIGTERM, signal.SIGINT] + (
+                [signal.SIGUSR1] if os.environ.get("SLURM_JOB_ID") else []
+            )
+            for sig in sigs:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -175,6 +183,13 @@ class BatchStream:
         self.loader, self.device = loader, device
         self.epoch, self.position, self.completed_epochs = epoch, 0, epoch
         self._it = None
+
+    def seek(self, epoch: int, position: int, completed_epochs: int) -> None:
+        """Continue at batch `position` of `epoch` (resume). The iterator starts here, so the random draw a
+        DataLoader makes when it starts comes before the caller restores the saved RNG states."""
+        self.epoch, self.position, self.completed_epochs = epoch, position, completed_epochs
+        self.loader.batch_sampler.set_epoch(epoch, position)
+        self._it = iter(self.loader)
 
     def __next__(self):
         if self._it is None:
@@ -226,6 +241,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
+    # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
+    # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
+    checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
+    resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
     device = resolve_device(cfg.device)
     precision = precision_of(cfg)
     autocast = autocast_for(device, precision)
@@ -267,6 +286,50 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     samples, steps_since_log, last_eval_epochs, eval_s = 0, 0, 0, 0.0
     last_finite: tuple[int, float] | None = None
     counts_tokens = False
+    skipped = 0  # steps whose update trainer.nonfinite=skip dropped
+    if resumed is not None:  # continue exactly where the checkpoint left off: objects, data position, RNG
+        loop = ckpt_io.restore(
+            resumed, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=stream
+        )
+        step, last_eval_epochs, samples = loop["step"], loop["last_eval_epochs"], loop["samples"]
+        best.update(loop["best"])
+        final.update(loop["final"])
+        peak_cuda, last_finite, counts_tokens = loop["peak_cuda"], loop["last_finite"], loop["counts_tokens"]
+        pending = ckpt_io.pending_losses(loop, log_every)  # a log window the save cut in half
+        skipped, steps_since_log = loop["skipped_steps"], len(pending)
+        loss_buf[:steps_since_log] = pending.to(device)
+        tokens.fill_(loop["tokens"])
+    config_plain = ckpt_io.plain_config(cfg)
+
+    def checkpoint_state() -> dict[str, Any]:
+        """The objects' states plus the loop's counters that exact resume needs (restored just above)."""
+        loop = {
+            "step": step,
+            "epoch": stream.epoch,
+            "position": stream.position,
+            "completed_epochs": stream.completed_epochs,
+            "last_eval_epochs": last_eval_epochs,
+            "pending_losses": loss_buf[:steps_since_log].cpu(),
+            "samples": samples,
+            "tokens": int(tokens),
+            "counts_tokens": counts_tokens,
+            "last_finite": last_finite,
+            "skipped_steps": skipped,
+            "best": best,
+            "final": final,
+            "peak_cuda": peak_cuda,
+        }
+        return ckpt_io.make_state(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            loop=loop,
+            config=config_plain,
+            run_dir=run_dir,
+            monitor=best.get(task.monitor),
+        )
+
     t_log = time.perf_counter()
 
     def record(metrics: dict[str, Any]) -> None:
@@ -288,24 +351,17 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         """Bring the losses since the last log to the host (the one sync), check them, add speed and memory."""
         nonlocal samples, steps_since_log, eval_s, t_log, last_finite
         losses = loss_buf[:steps_since_log].tolist()
-        for i, v in enumerate(losses):
-            if not math.isfinite(v):
-                bad = step - steps_since_log + i + 1
-                last = (
-                    f"last finite loss {last_finite[1]:.6g} at step {last_finite[0]}"
-                    if last_finite
-                    else "no finite loss before it"
-                )
-                raise NonFiniteLossError(
-                    f"train/loss became {v} at step {bad} ({last}). Training stopped. Lower optimizer.lr, "
-                    "set trainer.clip_grad_norm, or use precision=fp32."
-                )
-            last_finite = (step - steps_since_log + i + 1, v)
+        for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
+            if math.isfinite(v):
+                last_finite = (step - steps_since_log + i + 1, v)
+        finite = [v for v in losses if math.isfinite(v)]
         dt = time.perf_counter() - t_log - eval_s
         metrics: dict[str, Any] = {
-            "train/loss": sum(losses) / len(losses),
+            "train/loss": sum(finite) / len(finite) if finite else math.nan,
             "train/lr": optimizer.param_groups[0]["lr"],
         }
+        if tc.nonfinite == "skip":
+            metrics["train/skipped_steps"] = skipped
         if tc.clip_grad_norm:
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
@@ -340,8 +396,20 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             if tc.clip_grad_norm:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.clip_grad_norm))
-            scaler.step(optimizer)
-            scaler.update()
+            # ---- non-finite guard (trainer.nonfinite), before the optimizer step: the loop's one per-step
+            # host sync, a single bool (docs/checkpoints.md measures it). With fp16, overflowing scaled
+            # gradients are the GradScaler's to skip, so only the loss is checked.
+            if bool(finite_flag(step_loss, model.parameters(), check_grads=not scaler.is_enabled())):
+                scaler.step(optimizer)
+                scaler.update()
+            elif tc.nonfinite == "fail":
+                if steps_since_log:  # the completed steps since the last log are logged first
+                    record(train_metrics())
+                pending = [] if last_finite is None else [last_finite]
+                raise nonfinite_error(step + 1, float(step_loss), pending)
+            else:
+                skip_update(scaler)
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             loss_buf[steps_since_log] = step_loss
@@ -371,10 +439,29 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 metrics.update(train_metrics())
             if metrics:
                 record(metrics)
+
+            # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
+            # the task's monitor metric improved at this step
+            regular = checkpointer.due(step) or step == max_steps or stop.signal is not None
+            new_best = (
+                checkpointer.keeps_best
+                and task.monitor in metrics
+                and best.get(task.monitor, {}).get("step") == step
+            )
+            if regular or new_best:
+                checkpointer.save(step, checkpoint_state(), regular=regular, best=new_best)
             if stop.signal:
-                log.warning(f"{stop.signal} received: stopped after step {step}")
+                if steps_since_log or not regular:  # the signal came after this step was logged/saved
+                    if steps_since_log:
+                        record(train_metrics())
+                    checkpointer.save(step, checkpoint_state())
+                log.warning(f"{stop.signal} received: stopped after step {step} (checkpoint saved)")
+                if stop.signal == "SIGUSR1":
+                    log.warning(f"SLURM job {slurm_requeue(step)} requeued")
                 break
         status = "completed" if step >= max_steps else "stopped"
+        if status == "completed":
+            ckpt_io.save_weights(model, run_dir / "model.safetensors")  # the final weights, without pickle
     finally:
         stop.__exit__()
         summary = make_summary(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,6 +89,13 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
+    ck = cfg.get("checkpoint") or {}
+    for key in ("every", "keep_last"):
+        if ck.get(key) is not None and int(ck[key]) < 1:
+            out.append(f"checkpoint.{key}={ck[key]}: must be a positive integer, or null.")
+    resume = cfg.get("resume")
+    if resume is not None and str(resume) != "auto" and not Path(str(resume)).exists():
+        out.append(f"resume={resume}: no such checkpoint file or run directory (use resume=auto or a path).")
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")

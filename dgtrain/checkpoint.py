@@ -1,0 +1,419 @@
+"""Checkpoints: atomic writes, rotation (`keep_last`), best-by-monitor, safe loading and exact resume.
+
+A checkpoint is one `torch.save`d dict of tensors and plain data (no pickled objects), so it loads with
+`torch.load(weights_only=True)`; anything else in the file is refused, never unpickled. docs/checkpoints.md
+describes what is in it and how `resume=auto|PATH` picks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dgtrain import __version__
+from dgtrain.config import find_targets, locate
+from dgtrain.errors import DgtrainError
+
+log = logging.getLogger("dgtrain")
+
+FORMAT = "dgtrain-checkpoint"
+VERSION = 1
+REQUIRED = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "loop", "config")
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+WANDB_ID_FILE = "wandb_run_id.txt"  # written into the run dir by the W&B logger, when one is used
+
+# Keys whose change between the checkpoint's config and the resumed run's does not break exactness.
+RESUME_MAY_CHANGE = ("resume", "trainer.max_steps", "trainer.max_epochs", "checkpoint.", "logger.", "device")
+
+
+_UMASK = os.umask(0)  # read once: mkstemp creates 0600 files, checkpoints get the usual permissions
+os.umask(_UMASK)
+
+
+class CheckpointError(DgtrainError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe or not dgtrain's."""
+
+
+# ------------------------------------------------------------------------------------ files on disk
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry itself must reach the disk)."""
+    with contextlib.suppress(OSError):  # some filesystems cannot open or fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through a temporary file in the same directory, fsync it, then rename it over `path`.
+
+    A crash at any point leaves either the old file or the new one under `path`, never a partial one;
+    on an exception the temporary file is removed (after SIGKILL, the next resume clears it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def save(state: dict[str, Any], path: Path | str) -> Path:
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
+    """The model's weights as safetensors (no pickle at all); tied weights are stored once."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": "pt", "dgtrain": __version__})
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x]
+        first = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data "
+            f"({first[:200]}). dgtrain loads checkpoints only with torch.load(weights_only=True) because "
+            "unpickling such objects can run arbitrary code; use a checkpoint written by dgtrain."
+        ) from None
+    except Exception as e:  # zip/pickle stream errors: a truncated or damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160]})."
+            " Resume from an earlier checkpoint (resume=auto picks the newest readable one)."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a dgtrain checkpoint (no format={FORMAT!r} field).")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}.")
+    if int(state.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['version']}; this dgtrain ({__version__}) "
+            f"reads up to version {VERSION}. Upgrade dgtrain."
+        )
+    return state
+
+
+def list_checkpoints(directory: Path | str) -> list[Path]:
+    """The step checkpoints in `directory`, oldest first (best.pt and temporary files excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+# ------------------------------------------------------------------------- random-number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy (as plain lists, which weights_only loading accepts), torch CPU and CUDA states."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [str(kind), keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ------------------------------------------------------------------------------- configs inside files
+
+
+def check_stored_config(config: Any, allowed: tuple[str, ...], source: Path | str) -> None:
+    """The `_target_`s of a config read from a file must pass the same allow-list as a live config."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the stored config is not a mapping.")
+    problems = []
+    for key, target in find_targets(config):
+        try:
+            locate(target, allowed, key=key)
+        except DgtrainError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(
+            f"{source}: the stored config was refused, nothing was built from it:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Keys (other than RESUME_MAY_CHANGE) whose value differs between two configs."""
+    a, b = _flatten(old), _flatten(new)
+    changed = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE):
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            changed.append(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+    return changed
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain data (enums as strings), storable in a weights_only checkpoint."""
+    out = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out
+
+
+# ------------------------------------------------------------------------------------- the run's side
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows past `step`: the resumed run logs those steps again (identically)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+        log.info(
+            f"metrics.jsonl: dropped {len(lines) - len(keep)} row(s) after step {step}, to be logged again"
+        )
+
+
+def read_wandb_id(run_dir: Path) -> str | None:
+    p = run_dir / WANDB_ID_FILE
+    return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def newest_valid(directory: Path, why: str) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over."""
+    candidates = list_checkpoints(directory)[::-1]
+    errors = []
+    for i, p in enumerate(candidates):
+        try:
+            state = load(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left"
+            log.warning(f"{why}: {e} {nxt}.")
+            continue
+        return p, state
+    if errors:
+        raise CheckpointError(
+            f"{why}: none of the {len(candidates)} checkpoint(s) in {directory} is readable:\n"
+            + "\n".join(f"  - {e}" for e in errors)
+        )
+    return None
+
+
+class Checkpointer:
+    """Where a run's checkpoints go, when they are due, and which ones are kept (`cfg.checkpoint`)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | str):
+        node = cfg.get("checkpoint") or {}
+        self.run_dir = Path(run_dir)
+        self.dir = Path(node.get("dir") or self.run_dir / "checkpoints")
+        self.every = int(node["every"]) if node.get("every") else None
+        self.keep_last = int(node["keep_last"]) if node.get("keep_last") else None
+        self.keeps_best = bool(node.get("best", True))
+
+    def due(self, step: int) -> bool:
+        return self.every is not None and step % self.every == 0
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step_{step:08d}.pt"
+
+    def save(self, step: int, state: dict[str, Any], *, regular: bool = True, best: bool = False) -> None:
+        if regular:
+            save(state, self.path(step))
+            log.debug(f"checkpoint: step {step} -> {self.path(step)}")
+            self.prune()
+        if best:
+            save(state, self.dir / "best.pt")
+            log.debug(f"checkpoint: new best at step {step} -> {self.dir / 'best.pt'}")
+
+    def prune(self) -> None:
+        if self.keep_last:
+            for old in list_checkpoints(self.dir)[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+
+    def remove_stale_temp(self) -> None:
+        """Temporary files left by a process killed mid-write (never a valid checkpoint)."""
+        if self.dir.is_dir():
+            for p in self.dir.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+
+    def load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
+        """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that
+        file (a directory: its newest valid one). The stored config must pass the allow-list."""
+        resume = cfg.get("resume")
+        if resume is None:
+            return None
+        self.remove_stale_temp()  # only when resuming: a fresh run may share an explicit checkpoint.dir
+        resume = str(resume)
+        if resume == "auto":
+            found = newest_valid(self.dir, "resume=auto")
+            if found is None:
+                log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
+                trim_metrics(self.run_dir, 0)
+                return None
+        elif Path(resume).is_dir():
+            d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
+            found = newest_valid(d, f"resume={resume}")
+            if found is None:
+                raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt) in {d}.")
+        else:
+            found = (Path(resume), load(resume))
+        path, state = found
+        check_stored_config(state["config"], allowed, path)
+        changed = config_changes(state["config"], plain_config(cfg))
+        if changed:
+            log.warning(
+                f"resuming from {path} with a config that differs from the one it was saved with "
+                f"(exact resume needs the same one): {'; '.join(changed[:8])}"
+                + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+            )
+        log.info(f"resuming from {path} (step {state['step']})")
+        wandb_id = state.get("wandb_run_id")
+        if wandb_id and not (self.run_dir / WANDB_ID_FILE).exists():
+            (self.run_dir / WANDB_ID_FILE).write_text(wandb_id + "\n")  # the W&B run continues too
+        trim_metrics(self.run_dir, int(state["step"]))
+        state["path"] = str(path)
+        return state
+
+
+def make_state(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loop: dict[str, Any],
+    config: dict[str, Any],
+    run_dir: Path,
+    monitor: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything exact resume needs: the objects' states, the loop's counters and the RNG states."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dgtrain": __version__,
+        "torch": str(torch.__version__),  # TorchVersion is a class weights_only loading refuses
+        "step": int(loop["step"]),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "loop": loop,
+        "config": config,
+        "monitor": monitor,
+        "wandb_run_id": read_wandb_id(run_dir),
+    }
+
+
+def pending_losses(loop: dict[str, Any], log_every: int) -> torch.Tensor:
+    """The losses of the log window a save cut in half. A resumed run with a smaller trainer.log_every
+    keeps the newest ones that fit its window (the loop logs before the window fills)."""
+    pending = loop["pending_losses"]
+    return pending[len(pending) - min(len(pending), log_every - 1) :]
+
+
+def restore(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    stream: Any,
+) -> dict[str, Any]:
+    """Load the objects' states, move the batch stream to the saved position, then (last, because
+    starting a DataLoader iterator draws from torch's RNG) the RNG states. Returns the loop counters."""
+    path = state.get("path", "checkpoint")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path} does not fit this run's model/optimizer ({str(e).splitlines()[0][:200]}). "
+            "Resume with the config the checkpoint was saved with."
+        ) from None
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    loop = state["loop"]
+    stream.seek(int(loop["epoch"]), int(loop["position"]), int(loop["completed_epochs"]))
+    set_rng_state(state["rng"])
+    return loop

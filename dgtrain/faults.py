@@ -1,0 +1,72 @@
+"""Faults the loop survives: a non-finite loss or gradient (`trainer.nonfinite`), and a SLURM
+preemption notice (SIGUSR1: checkpoint, then `scontrol requeue`). docs/checkpoints.md explains both."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import torch
+
+from dgtrain.errors import DgtrainError, NonFiniteLossError
+
+
+def finite_flag(loss: torch.Tensor, params, check_grads: bool = True) -> torch.Tensor:
+    """A 0-d bool tensor on the loss's device: the loss and (if `check_grads`) every gradient are finite.
+
+    Stays on the device: the caller decides when the host reads it. The max-abs norm of each gradient
+    propagates NaN and inf and, unlike the L2 norm, cannot overflow for large finite gradients."""
+    flag = torch.isfinite(loss)
+    if check_grads:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            flag = flag & torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
+    return flag
+
+
+def skip_update(scaler: torch.amp.GradScaler) -> None:
+    """Drop this step's update. With fp16 the GradScaler must still close its step: back its scale off
+    as an overflow would (this also clears its per-step records)."""
+    if scaler.is_enabled():
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+
+
+def nonfinite_error(step: int, loss: float, history: list[tuple[int, float]]) -> NonFiniteLossError:
+    """The error for `trainer.nonfinite=fail`: names the step and the last finite loss before it."""
+    last = next(((s, v) for s, v in reversed(history) if math.isfinite(v) and s < step), None)
+    last_txt = f"last finite loss {last[1]:.6g} at step {last[0]}" if last else "no finite loss before it"
+    what = f"train/loss became {loss}" if not math.isfinite(loss) else "a gradient became non-finite"
+    return NonFiniteLossError(
+        f"{what} at step {step} ({last_txt}). Training stopped before that step's optimizer update. "
+        "Lower optimizer.lr, set trainer.clip_grad_norm, use precision=fp32, or set trainer.nonfinite=skip "
+        "to drop such updates."
+    )
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` needs: ARRAYID_TASKID for array jobs, else SLURM_JOB_ID."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_requeue(step: int) -> str:
+    """Ask SLURM to requeue this job (after the checkpoint at `step` was written); returns the job id."""
+    job = slurm_job_id()
+    if not job:
+        raise DgtrainError("SIGUSR1: SLURM_JOB_ID is not set, so there is no job to requeue.")
+    try:
+        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DgtrainError(
+            f"SIGUSR1: `scontrol requeue {job}` could not run ({e}). The checkpoint at step {step} is saved; "
+            "resubmit the job with resume=auto."
+        ) from None
+    if p.returncode != 0:
+        raise DgtrainError(
+            f"SIGUSR1: `scontrol requeue {job}` failed (exit {p.returncode}: {p.stderr.strip()[:200]}). "
+            f"The checkpoint at step {step} is saved; resubmit the job with resume=auto."
+        )
+    return job

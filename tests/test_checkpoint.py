@@ -1,0 +1,512 @@
+"""Checkpoints, exact resume and fault tolerance (docs/checkpoints.md).
+
+Unit tests call dgtrain.checkpoint directly; the end-to-end tests run the real CLI in subprocesses,
+because what they test is a process that dies (an exception, SIGKILL, SIGTERM, SIGUSR1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgtrain import checkpoint as ckpt_io
+from dgtrain.errors import DgtrainError
+from tests.conftest import REPO, cli_env, read_metrics, run_cli
+
+# A small transformer with dropout (so the RNG states matter) over 6 batches per epoch (so 16 steps
+# cross two epoch boundaries), evaluated every 8 steps (so best/last-eval state matters), checkpointed
+# every 5 steps (so the checkpoint falls inside a log window when log_every does not divide 5).
+RUN = [
+    "model=transformer",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "data.num_examples=200",
+    "data.batch_size=32",
+    "trainer.max_steps=16",
+    "trainer.log_every=1",
+    "trainer.eval_every=8",
+    "checkpoint.every=5",
+    "checkpoint.keep_last=3",
+    "device=cpu",
+]
+
+# Runs dgtrain with the optimizer failing on its (k+1)-th step: a crash in the middle of training,
+# injected from outside so dgtrain itself carries no test hook.
+CRASH_AFTER = """
+import sys, torch
+k = int(sys.argv.pop(1))
+orig, calls = torch.optim.Adam.step, [0]
+def step(self, *a, **kw):
+    calls[0] += 1
+    if calls[0] > k:
+        raise RuntimeError(f"injected crash in optimizer step {calls[0]}")
+    return orig(self, *a, **kw)
+torch.optim.Adam.step = step
+sys.argv = ["dgtrain", *sys.argv[1:]]
+from dgtrain.cli import main
+main()
+"""
+
+# A regression model whose output is NaN on its n-th training forward pass (a forced non-finite loss).
+NAN_MODEL = """
+import math
+import torch
+from torch import nn
+
+class NanAt(nn.Module):
+    tasks = ("regression",)
+
+    def __init__(self, in_features, out_features=1, nan_at=3):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+        self.nan_at, self.calls = nan_at, 0
+
+    @classmethod
+    def from_data(cls, info, nan_at=3):
+        return cls(math.prod(info.in_shape), info.out_dim, nan_at)
+
+    def forward(self, x):
+        y = self.linear(x.flatten(1))
+        if self.training:
+            self.calls += 1
+            if self.calls == self.nan_at:
+                y = y * float("nan")
+        return y
+"""
+
+
+def _series(run_dir: Path) -> list[dict]:
+    """The logged rows without wall-clock figures (speed, memory), which differ between any two runs."""
+    return [
+        {k: v for k, v in row.items() if not k.startswith(("perf/", "mem/"))} for row in read_metrics(run_dir)
+    ]
+
+
+def _out(p: subprocess.CompletedProcess) -> str:
+    return p.stdout + p.stderr
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = _series(a), _series(b)
+    assert [r["step"] for r in sb] == list(range(1, 17)), "every step logged once, in order"
+    assert sb == sa, "the per-step loss series (and eval metrics) equal the uninterrupted run's"
+    wa, wb = _weights(a / "model.safetensors"), _weights(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"parameter {k} differs"
+
+
+def _wait_for(predicate, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.time()
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early ({proc.returncode}): {proc.stderr.read()}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def _popen(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dgtrain", *args],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _tiny_state(step: int) -> dict:
+    m = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loop = {"step": step, "epoch": 0, "position": step, "completed_epochs": 0}
+    return ckpt_io.make_state(
+        model=m,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loop=loop,
+        config={"model": {"_target_": "torch.nn.Linear"}},
+        run_dir=Path("/nonexistent"),
+    )
+
+
+# ------------------------------------------------------------------------------------------ unit
+
+
+def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path):
+    path = tmp_path / "step_00000001.pt"
+    ckpt_io.save(_tiny_state(1), path)
+
+    def half_then_fail(f):
+        f.write(b"PK\x03\x04 half a zip archive")
+        raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.atomic_write(path, half_then_fail)
+    assert ckpt_io.load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from dgtrain import checkpoint as c
+
+def half_then_die(f):
+    f.write(b"PK half a zip archive")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+c.atomic_write(sys.argv[1], half_then_die)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(compose, tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    ckpt_io.save(_tiny_state(1), ckdir / "step_00000001.pt")
+    target = ckdir / "step_00000001.pt"
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(target)], env=cli_env(), timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    assert ckpt_io.load(target)["step"] == 1, "the final name still holds the previous, complete file"
+    assert len(list(ckdir.glob(".*.tmp"))) == 1 and ckpt_io.list_checkpoints(ckdir) == [target]
+    state = _tiny_state(1)
+    state["config"] = {"model": {"_target_": "dgtrain.models.linreg.LinearRegression"}}
+    ckpt_io.save(state, target)
+    cfg = compose(["model=linreg", "resume=auto"])
+    assert ckpt_io.Checkpointer(cfg, tmp_path).load_for_resume(cfg, ("dgtrain.", "torch."))["step"] == 1
+    assert not list(ckdir.glob(".*.tmp")), "resuming clears what the killed writer left"
+
+
+def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
+    cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
+    c = ckpt_io.Checkpointer(cfg, tmp_path)
+    for step in range(1, 6):
+        c.save(step, _tiny_state(step), best=step == 2)
+    assert [p.name for p in ckpt_io.list_checkpoints(c.dir)] == ["step_00000004.pt", "step_00000005.pt"]
+    assert ckpt_io.load(c.dir / "best.pt")["step"] == 2, "best.pt is kept apart from the rotation"
+    assert [ckpt_io.load(p)["step"] for p in ckpt_io.list_checkpoints(c.dir)] == [4, 5]
+
+
+def test_a_pickle_that_would_run_a_command_is_refused_and_does_not_run(tmp_path):
+    sentinel = tmp_path / "sentinel"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    bad = tmp_path / "step_00000009.pt"
+    torch.save({"format": ckpt_io.FORMAT, "model": Evil()}, bad)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"refused.*weights_only=True") as e:
+        ckpt_io.load(bad)
+    assert str(bad) in str(e.value)
+    assert not sentinel.exists()
+
+
+def test_truncated_and_foreign_files_are_named_in_the_error(tmp_path):
+    good = ckpt_io.save(_tiny_state(3), tmp_path / "step_00000003.pt")
+    cut = tmp_path / "step_00000004.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ckpt_io.CheckpointError, match="truncated or corrupt") as e:
+        ckpt_io.load(cut)
+    assert str(cut) in str(e.value)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a dgtrain checkpoint"):
+        ckpt_io.load(tmp_path / "other.pt")
+    path, state = ckpt_io.newest_valid(tmp_path, "test")
+    assert path == good and state["step"] == 3
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    ckpt_io.save({"rng": ckpt_io.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt_io.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_config_schema_defaults_and_validation(compose):
+    from dgtrain.validation import problems
+
+    cfg = compose(["model=linreg"])
+    assert cfg.resume is None and cfg.checkpoint.every is None and cfg.checkpoint.keep_last == 2
+    assert cfg.checkpoint.best is True and cfg.trainer.nonfinite == "fail"
+    found = problems(compose(["model=linreg", "checkpoint.keep_last=0", "resume=/no/such/file.pt"]))
+    assert any("checkpoint.keep_last=0" in p for p in found)
+    assert any("resume=/no/such/file.pt" in p for p in found)
+    with pytest.raises(Exception, match="nonfinite"):
+        compose(["model=linreg", "trainer.nonfinite=ignore"])
+
+
+def test_stored_configs_pass_the_allow_list_on_resume_and_eval(compose, tmp_path):
+    """A checkpoint whose config names os.system is refused by resume and by `dgtrain eval`, naming the key,
+    and a stored `allowed_targets` cannot widen the list."""
+    from dgtrain.evaluate import main as eval_main
+    from dgtrain.train import fit
+
+    state = _tiny_state(1)
+    state["config"] = {"model": {"_target_": "os.system"}, "allowed_targets": ["os."]}
+    bad = ckpt_io.save(state, tmp_path / "evil" / "step_00000001.pt")
+    with pytest.raises(DgtrainError, match=r"model\._target_='os\.system' is not allowed") as e:
+        eval_main([str(bad)])
+    assert str(bad) in str(e.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = compose(["model=linreg", "trainer.max_steps=2", "device=cpu", f"resume={bad}"])
+    with pytest.raises(DgtrainError, match=r"model\._target_='os\.system' is not allowed"):
+        fit(cfg, run)
+    assert not (run / "metrics.jsonl").exists(), "refused before anything ran"
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed run must equal."""
+    d = tmp_path_factory.mktemp("reference")
+    p = run_cli([*RUN, f"hydra.run.dir={d / 'run'}"], d)
+    assert p.returncode == 0, p.stderr
+    return d / "run"
+
+
+@pytest.mark.slow
+def test_exception_at_step_12_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER, "12", *RUN, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode != 0 and "injected crash in optimizer step 13" in _out(p)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
+    assert [c.name for c in ckpt_io.list_checkpoints(run / "checkpoints")] == [
+        "step_00000005.pt",
+        "step_00000010.pt",
+    ]
+    p = run_cli([*RUN, "resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "resuming from" in _out(p) and "step_00000010.pt" in _out(p)
+    _assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = _popen([*RUN, f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(lambda: (run / "checkpoints" / "step_00000010.pt").exists(), proc=proc)
+    proc.kill()  # SIGKILL: no handler runs; a checkpoint being written may be left as a temp file
+    proc.wait(timeout=30)
+    p = run_cli([*RUN, "resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    _assert_same_run(reference, run)
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = ckpt_io.list_checkpoints(run / "checkpoints")[-1]
+    assert newest.name == "step_00000016.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    p = run_cli([*RUN, f"resume={newest}", f"hydra.run.dir={tmp_path / 'explicit'}"], tmp_path)
+    assert p.returncode != 0
+    assert str(newest) in _out(p) and "truncated or corrupt" in _out(p)
+
+    p = run_cli([*RUN, "resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"{newest}" in _out(p) and "falling back to step_00000015.pt" in _out(p)
+    assert "resuming from" in _out(p) and "step_00000015.pt (step 15)" in _out(p)
+    _assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+def test_resume_from_a_malicious_checkpoint_does_not_run_it(tmp_path):
+    sentinel = tmp_path / "sentinel"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": ckpt_io.FORMAT, "model": Evil()}, bad)
+    p = run_cli(
+        ["model=linreg", "device=cpu", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
+    assert p.returncode != 0 and str(bad) in _out(p) and "refused" in _out(p)
+    assert not sentinel.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_with_a_checkpoint_at_the_last_completed_step(tmp_path):
+    run = tmp_path / "run"
+    args = ["model=linreg", "device=cpu", "trainer.max_steps=1000000", "trainer.log_every=1"]
+    proc = _popen([*args, f"hydra.run.dir={run}"], tmp_path)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 20, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    steps = [r["step"] for r in read_metrics(run)]
+    last = json.loads((run / "summary.json").read_text())["steps"]
+    assert steps == list(range(1, last + 1)), "every completed step is logged"
+    saved = ckpt_io.list_checkpoints(run / "checkpoints")
+    assert saved[-1].name == f"step_{last:08d}.pt" and ckpt_io.load(saved[-1])["step"] == last
+
+
+@pytest.mark.slow
+def test_sigusr1_under_slurm_checkpoints_and_requeues(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = cli_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    args = ["model=linreg", "device=cpu", "trainer.max_steps=1000000", "trainer.log_every=1"]
+    proc = _popen([*args, f"hydra.run.dir={run}"], tmp_path, env=env)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 5, proc=proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 138
+    assert calls.read_text().split() == ["requeue", "4242"]
+    last = json.loads((run / "summary.json").read_text())["steps"]
+    assert ckpt_io.load(ckpt_io.list_checkpoints(run / "checkpoints")[-1])["step"] == last
+
+
+def _nan_args(tmp_path: Path, mode: str) -> list[str]:
+    (tmp_path / "nanmodel.py").write_text(NAN_MODEL)
+    return [
+        "model=linreg",
+        "model._target_=nanmodel.NanAt",
+        "+model.nan_at=3",
+        "allowed_targets=[nanmodel.]",
+        "device=cpu",
+        "trainer.max_steps=5",
+        "trainer.log_every=1",
+        "checkpoint.every=1",
+        "checkpoint.keep_last=null",
+        f"trainer.nonfinite={mode}",
+    ]
+
+
+@pytest.mark.slow
+def test_nonfinite_fail_stops_before_the_update_naming_the_step(tmp_path):
+    env = cli_env(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    p = run_cli([*_nan_args(tmp_path, "fail"), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env)
+    assert p.returncode == 3
+    assert "train/loss became nan at step 3 (last finite loss" in _out(p)
+    assert "before that step's optimizer update" in _out(p)
+    run = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert [c.name for c in ckpt_io.list_checkpoints(run / "checkpoints")] == [
+        "step_00000001.pt",
+        "step_00000002.pt",
+    ]
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
+def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, tmp_path, monkeypatch):
+    from dgtrain.train import fit
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    assert fit(compose(_nan_args(tmp_path, "skip")), run).summary["status"] == "completed"
+    s = [ckpt_io.load(run / "checkpoints" / f"step_{i:08d}.pt") for i in (2, 3, 4)]
+    for k in s[1]["model"]:
+        assert torch.equal(s[1]["model"][k], s[0]["model"][k]), "step 3 (skipped) changed nothing"
+        assert not torch.equal(s[2]["model"][k], s[1]["model"][k]), "step 4 trained again"
+    assert s[1]["optimizer"]["state"][0]["step"] == s[0]["optimizer"]["state"][0]["step"] == 2
+    rows = {r["step"]: r for r in read_metrics(run)}
+    assert [rows[i]["train/skipped_steps"] for i in (2, 3, 5)] == [0, 1, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["os.system", "builtins.exec"])
+def test_a_target_outside_the_allow_list_is_refused_before_anything_runs(tmp_path, target):
+    run = tmp_path / "run"
+    p = run_cli(["model=linreg", f"model._target_={target}", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 2
+    assert f"model._target_='{target}' is not allowed" in _out(p)
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_path, capsys):
+    p = run_cli(["eval", str(reference), "--json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    final = json.loads((reference / "summary.json").read_text())["final"]
+    assert out["weights"].endswith("model.safetensors")
+    assert out["metrics"]["val/acc"] == final["val/acc"] and out["metrics"]["val/loss"] == final["val/loss"]
+    from dgtrain.evaluate import main as eval_main
+
+    assert eval_main([str(reference / "checkpoints" / "step_00000015.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "val/acc" in printed and "(step 15)" in printed
+    with pytest.raises(DgtrainError, match="missing.pt"):
+        eval_main([str(tmp_path / "missing.pt")])
+
+
+def test_resume_from_a_path_into_a_new_run_dir_carries_the_wandb_run_id(compose, tmp_path):
+    state = _tiny_state(4)
+    state["config"] = {"model": {"_target_": "dgtrain.models.linreg.LinearRegression"}}
+    state["wandb_run_id"] = "abc123"
+    path = ckpt_io.save(state, tmp_path / "old" / "step_00000004.pt")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.jsonl").write_text(
+        '{"step": 3}\n{"step": 4}\n{"step": 5}\n{"step": 6, "trai'
+    )
+    cfg = compose(["model=linreg", f"resume={path}"])
+    c = ckpt_io.Checkpointer(cfg, tmp_path / "new")
+    got = c.load_for_resume(cfg, ("dgtrain.", "torch."))
+    assert got["step"] == 4 and got["path"] == str(path)
+    assert (tmp_path / "new" / ckpt_io.WANDB_ID_FILE).read_text().strip() == "abc123"
+    assert [r["step"] for r in read_metrics(tmp_path / "new")] == [3, 4], "rows past the checkpoint dropped"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rng_state_round_trips_and_a_cuda_run_resumes(compose, tmp_path):
+    from dgtrain.train import fit
+
+    torch.cuda.manual_seed_all(5)
+    torch.zeros(1, device="cuda")
+    ckpt_io.save({"rng": ckpt_io.rng_state()}, tmp_path / "rng.pt")
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed_all(9)
+    ckpt_io.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+    common = ["model=mlp", "device=cuda", "trainer.max_steps=6", "trainer.log_every=1", "checkpoint.every=3"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    full = fit(compose(common), tmp_path / "a")
+    first = tmp_path / "a" / "checkpoints" / "step_00000003.pt"
+    resumed = fit(compose([*common, f"resume={first}"]), tmp_path / "b")
+    assert resumed.summary["steps"] == 6
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
