@@ -14,6 +14,9 @@ from dgtrain.errors import DgtrainError
 log = logging.getLogger("dgtrain")
 
 SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", each taking argv and returning an exit code
+SUBCOMMANDS["ls"] = "dgtrain.commands.ls:main"
+SUBCOMMANDS["validate"] = "dgtrain.commands.validate:main"
+SUBCOMMANDS["smoke"] = "dgtrain.commands.smoke:main"
 
 
 def _train_task(cfg):
@@ -41,8 +44,10 @@ def train_main() -> None:
 
     from dgtrain.config import register_schema
     from dgtrain.paths import config_dir
+    from dgtrain.recipes import register_recipes
 
     register_schema()
+    register_recipes()  # recipes/NAME.yaml -> `dgtrain recipe=NAME`
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()
 
 
