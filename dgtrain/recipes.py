@@ -144,11 +144,17 @@ def missing_data_files(cfg: DictConfig) -> str | None:
     return None
 
 
+def _target_of(path: Path) -> str:
+    """For an option file without a description: the callable it names (`_target_`), if any."""
+    target = OmegaConf.load(path).get("_target_")
+    return f"({target})" if target else ""
+
+
 @lru_cache(maxsize=1)
 def group_options() -> dict[str, list[tuple[str, str]]]:
     """Each config group under configs/ (not hydra's own) -> [(option, one-line description)]."""
     root = config_dir()
     groups = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
-        groups[d.name] = [(p.stem, describe(p)) for p in sorted(d.glob("*.yaml"))]
+        groups[d.name] = [(p.stem, describe(p) or _target_of(p)) for p in sorted(d.glob("*.yaml"))]
     return groups
