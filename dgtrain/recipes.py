@@ -7,7 +7,7 @@ is the contract `dgtrain smoke` checks.
 
 The folder is not a Hydra config group on disk (it lives at the top of the repository, or inside the
 installed package as dgtrain/recipes), so each file is stored in Hydra's ConfigStore under group
-`recipe` at start-up; `configs/train.yaml` ends its defaults list with `optional recipe: null`, so a
+`recipe` at start-up; `configs/train.yaml` ends its defaults list with `recipe: null` (not `optional`: that would silently ignore a misspelt recipe name), so a
 recipe's overrides come after the model's, and command-line overrides still win over both.
 """
 

@@ -82,7 +82,9 @@ def check_contract(
             need = float(contract.min_drop)
             drop = (first - last) / abs(first) if first else 0.0
             ok = ok and drop >= need
-            parts.append(f"{metric} fell {100 * drop:.1f}% ({first:.4g} -> {last:.4g}), bound >= {100 * need:g}%")
+            parts.append(
+                f"{metric} fell {100 * drop:.1f}% ({first:.4g} -> {last:.4g}), bound >= {100 * need:g}%"
+            )
         if contract.get("min") is not None:
             ok = ok and last >= float(contract.min)
             parts.append(f"{metric} {last:.4g}, bound >= {float(contract.min):g}")
@@ -101,7 +103,11 @@ def check_contract(
             checks.append(Check(what, False, f"{label} not recorded, budget {float(budget):g} {unit}"))
         else:
             ok = float(value) <= float(budget)
-            checks.append(Check(what, ok, f"{label} {_num(value)} {unit} {'<=' if ok else '>'} {float(budget):g} {unit}"))
+            checks.append(
+                Check(
+                    what, ok, f"{label} {_num(value)} {unit} {'<=' if ok else '>'} {float(budget):g} {unit}"
+                )
+            )
     return checks
 
 
@@ -177,7 +183,14 @@ def run_one(name: str, overrides: list[str], device: str | None, out: Path) -> O
             rc = None
     wall_s = time.perf_counter() - t0
     if rc is None:
-        return Outcome(name, FAILED, f"timed out after {wall_s:.0f} s (budget {contract.time_s} s)", [], str(run_dir), wall_s)
+        return Outcome(
+            name,
+            FAILED,
+            f"timed out after {wall_s:.0f} s (budget {contract.time_s} s)",
+            [],
+            str(run_dir),
+            wall_s,
+        )
     if rc != 0:
         tail = _last_error(out / f"{name}.log")
         return Outcome(name, FAILED, f"the run exited with code {rc}: {tail}", [], str(run_dir), wall_s)

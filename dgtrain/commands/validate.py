@@ -36,7 +36,13 @@ def instantiate(cfg: DictConfig) -> list[str]:
 
     allowed = allowed_prefixes(cfg)
     try:
-        data = build(cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed)
+        data = build(
+            cfg.data,
+            allowed=allowed,
+            key="data",
+            exclude=("task", "batch_size", "num_workers"),
+            seed=cfg.seed,
+        )
         if data.info.task != str(cfg.data.task):
             return [f"data.task={cfg.data.task} but the data builder returned {data.info.task} data."]
         task = make_task(data.info.task, data.info.pad_id)
@@ -45,7 +51,9 @@ def instantiate(cfg: DictConfig) -> list[str]:
         loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
         optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(model.parameters())
         build(cfg.scheduler, allowed=allowed, key="scheduler")(optimizer, total_steps=1)
-        loader = make_loader(data.train, int(cfg.data.batch_size), shuffle=False, seed=cfg.seed, num_workers=0)
+        loader = make_loader(
+            data.train, int(cfg.data.batch_size), shuffle=False, seed=cfg.seed, num_workers=0
+        )
         batch = tuple(t.to("meta") for t in next(iter(loader)))
         loss = task.loss(model, batch, loss_fn)
         if loss.dim() != 0:
@@ -73,7 +81,9 @@ def validate_recipe(name: str, overrides: list[str], build_objects: bool = True)
             f"(found `# {recipe.command}`)."
         )
     if not recipe.description:
-        report.problems.append(f"{recipe.path.name}: add a one-line description as a comment after the command.")
+        report.problems.append(
+            f"{recipe.path.name}: add a one-line description as a comment after the command."
+        )
     try:
         load_recipe(recipe.path)
     except Exception as e:  # noqa: BLE001
@@ -87,13 +97,19 @@ def validate_recipe(name: str, overrides: list[str], build_objects: bool = True)
     report.problems += problems(cfg, choices)
     report.problems += contract_problems(cfg.smoke)
     try:
-        smoke_cfg, smoke_choices = compose([f"recipe={name}", *[str(x) for x in cfg.smoke.overrides], *overrides])
+        smoke_cfg, smoke_choices = compose(
+            [f"recipe={name}", *[str(x) for x in cfg.smoke.overrides], *overrides]
+        )
     except Exception as e:  # noqa: BLE001
         report.problems.append(f"smoke.overrides do not compose: {_one_line(e)}")
         return report
-    report.problems += [f"with smoke.overrides: {p}" for p in problems(smoke_cfg, smoke_choices) if p not in report.problems]
+    report.problems += [
+        f"with smoke.overrides: {p}" for p in problems(smoke_cfg, smoke_choices) if p not in report.problems
+    ]
     if str(cfg.device).startswith("cuda"):
-        report.notes.append(f"runs on device={cfg.device} (precision={getattr(cfg.precision, 'value', cfg.precision)})")
+        report.notes.append(
+            f"runs on device={cfg.device} (precision={getattr(cfg.precision, 'value', cfg.precision)})"
+        )
     missing = missing_data_files(smoke_cfg)
     if missing:
         report.notes.append(f"data files absent, data not built: {missing}")
