@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli
 from omegaconf import OmegaConf
 
 from dgtrain import golden
 from dgtrain.commands.smoke import check_contract, contract_problems
 from dgtrain.commands.validate import validate_recipe
 from dgtrain.recipes import compose, list_recipes
+from tests.conftest import REPO, cli_env, run_cli
 
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
 NAMES = [p.stem for p in RECIPE_FILES]

@@ -172,6 +172,9 @@ def run_one(name: str, overrides: list[str], device: str | None, out: Path) -> O
     cmd = smoke_command(name, smoke_overrides, [*overrides, f"device={dev}"], run_dir)
     timeout = 3 * float(contract.time_s) + 60 if contract.time_s else None
     env = dict(os.environ, NO_COLOR="1")
+    # Budgets are measured single-threaded: on a loaded or small machine, several torch threads per run
+    # make the wall time erratic (tens of times slower when oversubscribed). Set OMP_NUM_THREADS to change.
+    env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     with open(out / f"{name}.log", "w") as logf:
         logf.write(" ".join(cmd) + "\n")
