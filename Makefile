@@ -32,5 +32,10 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Every recipe composes and builds, then every smoke contract runs (docs/recipes.md); ARGS: names, device=...
+smoke: setup
+	$(BIN)/dgtrain validate
+	$(BIN)/dgtrain smoke $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

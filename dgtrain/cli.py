@@ -16,8 +16,11 @@ log = logging.getLogger("dgtrain")
 # name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "dgtrain.evaluate:main",
+    "ls": "dgtrain.commands.ls:main",
     "plot": "dgtrain.plots:main",
+    "smoke": "dgtrain.commands.smoke:main",
     "sweep-summary": "dgtrain.sweep:summary_main",
+    "validate": "dgtrain.commands.validate:main",
     "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
 }
 
@@ -49,8 +52,10 @@ def train_main() -> None:
 
     from dgtrain.config import register_schema
     from dgtrain.paths import config_dir
+    from dgtrain.recipes import register_recipes
 
     register_schema()
+    register_recipes()  # recipes/NAME.yaml -> `dgtrain recipe=NAME`
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()
 
 

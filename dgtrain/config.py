@@ -83,6 +83,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class SmokeConfig:
+    """A recipe's smoke contract (`dgtrain smoke`, dgtrain/commands/smoke.py); training ignores it."""
+
+    # Overrides that make the run short: steps, batch and data size.
+    overrides: list[str] = field(default_factory=list)
+    # The metric the contract checks (a key of metrics.jsonl) and its bounds: the fraction by which it
+    # must fall from its first logged value to its last (0.3: at least 30%), and/or bounds on the last value.
+    metric: str | None = None
+    min_drop: float | None = None
+    min: float | None = None
+    max: float | None = None
+    # Budgets: peak RSS (MB), peak CUDA memory (MB, checked on CUDA only), wall time of the run (s).
+    rss_mb: float | None = None
+    cuda_mb: float | None = None
+    time_s: float | None = None
+
+
+@dataclass
 class TrainConfig:
     model: Any = None
     data: Any = None
@@ -101,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     # Extra module prefixes whose callables `_target_` may name (dgtrain. and torch. are always allowed).
     allowed_targets: list[str] = field(default_factory=list)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)
 
 
 def register_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
@@ -20,4 +21,8 @@ def config_dir() -> Path:
 
 
 def recipes_dir() -> Path:
+    # DGTRAIN_RECIPES_DIR points at another folder of recipes (tests use it; so can a team's own set).
+    override = os.environ.get("DGTRAIN_RECIPES_DIR")
+    if override:
+        return _first_dir(Path(override).expanduser())
     return _first_dir(_PKG / "recipes", _PKG.parent / "recipes")

@@ -1,0 +1,1 @@
+"""`dgtrain <subcommand>`: one module per subcommand, each with `main(argv) -> exit code` (see dgtrain/cli.py)."""
