@@ -7,7 +7,7 @@ Compares three versions of one training step on dgtrain's own models and data:
   masked  sync-free alternative: snapshot parameters and optimizer state, step, then
           torch.where(flag, new, old) over all of them (never reads the flag on the host)
 
-    python benchmarks/nonfinite_guard.py [--steps 150] [--device cpu] [--models mlp transformer]
+    python scripts/bench_nonfinite_guard.py [--steps 150] [--device cpu] [--models mlp transformer]
 """
 
 from __future__ import annotations
