@@ -13,7 +13,9 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
-SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", each taking argv and returning an exit code
+SUBCOMMANDS: dict[str, str] = {  # name -> "module:function", each taking argv and returning an exit code
+    "graph": "dgtrain.graph:main",
+}
 
 
 def _train_task(cfg):

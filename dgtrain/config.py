@@ -49,6 +49,16 @@ class TrainerConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    # Off: no per-step probes at all (memory figures are still read on logging steps).
+    enabled: bool = True
+    # Measure the autograd graph of one batch every N optimizer steps (and on the first step).
+    graph_every: int = 100
+    # Peak dense TFLOP/s of the device for perf/mfu (null: dgtrain's table of known GPUs).
+    peak_tflops: float | None = None
+
+
+@dataclass
 class TrainConfig:
     model: Any = None
     data: Any = None
@@ -57,6 +67,7 @@ class TrainConfig:
     scheduler: Any = None
     logger: Any = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     precision: Precision = Precision.fp32

@@ -29,8 +29,9 @@ from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError, NonFiniteLossError
 from dgtrain.loggers import JsonlLogger
 from dgtrain.loggers.console import ConsoleLogger
-from dgtrain.memory import memory_metrics, rss_peak_mb
+from dgtrain.memory import rss_peak_mb
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
+from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
 
 log = logging.getLogger("dgtrain")
@@ -266,6 +267,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     samples, steps_since_log, last_eval_epochs, eval_s = 0, 0, 0, 0.0
     last_finite: tuple[int, float] | None = None
     counts_tokens = False
+    # per-batch graph and memory figures; per step it only does host-side bookkeeping (docs/telemetry.md)
+    telemetry = Telemetry(cfg.telemetry, model, device, log_every)
     t_log = time.perf_counter()
 
     def record(metrics: dict[str, Any]) -> None:
@@ -309,9 +312,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
         metrics["perf/samples_per_s"] = samples / dt
-        if counts_tokens:
-            metrics["perf/tokens_per_s"] = int(tokens) / dt
-        metrics.update(memory_metrics(device))
+        n_tokens = int(tokens) if counts_tokens else None
+        if n_tokens is not None:
+            metrics["perf/tokens_per_s"] = n_tokens / dt
+        metrics.update(telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
         samples, steps_since_log, eval_s = 0, 0, 0.0
         tokens.zero_()
         t_log = time.perf_counter()
@@ -327,9 +331,11 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             step_loss = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = next(stream)
-                with autocast():
+                with telemetry.forward(batch), autocast():
                     loss = task.loss(model, batch, s.loss_fn) / accum
+                telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
                 scaler.scale(loss).backward()
+                telemetry.after_backward()
                 step_loss += loss.detach()
                 samples += len(batch[0])
                 units = task.units(batch)
@@ -343,6 +349,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            telemetry.after_step()
             loss_buf[steps_since_log] = step_loss
             step += 1
             steps_since_log += 1
@@ -389,6 +396,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             time.perf_counter() - t_start,
             run_dir,
         )
+        summary["telemetry"] = telemetry.summary()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for sink in sinks:
             sink.close(summary, status)

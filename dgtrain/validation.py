@@ -88,6 +88,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
+    tel = cfg.get("telemetry")
+    if tel is not None and int(tel.graph_every) < 1:
+        out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
+    if tel is not None and tel.peak_tflops is not None and float(tel.peak_tflops) <= 0:
+        out.append(f"telemetry.peak_tflops={tel.peak_tflops}: must be positive, or null for the GPU table.")
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")
