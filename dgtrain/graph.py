@@ -306,7 +306,9 @@ def autograd_graph(model: nn.Module, loss: torch.Tensor, counted: SavedTensors) 
     ids = {node: f"n{i}" for i, node in enumerate(nodes)}
     claimed: set = set()
     ops: list[OpNode] = []
-    for node in nodes:
+    # Walk from the inputs towards the loss (reverse breadth-first order), so a tensor saved by two
+    # nodes (sigmoid's output, saved by sigmoid and by the next layer) is charged to the first one.
+    for node in reversed(nodes):
         meta = getattr(node, "_input_metadata", ())
         shape = fmt_shape(meta[0].shape) if meta else ""
         var = getattr(node, "variable", None)
@@ -326,6 +328,7 @@ def autograd_graph(model: nn.Module, loss: torch.Tensor, counted: SavedTensors) 
                 note = " (shared)"
             saved.append(f"{attr} {fmt_shape(t.shape)} {str(t.dtype).removeprefix('torch.')}{note}")
         ops.append(OpNode(ids[node], node.name(), shape, nbytes, saved))
+    ops.reverse()  # back to the order of `nodes`: the loss first
     edges = [(ids[child], ids[node]) for node in nodes for child, _ in node.next_functions if child in ids]
     attributed = sum(o.saved_bytes for o in ops)
     return {

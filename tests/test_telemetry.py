@@ -66,7 +66,9 @@ def test_transformer_flops_match_torch_flop_counter(arch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = Transformer(13, arch=arch, d_model=32, n_heads=4, d_ff=48, dropout=0.0, pad_id=0, bos_id=1, eos_id=2)
+    model = Transformer(
+        13, arch=arch, d_model=32, n_heads=4, d_ff=48, dropout=0.0, pad_id=0, bos_id=1, eos_id=2
+    )
     src, tgt = _seq_batch(3, 7, 10)
     batch = (src, tgt) if arch == "encdec" else (src, src)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -136,7 +138,9 @@ def test_transformer_flops_and_mfu_with_a_given_peak(compose, tmp_path):
     for r in result.history:
         assert r["perf/flops_per_token"] > 0
         # mfu = flops / seconds / peak and flops_per_token = flops / tokens, so their ratio is tokens/s / peak
-        assert r["perf/mfu"] == pytest.approx(r["perf/flops_per_token"] * r["perf/tokens_per_s"] / 0.5e12, rel=1e-6)
+        assert r["perf/mfu"] == pytest.approx(
+            r["perf/flops_per_token"] * r["perf/tokens_per_s"] / 0.5e12, rel=1e-6
+        )
     assert result.summary["telemetry"]["distinct_shapes"] >= 1
 
 
@@ -163,7 +167,13 @@ def test_bad_telemetry_settings_are_reported(compose):
 def test_cli_run_plain_console_shows_telemetry(tmp_path):
     run_dir = tmp_path / "run"
     p = run_cli(
-        ["model=mlp", "device=cpu", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run_dir}"],
+        [
+            "model=mlp",
+            "device=cpu",
+            "trainer.max_steps=10",
+            "trainer.log_every=5",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stderr
