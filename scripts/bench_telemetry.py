@@ -3,7 +3,7 @@
     python scripts/bench_telemetry.py [--models linreg mlp transformer] [--repeats 7] [--steps N]
                                       [-- extra overrides, e.g. telemetry.graph_every=10]
 
-Runs alternate off, on, off, on, ... so that drift in machine load (other processes, thermal) falls on
+Runs alternate off-on, on-off, off-on, ... so that drift in machine load (other processes, thermal) falls on
 both sides alike. Each run's figure is its mean step time (`perf/step_ms`, which the loop measures
 without evaluation), over every logging interval but the first (warm-up). Prints, per model, the
 median of each side and the ratio on/off; the cost budget with the defaults is 1.01.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import statistics
@@ -136,8 +137,10 @@ def main() -> None:
         ]
         step_ms(base + ["telemetry.enabled=true"])  # warm-up: first-call costs (imports, allocator)
         off, on, cpu_off, cpu_on = [], [], [], []
-        for _ in range(args.repeats):
-            for flag, wall, cpu in (("false", off, cpu_off), ("true", on, cpu_on)):
+        for i in range(args.repeats):
+            pair = [("false", off, cpu_off), ("true", on, cpu_on)]
+            for flag, wall, cpu in pair if i % 2 == 0 else pair[::-1]:  # off-on, on-off, ...: no order bias
+                gc.collect()
                 ms, cpu_s = step_ms(base + [f"telemetry.enabled={flag}"])
                 wall.append(ms)
                 cpu.append(cpu_s)
