@@ -240,7 +240,9 @@ class Telemetry:
         self.largest_graph: dict[str, Any] | None = None
         self._probing = False
         self._phase_peak: dict[str, int] = {}  # CUDA: bytes, per phase, since the last log
-        self._other_peak: dict[str, int] = {}  # CUDA: allocated/active/reserved peaks read at probes
+        self._interval_peaks: dict[
+            str, int
+        ] = {}  # CUDA: allocated/active/reserved peaks read at probes, this interval
 
     # -- per micro-batch ------------------------------------------------------------------------
 
@@ -302,7 +304,7 @@ class Telemetry:
         """CUDA: fold the allocator's peaks since the previous mark into `phase` and the interval, reset."""
         peaks = cuda_peak_bytes(self.device)
         for k, v in peaks.items():
-            self._other_peak[k] = max(self._other_peak.get(k, 0), v)
+            self._interval_peaks[k] = max(self._interval_peaks.get(k, 0), v)
         if phase is not None:
             self._phase_peak[phase] = max(self._phase_peak.get(phase, 0), peaks["allocated"])
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -311,8 +313,8 @@ class Telemetry:
 
     def metrics(self, seconds: float, tokens: int | None) -> dict[str, float]:
         """Memory (peaks reset), the latest graph sample, FLOPs and MFU since the last log."""
-        out = memory_metrics(self.device, earlier_peaks=self._other_peak)
-        self._other_peak = {}
+        out = memory_metrics(self.device, earlier_peaks=self._interval_peaks)
+        self._interval_peaks = {}
         for phase in self.PHASES:
             if phase in self._phase_peak:
                 out[f"mem/cuda_peak_{phase}_mb"] = self._phase_peak[phase] / MB
