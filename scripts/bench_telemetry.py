@@ -152,7 +152,8 @@ def main() -> None:
             f"pairs {ratios[0]:.3f} .. {ratios[-1]:.3f} (median {statistics.median(ratios):.3f})"
         )
         d = direct_cost(base)
-        est = (d["bookkeeping_us"] + d["sample_extra_us"] / d["graph_every"]) / (1000 * m_off)
+        # a negative extra (the sampled forward timed faster) is noise: count it as zero
+        est = (d["bookkeeping_us"] + max(0.0, d["sample_extra_us"]) / d["graph_every"]) / (1000 * m_off)
         print(
             f"{'':<12} direct: {d['bookkeeping_us']:.1f} us/step bookkeeping, sampled forward "
             f"+{d['sample_extra_us'] / 1000:.2f} ms every {d['graph_every']} steps -> estimated "
