@@ -386,7 +386,7 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     from dgtrain.config import register_schema
@@ -406,12 +406,6 @@ def compose_config(overrides: list[str]):
         del cfg["hydra"]
     OmegaConf.resolve(cfg)
     return cfg, choices
-
-
-def open_dict(cfg):
-    from omegaconf import open_dict as _open_dict
-
-    return _open_dict(cfg)
 
 
 def pick_batches(loader, n: int, search: int = 200) -> list:
