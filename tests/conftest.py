@@ -28,9 +28,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(
-    args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m dgtrain ARGS` in `cwd`; returns the completed process (stdout and stderr as text)."""
     return subprocess.run(
         [sys.executable, "-m", "dgtrain", *args],
