@@ -15,11 +15,9 @@ outside logging steps:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,9 +52,14 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
 # ------------------------------------------------------------------------------------- graph probes
 
 
+def format_shapes(shapes) -> str:
+    """'64x13 64x15' for a sequence of shapes."""
+    return " ".join("x".join(str(n) for n in shape) for shape in shapes)
+
+
 def shape_signature(batch) -> str:
     """'64x13 64x15': the shapes of a batch's tensors, the key that decides the shape of its graph."""
-    return " ".join("x".join(str(n) for n in t.shape) for t in batch)
+    return format_shapes(t.shape for t in batch)
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int] | None:
@@ -162,16 +165,16 @@ def _ff_macs(ff: nn.Sequential, tokens: int) -> int:
     return tokens * sum(_linear_macs(m) for m in ff if isinstance(m, nn.Linear))
 
 
-def transformer_flops(model: nn.Module, batch) -> int:
+def transformer_flops(model: nn.Module, shapes) -> int:
     """Training FLOPs of one padded batch through dgtrain's transformer: the matrix products of the
     forward pass (2 FLOPs per multiply-add) times 3 for forward + backward. Embedding lookups,
-    layer norms and softmax are left out, as is usual for model FLOPs."""
+    layer norms and softmax are left out, as is usual for model FLOPs. `shapes`: the batch's shapes."""
     if model.arch == "decoder":
-        b, t = batch[0].shape
+        b, t = shapes[0]
         s = 0
     else:
-        b, s = batch[0].shape
-        t = batch[1].shape[1] - 1  # the decoder reads the target without its last token
+        b, s = shapes[0]
+        t = shapes[1][1] - 1  # the decoder reads the target without its last token
     macs = 0
     for block in getattr(model, "encoder", None) or ():
         macs += _attention_macs(block.attn, b, s, s) + _ff_macs(block.ff, b * s)
@@ -184,17 +187,16 @@ def transformer_flops(model: nn.Module, batch) -> int:
 
 
 def flops_counter(model: nn.Module):
-    """A function batch -> training FLOPs for the models whose FLOPs dgtrain knows, else None."""
+    """A function (the batch's shapes) -> training FLOPs, for the models whose FLOPs dgtrain knows."""
     from dgtrain.models.transformer import Transformer
 
     if isinstance(model, Transformer):
         by_shapes: dict[tuple, int] = {}  # walking the modules costs ~0.1 ms; a batch's shapes decide it
 
-        def count(batch) -> int:
-            key = tuple(tuple(t.shape) for t in batch)
-            if key not in by_shapes:
-                by_shapes[key] = transformer_flops(model, batch)
-            return by_shapes[key]
+        def count(shapes: tuple) -> int:
+            if shapes not in by_shapes:
+                by_shapes[shapes] = transformer_flops(model, shapes)
+            return by_shapes[shapes]
 
         return count
     return None
@@ -231,7 +233,7 @@ class Telemetry:
             )
         self.step = 0  # optimizer steps completed
         self.micro = 0  # micro-batches of the current step begun
-        self.signatures: Counter[str] = Counter()
+        self.signatures: dict[tuple, int] = {}  # batch shapes -> micro-batches seen
         self.flops = 0  # training FLOPs since the last log
         self._counter: SavedTensors | None = None  # set while a sampled forward runs
         self._sampled_shapes = ""
@@ -246,28 +248,35 @@ class Telemetry:
 
     # -- per micro-batch ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def forward(self, batch) -> Iterator[None]:
-        """Wraps one micro-batch's forward pass."""
+    def forward(self, batch) -> Telemetry:
+        """`with telemetry.forward(batch):` wraps one micro-batch's forward pass. Per step this is
+        bookkeeping on the host: the shapes (a tuple of torch.Size, formatted only for reports) and,
+        for the transformer, a FLOPs look-up by shape."""
         if not self.enabled:
-            yield
-            return
+            return self
         first_micro = self.micro == 0
         self.micro += 1
-        self.signatures[shape_signature(batch)] += 1
+        shapes = tuple([t.shape for t in batch])
+        self.signatures[shapes] = self.signatures.get(shapes, 0) + 1
         if self.count_flops is not None:
-            self.flops += self.count_flops(batch)  # from shapes alone: no device work
+            self.flops += self.count_flops(shapes)
         if first_micro and self.cuda and self.step % self.log_every == 0:
             self._probing = True
         if self._probing:
             self._mark(None)  # what the data transfer allocated before the forward
         if first_micro and (self.step == 0 or (self.step + 1) % self.graph_every == 0):
             self._counter = SavedTensors(parameter_storages(self.model))
-            self._sampled_shapes = shape_signature(batch)
-            with self._counter:
-                yield
-        else:
-            yield
+            self._sampled_shapes = format_shapes(shapes)
+        return self
+
+    def __enter__(self) -> Telemetry:
+        if self._counter is not None:
+            self._counter.__enter__()  # saved-tensor hooks on: this forward is sampled
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(*exc)
         if self._probing:
             self._mark("fwd")
 
@@ -341,7 +350,9 @@ class Telemetry:
             "enabled": True,
             "graph_every": self.graph_every,
             "distinct_shapes": len(self.signatures),
-            "common_shapes": [{"shapes": s, "batches": n} for s, n in self.signatures.most_common(5)],
+            "common_shapes": [
+                {"shapes": format_shapes(s), "batches": n} for s, n in Counter(self.signatures).most_common(5)
+            ],
             "first_graph": self.first_graph,
             "largest_graph": self.largest_graph,
             "peak_tflops": self.peak_tflops,
