@@ -32,6 +32,10 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
+def _mb(mb: float) -> str:
+    return f"{mb:,.1f} MB" if mb >= 1 else f"{mb * 1024:,.1f} KB"
+
+
 def _eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -104,7 +108,7 @@ class ConsoleLogger:
                     f" {tok:,.0f} tok/s" if tok is not None else ""
                 )
             if "graph/saved_mb" in metrics:
-                self._graph = f" graph {metrics['graph/saved_mb']:,.1f} MB"
+                self._graph = f" graph {_mb(metrics['graph/saved_mb'])}"
             if "mem/rss_mb" in metrics:
                 fields["mem"] = (
                     f"rss {metrics['mem/rss_mb']:,.0f} MB"
@@ -164,7 +168,7 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
     if g:  # the largest sampled graph (docs/telemetry.md)
         t.add_row(
             "saved for backward",
-            f"{g['saved_mb']:,.1f} MB" if g["saved_mb"] >= 1 else f"{g['saved_mb'] * 1024:,.1f} KB",
+            _mb(g["saved_mb"]),
             f"{g['nodes']} nodes, shapes {g['shapes']} @ {g['step']}",
         )
     if (summary.get("telemetry") or {}).get("distinct_shapes"):
