@@ -16,6 +16,7 @@ log = logging.getLogger("dgtrain")
 # name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "dgtrain.evaluate:main",
+    "graph": "dgtrain.graph:main",
     "ls": "dgtrain.commands.ls:main",
     "plot": "dgtrain.plots:main",
     "smoke": "dgtrain.commands.smoke:main",

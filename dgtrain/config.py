@@ -101,6 +101,16 @@ class SmokeConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    # Off: no per-step probes at all (memory figures are still read on logging steps).
+    enabled: bool = True
+    # Measure the autograd graph of one batch every N optimizer steps (and on the first step).
+    graph_every: int = 100
+    # Peak dense TFLOP/s of the device for perf/mfu (null: dgtrain's table of known GPUs).
+    peak_tflops: float | None = None
+
+
+@dataclass
 class TrainConfig:
     model: Any = None
     data: Any = None
@@ -113,6 +123,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # null: start fresh | auto: the newest valid checkpoint of the run dir (fresh if none) | PATH: that file.
     resume: str | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
     precision: Precision = Precision.fp32

@@ -32,8 +32,9 @@ from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requ
 from dgtrain.loggers import JsonlLogger, wants_run_dir
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
-from dgtrain.memory import memory_metrics, rss_peak_mb
+from dgtrain.memory import rss_peak_mb
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
+from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
 
 log = logging.getLogger("dgtrain")
@@ -330,6 +331,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             monitor=best.get(task.monitor),
         )
 
+    # per-batch graph and memory figures; per step it only does host-side bookkeeping (docs/telemetry.md)
+    telemetry = Telemetry(cfg.telemetry, model, device, log_every)
     t_log = time.perf_counter()
 
     def record(metrics: dict[str, Any]) -> None:
@@ -366,9 +369,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             metrics["train/grad_norm"] = float(grad_norm)
         metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
         metrics["perf/samples_per_s"] = samples / dt
-        if counts_tokens:
-            metrics["perf/tokens_per_s"] = int(tokens) / dt
-        metrics.update(memory_metrics(device))
+        n_tokens = int(tokens) if counts_tokens else None
+        if n_tokens is not None:
+            metrics["perf/tokens_per_s"] = n_tokens / dt
+        metrics.update(telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
         samples, steps_since_log, eval_s = 0, 0, 0.0
         tokens.zero_()
         t_log = time.perf_counter()
@@ -384,9 +388,11 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             step_loss = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = next(stream)
-                with autocast():
+                with telemetry.forward(batch), autocast():
                     loss = task.loss(model, batch, s.loss_fn) / accum
+                telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
                 scaler.scale(loss).backward()
+                telemetry.after_backward()
                 step_loss += loss.detach()
                 samples += len(batch[0])
                 units = task.units(batch)
@@ -412,14 +418,15 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            telemetry.after_step()
             loss_buf[steps_since_log] = step_loss
             step += 1
             steps_since_log += 1
             if console:
                 console.advance(step)
 
-            # ---- logging step: the only place the host waits for the device. A stop signal makes
-            # this a logging step too, so no completed step goes unrecorded.
+            # ---- logging step: losses and metrics come to the host only here (the guard above reads
+            # one bool). A stop signal makes this a logging step too, so no completed step goes unrecorded.
             metrics: dict[str, Any] = {}
             if step % log_every == 0 or step == max_steps or stop.signal:
                 metrics = train_metrics()
@@ -477,6 +484,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             time.perf_counter() - t_start,
             run_dir,
         )
+        summary["telemetry"] = telemetry.summary()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for sink in sinks:
             sink.close(summary, status)

@@ -96,6 +96,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     resume = cfg.get("resume")
     if resume is not None and str(resume) != "auto" and not Path(str(resume)).exists():
         out.append(f"resume={resume}: no such checkpoint file or run directory (use resume=auto or a path).")
+    tel = cfg.get("telemetry")
+    if tel is not None and int(tel.graph_every) < 1:
+        out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
+    if tel is not None and tel.peak_tflops is not None and float(tel.peak_tflops) <= 0:
+        out.append(f"telemetry.peak_tflops={tel.peak_tflops}: must be positive, or null for the GPU table.")
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")

@@ -32,6 +32,10 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
+def _mb(mb: float) -> str:
+    return f"{mb:,.1f} MB" if mb >= 1 else f"{mb * 1024:,.1f} KB"
+
+
 def _eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -47,6 +51,7 @@ class ConsoleLogger:
         self._swapped: list[tuple[logging.Logger, logging.Handler]] = []
         self.total = 0
         self._t0 = time.perf_counter()
+        self._graph = ""  # the latest graph sample, kept between the logging steps that carry one
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -102,9 +107,17 @@ class ConsoleLogger:
                 fields["speed"] = f"{metrics['perf/samples_per_s']:,.0f} samples/s" + (
                     f" {tok:,.0f} tok/s" if tok is not None else ""
                 )
+            if "graph/saved_mb" in metrics:
+                self._graph = f" graph {_mb(metrics['graph/saved_mb'])}"
             if "mem/rss_mb" in metrics:
-                fields["mem"] = f"rss {metrics['mem/rss_mb']:,.0f} MB" + (
-                    f" cuda {metrics['mem/cuda_peak_mb']:,.0f} MB" if "mem/cuda_peak_mb" in metrics else ""
+                fields["mem"] = (
+                    f"rss {metrics['mem/rss_mb']:,.0f} MB"
+                    + (
+                        f" cuda {metrics['mem/cuda_peak_mb']:,.0f} MB"
+                        if "mem/cuda_peak_mb" in metrics
+                        else ""
+                    )
+                    + self._graph
                 )
             self._progress.update(self._task, completed=step, **fields)
             val = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -151,6 +164,15 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
     t.add_row("peak RSS", f"{summary.get('peak_rss_mb', 0):,.0f} MB", "")
     if summary.get("peak_cuda_mb") is not None:
         t.add_row("peak CUDA allocated", f"{summary['peak_cuda_mb']:,.0f} MB", "")
+    g = (summary.get("telemetry") or {}).get("largest_graph")
+    if g:  # the largest sampled graph (docs/telemetry.md)
+        t.add_row(
+            "saved for backward",
+            _mb(g["saved_mb"]),
+            f"{g['nodes']} nodes, shapes {g['shapes']} @ {g['step']}",
+        )
+    if (summary.get("telemetry") or {}).get("distinct_shapes"):
+        t.add_row("distinct batch shapes", str(summary["telemetry"]["distinct_shapes"]), "")
     t.add_row("parameters", f"{summary.get('parameters', 0):,}", "")
     t.add_row("device", str(summary.get("device_name", summary.get("device"))), "")
     t.add_row("run dir", str(summary.get("run_dir")), "")
