@@ -84,9 +84,12 @@ class NanAt(nn.Module):
 
 
 def _series(run_dir: Path) -> list[dict]:
-    """The logged rows without wall-clock figures (speed, memory), which differ between any two runs."""
+    """The logged rows without wall-clock figures (speed, memory), which differ between any two runs, and
+    without the sampled graph telemetry, which each process samples afresh (its first step, its own count
+    of distinct shapes): observations of the process, not training state."""
     return [
-        {k: v for k, v in row.items() if not k.startswith(("perf/", "mem/"))} for row in read_metrics(run_dir)
+        {k: v for k, v in row.items() if not k.startswith(("perf/", "mem/", "graph/"))}
+        for row in read_metrics(run_dir)
     ]
 
 
