@@ -15,7 +15,7 @@ import pickle
 import random
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,26 +60,32 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through a temporary file in the same directory, fsync it, then rename it over `path`.
-
-    A crash at any point leaves either the old file or the new one under `path`, never a partial one;
-    on an exception the temporary file is removed (after SIGKILL, the next resume clears it)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in `path`'s directory; once the caller has written and fsynced it, rename
+    it over `path`. A crash at any point leaves either the old file or the new one under `path`, never a
+    partial one; on an exception the temporary file is removed (after SIGKILL, the next resume clears it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write through a temporary file in the same directory, fsync it, then rename it over `path`."""
+    path = Path(path)
+    with _atomic(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
@@ -92,20 +98,10 @@ def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
     from safetensors.torch import save_model
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_model(model, tmp, metadata={"format": "pt", "dgtrain": __version__})
-        os.chmod(tmp, 0o666 & ~_UMASK)
+    with _atomic(path) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt", "dgtrain": __version__})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
     return path
 
 
