@@ -23,7 +23,8 @@ def rss_mb() -> float:
 def rss_peak_mb() -> float:
     """Peak resident set size of this process so far (the kernel's high-water mark)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    peak_mb = peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return max(peak_mb, rss_mb())  # the kernel's high-water mark can lag the current figure
 
 
 def cuda_peak_bytes(device: torch.device) -> dict[str, int]:

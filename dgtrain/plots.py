@@ -72,7 +72,7 @@ def panels(rows: list[dict[str, Any]], monitor: str | None = None) -> list[tuple
         ("loss", "loss", [k for k in ("train/loss", "val/loss") if k in present]),
         ("val", "validation metric", val[:1]),
         ("lr", "learning rate", [k for k in ("train/lr",) if k in present]),
-        ("memory", "memory (MB)", [k for k in present if k.startswith("mem/")]),
+        ("memory", "memory (MB)", [k for k in present if k.startswith("mem/") and k.endswith("_mb")]),
     ]
     return [p for p in out if p[2]]
 

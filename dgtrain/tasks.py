@@ -18,8 +18,8 @@ class Task:
     monitor = "val/loss"  # the validation metric that decides "best" and is the sweep objective
     mode = "min"
 
-    def units(self, batch) -> torch.Tensor | None:
-        """Tokens in a batch, as a device tensor (None for non-sequence tasks)."""
+    def units(self, batch) -> torch.Tensor | int | None:
+        """Tokens in a batch: a device tensor or a host int, never a host sync (None: not a sequence task)."""
         return None
 
     def loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
@@ -122,7 +122,7 @@ class LanguageModel(Task):
     name, monitor, mode = "lm", "val/ppl", "min"
 
     def units(self, batch):
-        return torch.tensor(batch[1].numel())
+        return batch[1].numel()  # a host int: known from the shape, no device work
 
     def loss(self, model, batch, loss_fn):
         x, y = batch

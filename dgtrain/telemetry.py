@@ -33,6 +33,7 @@ log = logging.getLogger("dgtrain")
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
     ("H200", 989.0),  # also GH200
     ("H100", 989.0),  # SXM
     ("A100", 312.0),

@@ -29,7 +29,7 @@ from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
-from dgtrain.loggers import JsonlLogger, wants_run_dir
+from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
@@ -265,17 +265,6 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     n_params = sum(p.numel() for p in model.parameters())
 
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    sinks = build_loggers(cfg, run_dir)
-    console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    for sink in sinks:
-        sink.log_config(resolved)
-    log.info(
-        f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
-        f"{len(s.data.val):,} val examples | {max_steps} steps"
-    )
-
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     final: dict[str, float] = {}
@@ -333,6 +322,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
 
     # per-batch graph and memory figures; per step it only does host-side bookkeeping (docs/telemetry.md)
     telemetry = Telemetry(cfg.telemetry, model, device, log_every)
+    telemetry.step = step  # a resumed run continues its sampling schedule
     t_log = time.perf_counter()
 
     def record(metrics: dict[str, Any]) -> None:
@@ -378,6 +368,17 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         t_log = time.perf_counter()
         return metrics
 
+    # The sinks open last, right before the try/finally that always closes them (with the run's status).
+    sinks = build_loggers(cfg, run_dir, resume_step=step if resumed is not None else None)
+    console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for sink in sinks:
+        sink.log_config(resolved)
+    log.info(
+        f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
+        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{len(s.data.val):,} val examples | {max_steps} steps"
+    )
     if console:
         console.start(max_steps)
     stop = StopRequest().__enter__()
@@ -397,7 +398,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 samples += len(batch[0])
                 units = task.units(batch)
                 if units is not None:
-                    tokens += units.to(device)
+                    tokens += units  # in place on the device: no copy, no wait
                     counts_tokens = True
             if tc.clip_grad_norm:
                 scaler.unscale_(optimizer)
@@ -533,12 +534,13 @@ def make_summary(
     }
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
     """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots."""
     sinks: list = [JsonlLogger(run_dir)]
     for name, node in (cfg.get("logger") or {}).items():
         # Sinks that keep files (wandb, tensorboard) take the run dir.
-        extra = {"run_dir": run_dir} if wants_run_dir(node, allowed_prefixes(cfg)) else {}
+        takes = sink_parameters(node, allowed_prefixes(cfg))
+        extra = {k: v for k, v in (("run_dir", run_dir), ("resume_step", resume_step)) if k in takes}
         sinks.append(build(node, allowed=allowed_prefixes(cfg), key=f"logger.{name}", **extra))
     if not any(isinstance(x, ConsoleLogger) for x in sinks):
         sinks.append(ConsoleLogger())

@@ -55,6 +55,14 @@ def png_pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=float)
 
 
+def coloured_pixels(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=int)
+    return int(((rgb.max(-1) - rgb.min(-1)) > 60).sum())
+
+
 # ------------------------------------------------------------------------------------------ unit tests
 
 
@@ -244,6 +252,8 @@ def test_run_plots_are_valid_and_not_blank(all_run):
         pixels = png_pixels(all_run / "plots" / name)
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
         assert pixels.std() > 10, f"{name} looks blank"
+        # Axes, grid and text are grey; only plotted data is coloured. An empty axes has 0 such pixels.
+        assert coloured_pixels(all_run / "plots" / name) > 200, f"{name} has no plotted data"
 
 
 @pytest.mark.slow
@@ -392,3 +402,23 @@ def test_joblib_sweep_finishes_each_wandb_run_with_its_outcome(tmp_path):
     assert states[0]["exit_code"] == 0 and states[1]["exit_code"] != 0
     assert states[1]["summary"]["status"] == "failed"
     assert states[0]["run_id"] != states[1]["run_id"]
+
+
+def test_tensorboard_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
+    """A resumed run (resume_step=3) rewrites steps 4.. instead of adding a second set of points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dgtrain.loggers.tensorboard import TensorBoardLogger
+
+    first = TensorBoardLogger(tmp_path)
+    for step in range(1, 7):
+        first.log_metrics({"train/loss": float(step)}, step)
+    first.close({}, "stopped")
+    resumed = TensorBoardLogger(tmp_path, resume_step=3)
+    for step in range(4, 7):
+        resumed.log_metrics({"train/loss": 10.0 * step}, step)
+    resumed.close({}, "completed")
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]

@@ -42,15 +42,21 @@ class JsonlLogger:
         self._f.close()
 
 
-def wants_run_dir(node: Any, allowed: tuple[str, ...]) -> bool:
-    """Whether the `_target_` of a logger node takes a `run_dir` argument (sinks that keep files)."""
+def sink_parameters(node: Any, allowed: tuple[str, ...]) -> set[str]:
+    """The argument names the `_target_` of a logger node takes (sinks that keep files take `run_dir`,
+    those that must not repeat steps after a resume take `resume_step`)."""
     import inspect
 
     from dgtrain.config import locate
 
     target = node.get("_target_") if hasattr(node, "get") else None
     if target is None:
-        return False
+        return set()
+    factory = locate(target, allowed, key="logger._target_")
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
     factory = locate(target, allowed, key="logger._target_")
     try:
         return "run_dir" in inspect.signature(factory).parameters

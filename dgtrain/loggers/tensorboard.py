@@ -29,7 +29,7 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class TensorBoardLogger:
-    def __init__(self, run_dir: Path | str, subdir: str = "tensorboard"):
+    def __init__(self, run_dir: Path | str, subdir: str = "tensorboard", resume_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
@@ -38,7 +38,9 @@ class TensorBoardLogger:
                 "pip install 'dgtrain[tensorboard]' (or choose another logger, e.g. logger=console)."
             ) from e
         self.log_dir = Path(run_dir) / subdir
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # On resume, events logged after the checkpoint's step are dropped, as in metrics.jsonl.
+        purge = resume_step + 1 if resume_step is not None else None
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
         self._hparams: dict[str, Any] = {}
 
     def log_config(self, config: dict[str, Any]) -> None:
