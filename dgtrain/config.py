@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -141,18 +142,46 @@ def register_schema() -> None:
 # Safe construction of `_target_` nodes
 
 
+# Callables under an allowed prefix that still fetch or run arbitrary code: never targets.
+DENIED_TARGETS = (
+    "torch.hub.",
+    "torch.load",
+    "torch.jit.load",
+    "torch.package.",
+    "torch.utils.cpp_extension.",
+    "torch.distributed.rpc.",
+)
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    """`name` is a prefix itself (`torch` for `torch.`) or lies under one."""
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
 def locate(target: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_TARGETS, key: str = "_target_") -> Any:
-    """Import `target` ("pkg.mod.name") if it lies under an allowed prefix; refuse otherwise."""
-    if not isinstance(target, str) or not any(target.startswith(p) for p in allowed):
-        raise DgtrainError(
-            f"{key}={target!r} is not allowed: dgtrain only calls targets under {', '.join(allowed)}. "
-            "If this callable is yours and trusted, add its module prefix to `allowed_targets` "
-            f"(for example `allowed_targets=[{str(target).rsplit('.', 1)[0]}.]`)."
+    """Import `target` ("pkg.mod.name") if it lies under an allowed prefix; refuse otherwise.
+
+    The prefix is checked on what the name resolves to, not only on its spelling: every module the walk
+    passes through, and the module that defines the callable, must be allowed too, so a re-export
+    (`torch.os.system`, `dgtrain.faults.subprocess.run`) cannot smuggle in a forbidden callable."""
+
+    def refuse(why: str) -> DgtrainError:
+        return DgtrainError(
+            f"{key}={target!r} is not allowed: {why}. dgtrain only calls targets defined under "
+            f"{', '.join(allowed)}. If this callable is yours and trusted, add its module prefix to "
+            f"`allowed_targets` (for example `allowed_targets=[{str(target).rsplit('.', 1)[0]}.]`)."
         )
+
+    if not isinstance(target, str) or not any(target.startswith(p) for p in allowed):
+        raise refuse("it is outside the allowed prefixes")
+    if any(target == d.rstrip(".") or target.startswith(d) for d in DENIED_TARGETS):
+        raise refuse("it can fetch or run arbitrary code")
+    parts = target.split(".")
+    if any(part.startswith("__") for part in parts):
+        raise refuse("dunder attributes are never targets")
     module_name, _, attr = target.rpartition(".")
     obj: Any = None
     # Walk back along the dotted path so that nested names (torch.optim.lr_scheduler.StepLR) resolve.
-    parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
@@ -161,11 +190,16 @@ def locate(target: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_TARGETS, key:
         try:
             for name in parts[i:]:
                 obj = getattr(obj, name)
+                if inspect.ismodule(obj) and not _under(obj.__name__, allowed):
+                    raise refuse(f"it passes through module {obj.__name__!r}")
         except AttributeError:
             obj = None
         break
     if obj is None or not callable(obj):
         raise DgtrainError(f"{key}={target!r}: no callable named {attr!r} in module {module_name!r}.")
+    defined_in = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
+    if not _under(str(defined_in), allowed):
+        raise refuse(f"it is defined in module {defined_in!r}")
     return obj
 
 
