@@ -264,7 +264,9 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     n_params = sum(p.numel() for p in model.parameters())
 
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
+    yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+    ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     final: dict[str, float] = {}
@@ -486,7 +488,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             run_dir,
         )
         summary["telemetry"] = telemetry.summary()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_text = json.dumps(summary, indent=2) + "\n"
+        ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
     return TrainResult(summary, model, s, history, stop.exit_code if stop.signal else 0)
@@ -536,7 +539,7 @@ def make_summary(
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
     """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots."""
-    sinks: list = [JsonlLogger(run_dir)]
+    sinks: list = [JsonlLogger(run_dir, append=resume_step is not None)]
     for name, node in (cfg.get("logger") or {}).items():
         # Sinks that keep files (wandb, tensorboard) take the run dir.
         takes = sink_parameters(node, allowed_prefixes(cfg))

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from dgtrain.errors import DgtrainError
 from dgtrain.paths import config_dir
+from dgtrain.sweep import natural_direction
 
 METHODS = ("bayes", "random", "grid")
 
@@ -89,7 +90,7 @@ def wandb_sweep_config(
             f"preset {preset!r} sets no sweep.metric; W&B needs the metric's name. Add `sweep: {{metric: "
             "val/acc, direction: maximize}` to the preset."
         )
-    direction = OmegaConf.select(cfg, "sweep.direction") or "minimize"
+    direction = OmegaConf.select(cfg, "sweep.direction") or natural_direction(str(metric))
     params = {str(k): str(v) for k, v in (OmegaConf.select(cfg, "hydra.sweeper.params") or {}).items()}
     for item in extra_params:
         key, sep, expr = item.partition("=")
@@ -115,7 +116,12 @@ def wandb_sweep_config(
     config: dict[str, Any] = {
         "name": preset,
         "method": method,
-        "metric": {"name": str(metric), "goal": "maximize" if str(direction) == "maximize" else "minimize"},
+        # dgtrain's W&B sink puts the best value of each validation metric in the run summary as
+        # best/<metric>: the same number a Hydra or Optuna sweep optimises (the final value may be worse).
+        "metric": {
+            "name": f"best/{metric}",
+            "goal": "maximize" if str(direction) == "maximize" else "minimize",
+        },
         "parameters": parameters,
         "command": command,
     }

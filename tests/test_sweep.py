@@ -131,7 +131,7 @@ def test_wandb_sweep_yaml_drives_hydra_groups_and_values(tmp_path, compose):
 
     sweep = yaml.safe_load(text)
     assert sweep["method"] == "bayes"
-    assert sweep["metric"] == {"name": "val/acc", "goal": "maximize"}
+    assert sweep["metric"] == {"name": "best/val/acc", "goal": "maximize"}
     assert sweep["run_cap"] == 20
     assert sweep["parameters"]["model"] == {"values": ["mlp", "convnet"]}
     assert sweep["parameters"]["optimizer.lr"]["distribution"] == "log_uniform_values"
@@ -292,6 +292,8 @@ def test_optuna_study_continues_after_an_interruption(tmp_path):
     study = optuna.load_study(study_name="linreg_optuna", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert [t.params for t in study.trials[:2]] == first  # the stored trials, not a new study
+    for trial in study.trials[3:]:  # the seeded sampler moved on: no stored trial proposed again
+        assert trial.params not in first
     # New trials get new job dirs (3, 4), each holding the objective Optuna recorded.
     for trial in study.trials[3:]:
         s = _summary(sweep_dir / str(trial.number))

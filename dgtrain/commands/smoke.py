@@ -162,6 +162,8 @@ def run_one(name: str, overrides: list[str], device: str | None, out: Path) -> O
 
     # Contracts are CPU budgets: a recipe that leaves the device to `auto` runs on the CPU.
     dev = device or (str(cfg.device) if str(cfg.device) != "auto" else "cpu")
+    if dev == "auto":  # asked for on the command line: judge the run by the device it will really use
+        dev = "cuda" if cuda_available() else "cpu"
     if dev.startswith("cuda") and not cuda_available():
         return Outcome(name, SKIPPED, f"needs CUDA (device={dev}) and torch sees no CUDA device")
     missing = missing_data_files(cfg)

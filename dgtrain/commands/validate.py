@@ -75,7 +75,7 @@ def validate_recipe(name: str, overrides: list[str], build_objects: bool = True)
     report = Report(name)
     recipe = find_recipe(name)
     expected = f"dgtrain recipe={name}"
-    if not recipe.command.startswith(expected):
+    if not (recipe.command == expected or recipe.command.startswith(expected + " ")):
         report.problems.append(
             f"{recipe.path.name}: the first line must be the command that runs it, `# {expected}` "
             f"(found `# {recipe.command}`)."

@@ -26,9 +26,11 @@ def _json_safe(v: Any) -> Any:
 class JsonlLogger:
     """One JSON object per logged step in `<run_dir>/metrics.jsonl`, flushed on every write."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl", append: bool = False):
         self.path = Path(run_dir) / filename
-        self._f = self.path.open("a", encoding="utf-8")
+        # A resumed run continues the file (trimmed to its checkpoint); a fresh run into a used
+        # directory starts a new one, so its rows never mix with an earlier run's.
+        self._f = self.path.open("a" if append else "w", encoding="utf-8")
 
     def log_config(self, config: dict[str, Any]) -> None:
         pass

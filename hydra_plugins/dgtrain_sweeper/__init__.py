@@ -67,7 +67,23 @@ class DgtrainOptunaSweeper(Sweeper):
                 )
                 impl.n_trials = remaining
                 impl.job_idx = len(stored)  # job dirs continue after the stored trials'
+                # A seeded sampler restarts its random sequence in a new process and would propose the
+                # stored trials' parameters again: move it on, deterministically, by the trials done.
+                seed = OmegaConf.select(self.config, "hydra.sweeper.sampler.seed")
+                _reseed(impl.sampler, None if seed is None else int(seed) + len(stored))
         return self.inner.sweep(arguments)
+
+
+def _reseed(sampler: Any, seed: int | None) -> None:
+    """Give a sampler (and the random sampler a TPE sampler starts with) a new random state."""
+    import numpy as np
+
+    if seed is None:
+        sampler.reseed_rng()
+        return
+    for s in (sampler, getattr(sampler, "_random_sampler", None)):
+        if s is not None and hasattr(s, "_rng"):
+            s._rng = np.random.RandomState(seed)
 
 
 def _stored_trials(storage: str, study_name: str) -> list:
