@@ -219,6 +219,8 @@ def test_wheel_install_works_from_any_directory(tmp_path):
 def test_a_fresh_run_into_a_used_directory_starts_a_new_metrics_file(tmp_path):
     run = tmp_path / "run"
     for _ in range(2):
-        p = run_cli(["model=linreg", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run}"], tmp_path)
+        p = run_cli(
+            ["model=linreg", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run}"], tmp_path
+        )
         assert p.returncode == 0, p.stdout + p.stderr
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [5, 10]
