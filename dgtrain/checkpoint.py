@@ -309,6 +309,8 @@ class Checkpointer:
         if self.dir.is_dir():
             for p in self.dir.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
+        for p in self.run_dir.glob(".model.safetensors.*.tmp"):  # the final weights' own temp file
+            p.unlink(missing_ok=True)
 
     def load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that

@@ -513,3 +513,28 @@ def test_cuda_rng_state_round_trips_and_a_cuda_run_resumes(compose, tmp_path):
     assert resumed.summary["steps"] == 6
     for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.slow
+def test_resume_with_accumulation_and_a_half_finished_log_window(tmp_path):
+    """Checkpoint at step 10 falls inside a log window of 3 (9..12), with 2 micro-batches per step."""
+    run_args = [*RUN, "trainer.log_every=3", "trainer.grad_accum_steps=2", "data.batch_size=16"]
+    ref = tmp_path / "ref"
+    p = run_cli([*run_args, f"hydra.run.dir={ref}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    run = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER, "12", *run_args, f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode != 0 and "injected crash in optimizer step 13" in _out(p)
+    p = run_cli([*run_args, "resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert _series(run) == _series(ref)
+    assert [r["step"] for r in _series(ref) if "train/loss" in r] == [3, 6, 9, 12, 15, 16]
+    wa, wb = _weights(ref / "model.safetensors"), _weights(run / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
