@@ -113,6 +113,19 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), f"parameter {k} differs"
 
 
+def _crash_after_step_12(args: list[str], run: Path, cwd: Path) -> None:
+    """Run dgtrain with an exception injected into optimizer step 13; it must fail saying so."""
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER, "12", *args, f"hydra.run.dir={run}"],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode != 0 and "injected crash in optimizer step 13" in _out(p)
+
+
 def _wait_for(predicate, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     t0 = time.time()
     while not predicate():
@@ -298,15 +311,7 @@ def reference(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_exception_at_step_12_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
     run = tmp_path / "run"
-    p = subprocess.run(
-        [sys.executable, "-c", CRASH_AFTER, "12", *RUN, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode != 0 and "injected crash in optimizer step 13" in _out(p)
+    _crash_after_step_12(RUN, run, tmp_path)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
     assert [c.name for c in ckpt_io.list_checkpoints(run / "checkpoints")] == [
         "step_00000005.pt",
@@ -523,15 +528,7 @@ def test_resume_with_accumulation_and_a_half_finished_log_window(tmp_path):
     p = run_cli([*run_args, f"hydra.run.dir={ref}"], tmp_path)
     assert p.returncode == 0, p.stderr
     run = tmp_path / "run"
-    p = subprocess.run(
-        [sys.executable, "-c", CRASH_AFTER, "12", *run_args, f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode != 0 and "injected crash in optimizer step 13" in _out(p)
+    _crash_after_step_12(run_args, run, tmp_path)
     p = run_cli([*run_args, "resume=auto", f"hydra.run.dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr
     assert _series(run) == _series(ref)
