@@ -67,6 +67,14 @@ def find_recipe(name: str) -> Recipe:
     return recipes[name]
 
 
+def select(items: list[str]) -> tuple[list[Recipe], list[str]]:
+    """Split `NAME | key=value` command-line items: the named recipes (all of them when none is named)
+    and the overrides that apply to each."""
+    names = [x for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    return ([find_recipe(n) for n in names] if names else list_recipes()), overrides
+
+
 def load_recipe(path: Path) -> DictConfig:
     node = OmegaConf.load(path)
     if not isinstance(node, DictConfig):

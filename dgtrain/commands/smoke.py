@@ -249,7 +249,7 @@ def print_report(outcomes: list[Outcome]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from dgtrain.recipes import find_recipe, list_recipes
+    from dgtrain.recipes import select
 
     parser = argparse.ArgumentParser(
         prog="dgtrain smoke",
@@ -260,11 +260,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="folder for the runs (default outputs/smoke/<time>)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    names = [x for x in args.items if "=" not in x]
-    overrides = [x for x in args.items if "=" in x]
+    recipes, overrides = select(args.items)
     device = next((x.split("=", 1)[1] for x in overrides if x.startswith("device=")), None)
     overrides = [x for x in overrides if not x.startswith("device=")]
-    recipes = [find_recipe(n) for n in names] if names else list_recipes()
     if not recipes:
         raise DgtrainError("no recipes to run (the recipes folder is empty).")
     out = args.out or Path("outputs/smoke") / time.strftime("%Y-%m-%d_%H-%M-%S")

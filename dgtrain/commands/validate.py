@@ -119,7 +119,7 @@ def validate_recipe(name: str, overrides: list[str], build_objects: bool = True)
 
 
 def main(argv: list[str]) -> int:
-    from dgtrain.recipes import find_recipe, list_recipes
+    from dgtrain.recipes import select
 
     parser = argparse.ArgumentParser(
         prog="dgtrain validate",
@@ -128,9 +128,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("items", nargs="*", metavar="NAME | key=value")
     args = parser.parse_args(argv)
-    names = [x for x in args.items if "=" not in x]
-    overrides = [x for x in args.items if "=" in x]
-    recipes = [find_recipe(n) for n in names] if names else list_recipes()
+    recipes, overrides = select(args.items)
     bad = 0
     for r in recipes:
         report = validate_recipe(r.name, overrides)
