@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dgtrain.config import allowed_prefixes, find_targets, locate
+from dgtrain.config import allowed_prefixes, allowed_targets_problems, find_targets, locate
 from dgtrain.data import TASKS
 from dgtrain.errors import DgtrainError
 from dgtrain.losses import TASKS_OF
@@ -49,6 +49,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         return out
 
     allowed = allowed_prefixes(cfg)
+    out += allowed_targets_problems(cfg.get("allowed_targets"))
     for key, target in find_targets(OmegaConf.to_container(cfg, resolve=False)):
         try:
             locate(target, allowed, key=key)
