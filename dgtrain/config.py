@@ -340,3 +340,96 @@ def find_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
         for i, v in enumerate(node):
             found.extend(find_targets(v, f"{path}[{i}]"))
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict keys: Hydra's `+key=value` adds keys that nothing reads, so the composed config is checked
+# against the schema dataclasses and each `_target_`'s signature before training.
+
+# Typed sections and the dataclass that defines their keys.
+SECTIONS = {
+    "trainer": TrainerConfig,
+    "sweep": SweepConfig,
+    "checkpoint": CheckpointConfig,
+    "telemetry": TelemetryConfig,
+    "smoke": SmokeConfig,
+}
+
+# Arguments dgtrain passes itself (never from the config node), per `_target_` group.
+INJECTED = {
+    "model": ("info",),
+    "data": ("seed",),
+    "loss": ("task", "pad_id"),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "total_steps"),
+    "logger": ("run_dir", "resume_step"),
+}
+
+
+def _unknown(key: str, bad: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(bad, valid, n=1)
+    full = f"{key}.{bad}" if key else bad
+    hint = f" Did you mean {key + '.' if key else ''}{close[0]}?" if close else ""
+    where = f"under {key}" if key else "at the top level"
+    return (
+        f"{full} is not a setting dgtrain knows, so it would be ignored.{hint} "
+        f"Valid keys {where}: {', '.join(valid)}."
+    )
+
+
+def target_parameters(fn: Any) -> tuple[list[str], bool] | None:
+    """(the keyword arguments `fn` takes, whether it takes **kwargs); None when it has no signature.
+    A class with a `from_data` factory (dgtrain models) is configured through that factory."""
+    fn = getattr(fn, "from_data", fn)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names = [
+        n
+        for n, p in sig.parameters.items()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    return names, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str]:
+    """Keys no schema field and no `_target_` argument accepts (`+trainer.max_stepz=5`), each named with
+    the valid keys. Targets the allow-list refuses are reported elsewhere and skipped here."""
+    from dataclasses import fields
+
+    out: list[str] = []
+    known = [f.name for f in fields(TrainConfig)]
+    for k in cfg:
+        if k not in known:
+            out.append(_unknown("", str(k), known))
+    for section, schema in SECTIONS.items():
+        node = cfg.get(section)
+        if isinstance(node, DictConfig):
+            valid = [f.name for f in fields(schema)]
+            out += [_unknown(section, str(k), valid) for k in node if k not in valid]
+
+    def check_node(key: str, node: Any, group: str) -> None:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            return
+        try:
+            fn = locate(node._target_, packages, key=f"{key}._target_")
+        except DgtrainError:
+            return
+        found = target_parameters(fn)
+        if found is None or found[1]:
+            return
+        names, _ = found
+        valid = [n for n in names if n not in INJECTED.get(group, ()) and n != "self"]
+        skip = ("_target_", "_partial_") + (DATA_META_KEYS if group == "data" else ())
+        for k in node:
+            if k not in skip and k not in valid:
+                out.append(_unknown(key, str(k), [*valid, *(DATA_META_KEYS if group == "data" else ())]))
+
+    for group in ("model", "data", "loss", "optimizer", "scheduler"):
+        check_node(group, cfg.get(group), group)
+    for name, node in (cfg.get("logger") or {}).items():
+        check_node(f"logger.{name}", node, "logger")
+    return out
