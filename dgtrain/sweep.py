@@ -116,6 +116,11 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     (job_dir / "summary.json").unlink(missing_ok=True)
     if (job_dir / "metrics.jsonl").exists():
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
+    if (job_dir / "checkpoints").is_dir():  # a fresh run refuses another run's checkpoints (issue 10)
+        import shutil
+
+        shutil.rmtree(job_dir / "checkpoints.previous", ignore_errors=True)
+        (job_dir / "checkpoints").replace(job_dir / "checkpoints.previous")
 
     t0 = time.perf_counter()
     error: str | None = None
