@@ -100,6 +100,7 @@ def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
     path = Path(path)
     with _atomic(path) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "dgtrain": __version__})
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes the file itself, 0600: same mode as the others
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     return path
