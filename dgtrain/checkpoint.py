@@ -386,19 +386,13 @@ def read_run_id(run_dir: Path) -> str | None:
 
 def check_writable(directory: Path, key: str) -> None:
     """`directory` can hold the run's files: it is (or can be made) a directory we may write in."""
-    p = Path(directory)
-    probe = p
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
+    from dgtrain.paths import blocked_dir
+
+    blocked = blocked_dir(directory)
+    if blocked:
         raise DgtrainError(
-            f"{key}={directory}: {probe} is a file, so no directory can be made there. Choose another "
-            f"directory ({key}=...)."
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DgtrainError(
-            f"{key}={directory}: {probe} is not writable by this user, so no checkpoint or result could be "
-            f"saved. Choose a directory you can write to ({key}=...)."
+            f"{key}={directory}: {blocked[0]} {blocked[1]}; no checkpoint or result could be saved. "
+            f"Choose another directory ({key}=...)."
         )
 
 
