@@ -62,6 +62,7 @@ HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
 
 def remove_untouched_run_dir(run_dir) -> bool:
+    import json
     import os
     import shutil
     from pathlib import Path
@@ -76,6 +77,13 @@ def remove_untouched_run_dir(run_dir) -> bool:
         return False
     if not names <= UNTOUCHED or not hydra_files <= HYDRA_FILES:
         return False
+    if ".dgtrain.lock" in names:  # another live run's dir in its first seconds is not ours to remove
+        try:
+            holder = json.loads((d / ".dgtrain.lock").read_text() or "{}")
+        except (OSError, ValueError):
+            return False
+        if not isinstance(holder, dict) or holder.get("pid") != os.getpid():
+            return False
     shutil.rmtree(d / ".hydra", ignore_errors=True)
     for name in names - {".hydra"}:
         (d / name).unlink(missing_ok=True)

@@ -287,7 +287,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     last_finite: tuple[int, float] | None = None
     counts_tokens = False
     skipped = 0  # steps whose update trainer.nonfinite=skip dropped
-    max_skipped = skip_budget(tc.max_skipped, max_steps)
+    max_skipped = skip_budget(tc.get("max_skipped"), max_steps)
     if resumed is not None:  # continue exactly where the checkpoint left off: objects, data position, RNG
         loop = ckpt_io.restore(
             resumed, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=stream

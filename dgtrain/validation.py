@@ -96,7 +96,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     for key in ("max_steps", "eval_every", "eval_batches"):
         if tc[key] is not None and int(tc[key]) < 1:
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
-    if tc.max_skipped is not None and int(tc.max_skipped) < 0:
+    if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")

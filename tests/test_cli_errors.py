@@ -118,3 +118,22 @@ def test_a_sweep_with_a_failed_trial_ends_without_a_traceback(tmp_path):
     assert "Traceback" not in _out(p)
     assert "optimizer.lr=-1: must be a finite, non-negative number" in p.stderr  # the failed trial, once more
     assert "1 completed, 1 failed" in p.stdout
+
+
+def test_the_run_dir_of_another_live_run_is_never_removed(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from dgtrain.cli import remove_untouched_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "day" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}")
+    (run / "dgtrain.log").write_text("")
+    (run / ".dgtrain.lock").write_text(json.dumps({"pid": os.getpid() + 1, "host": "h"}))
+    assert not remove_untouched_run_dir(run) and (run / ".dgtrain.lock").exists()
+    (run / ".dgtrain.lock").write_text(json.dumps({"pid": os.getpid(), "host": "h"}))  # this process's own
+    assert remove_untouched_run_dir(run)
+    assert not (tmp_path / "outputs").exists()  # the empty parents Hydra made go too, not the cwd
+    assert tmp_path.is_dir()
