@@ -23,7 +23,7 @@ from dgtrain.errors import DgtrainError
 DEFAULT_ALLOWED_TARGETS = ("dgtrain.", "torch.")
 
 # Keys of a data node that describe it rather than being arguments of its builder.
-DATA_META_KEYS = ("task", "batch_size", "num_workers")
+DATA_META_KEYS = ("task", "batch_size", "num_workers", "device_resident", "pin_memory")
 
 
 class Precision(str, Enum):

@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
-from dgtrain.config import allowed_prefixes, build, locate
-from dgtrain.data import DataBundle, make_loader
+from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, locate
+from dgtrain.data import DataBundle, keep_on_device, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import nonfinite_check, nonfinite_error, skip_update, slurm_requeue
 from dgtrain.loggers import JsonlLogger, sink_parameters
@@ -118,16 +118,23 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
 def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
-    data = build(
-        cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
-    )
+    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, seed=cfg.seed)
     task = make_task(data.info.task, data.info.pad_id)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
-    pin = device.type == "cuda"
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if device.type != "cpu" and keep_on_device(
+        cfg.data.get("device_resident", "auto"), data, device, nw, free
+    ):
+        data = DataBundle(data.train.to(device), data.val.to(device), data.info)  # moved once
+        log.info(
+            f"data.device_resident: {(data.train.nbytes() + data.val.nbytes()) / 2**20:.1f} MB on {device}"
+        )
+    # batches that stay on the host are page-locked so that their copy to the GPU does not block
+    pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
     train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
@@ -231,6 +238,8 @@ class BatchStream:
         self.loader, self.device = loader, device
         self.state = state if state is not None else LoopState()
         self._it = None
+        # device-resident data (and any data on the CPU when training there) needs no copy per batch
+        self.move = getattr(getattr(loader, "dataset", None), "device", None) != device
 
     def seek(self, epoch: int, position: int, completed_epochs: int) -> None:
         """Continue at batch `position` of `epoch` (resume). The iterator starts here, so the random draw a
@@ -253,7 +262,7 @@ class BatchStream:
         st.position += 1
         if st.position == len(self.loader):
             st.completed_epochs = st.epoch + 1
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch) if self.move else batch
 
 
 def to_device(batches, device: torch.device):
@@ -299,15 +308,18 @@ class Loop:
     non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
 
     def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path):
-        self.cfg, self.s, self.tc, self.run_dir = cfg, s, cfg.trainer, run_dir
+        self.s, self.run_dir = s, run_dir
         self.model, self.task, self.device = s.model, s.task, s.device
         self.autocast = autocast_for(s.device, precision)
         self.state = LoopState()
-        self.accum = int(self.tc.grad_accum_steps)
+        tc = cfg.trainer
+        self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
-        tc = self.tc
         self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
         self.log_every = int(tc.log_every)
+        # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+        self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
         self.optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(self.model.parameters())
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
@@ -366,9 +378,9 @@ class Loop:
                     st.tokens += units
                 else:  # stays on the device: no copy, no wait
                     st.device_tokens = units if st.device_tokens is None else st.device_tokens + units
-        if self.tc.clip_grad_norm:
+        if self.clip:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.tc.clip_grad_norm))
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
@@ -434,7 +446,7 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.tc.clip_grad_norm:
+        if self.clip:
             metrics["train/grad_norm"] = float(self.grad_norm)
         metrics["perf/step_ms"] = 1000.0 * dt / len(losses)
         metrics["perf/samples_per_s"] = st.samples / dt
@@ -450,7 +462,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         self.read_guard()  # never score (or report) a run that has already failed
         t_eval = time.perf_counter()
-        metrics = evaluate(self.s, self.autocast, self.tc.eval_batches)
+        metrics = evaluate(self.s, self.autocast, self.eval_batches)
         self.eval_s += time.perf_counter() - t_eval
         self.state.last_eval_epochs = self.state.completed_epochs
         return metrics
@@ -519,7 +531,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     )
     if console:
         console.start(max_steps)
-    status, eval_every = "failed", tc.eval_every
+    status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest().__enter__()
     loop.t_log = time.perf_counter()
     try:
@@ -536,7 +548,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
 
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
-            if (eval_every and st.step % int(eval_every) == 0) or (not eval_every and epoch_ended) or last:
+            if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
                 metrics.update(loop.evaluate())
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
