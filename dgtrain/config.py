@@ -66,6 +66,9 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # CUDA: fp32 matrix products and convolutions on TF32 tensor cores. auto: with precision=fp32 |
+    # true | false. Never on CPU.
+    tf32: str = "auto"
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
     # them all "completes" with untrained weights. null: 10% of the run's steps (at least 1).
     max_skipped: int | None = None

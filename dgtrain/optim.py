@@ -1,12 +1,17 @@
-"""Learning-rate schedules (`configs/scheduler/*`); optimizers are torch's own (`configs/optimizer/*`).
+"""Learning-rate schedules (`configs/scheduler/*`); optimizers are torch's own (`configs/optimizer/*`),
+built by `make_optimizer`, which also settles `optimizer.fused`.
 
 Every schedule is called as `schedule(optimizer, total_steps=...)` and is stepped once per optimizer step.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
+import torch
+from omegaconf import DictConfig
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
@@ -32,3 +37,36 @@ def cosine(
 def step(optimizer: Optimizer, *, total_steps: int, step_size: int = 100, gamma: float = 0.5) -> LRScheduler:
     """Multiply the lr by `gamma` every `step_size` optimizer steps."""
     return StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+
+# optimizer.fused=auto turns torch's fused kernels on for these, on CUDA: one kernel per step for all
+# parameters, and they drop a non-finite update on the device (docs/loop.md).
+FUSED_BY_DEFAULT = ("Adam", "AdamW")
+
+
+def fused_choice(mode: Any, optimizer_cls: type, device: torch.device) -> bool:
+    """`optimizer.fused`: auto (fused Adam/AdamW on CUDA), true (wherever torch has a fused kernel for
+    this optimizer, CPU included), false (torch's own default: for-loop on CPU, foreach on CUDA)."""
+    from dgtrain.data import flag
+    from dgtrain.errors import DgtrainError
+
+    mode = flag(mode)
+    has_fused = "fused" in inspect.signature(optimizer_cls).parameters
+    if mode == "true" and not has_fused:
+        raise DgtrainError(
+            f"optimizer.fused=true: {optimizer_cls.__module__}.{optimizer_cls.__qualname__} has no fused "
+            "implementation. Use optimizer.fused=auto or false."
+        )
+    if mode == "auto":
+        return device.type == "cuda" and has_fused and optimizer_cls.__name__ in FUSED_BY_DEFAULT
+    return mode == "true"
+
+
+def make_optimizer(node: DictConfig, params, device: torch.device, allowed: tuple[str, ...]) -> Optimizer:
+    """The optimizer `node` names, over `params`, fused or not as `fused_choice` decides."""
+    from dgtrain.config import build, locate
+
+    cls = locate(node._target_, allowed, key="optimizer._target_")
+    fused = fused_choice(node.get("fused", "false"), cls, device)
+    extra = {"fused": True} if fused else {}
+    return build(node, allowed=allowed, key="optimizer", exclude=("fused",), **extra)(params)

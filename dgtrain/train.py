@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, locate
-from dgtrain.data import DataBundle, keep_on_device, make_loader
+from dgtrain.data import DataBundle, flag, keep_on_device, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import (
     nonfinite_check,
@@ -40,6 +40,7 @@ from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
+from dgtrain.optim import make_optimizer
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -90,6 +91,32 @@ def autocast_for(device: torch.device, precision: str):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def use_tf32(mode: Any, device: torch.device, precision: str) -> bool:
+    """`trainer.tf32`: fp32 matrix products and convolutions on TF32 tensor cores (about 10 bits of
+    mantissa in the products, fp32 accumulation). auto: on CUDA with precision=fp32 (bf16/fp16 autocast
+    runs its products in half precision anyway); true: on CUDA whatever the precision; never on CPU."""
+    mode = flag(mode)
+    return device.type == "cuda" and (mode == "true" or (mode == "auto" and precision == "fp32"))
+
+
+@contextlib.contextmanager
+def tf32(mode: Any, device: torch.device, precision: str):
+    """Set torch's fp32 matmul precision and cuDNN's TF32 switch for a run on CUDA, then put them back
+    (process-wide settings: a sweep's next trial starts from the same ones). Nothing on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    enabled = use_tf32(mode, device, precision)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -129,6 +156,8 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     task = make_task(data.info.task, data.info.pad_id)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
+    if hasattr(model, "for_device"):  # a model's own layout choice for the device (convnet: channels_last)
+        model.for_device(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
@@ -328,7 +357,7 @@ class Loop:
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
-        self.optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(self.model.parameters())
+        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), s.device, allowed)
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
             self.optimizer, total_steps=self.max_steps
         )
@@ -544,6 +573,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         console.start(max_steps)
     status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest().__enter__()
+    matmul = tf32(tc.get("tf32", "auto"), device, precision)
+    matmul.__enter__()
     loop.t_log = time.perf_counter()
     try:
         s.model.train()
@@ -590,6 +621,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             ckpt_io.save_weights(s.model, run_dir / "model.safetensors")  # the final weights, without pickle
     finally:
         stop.__exit__()
+        matmul.__exit__(None, None, None)
         summary = make_summary(
             status,
             st.step,
