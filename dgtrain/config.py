@@ -208,29 +208,109 @@ def allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
     return DEFAULT_ALLOWED_TARGETS + extra
 
 
+# Hydra's special keys. dgtrain follows `hydra.utils.instantiate` (1.3) with two differences: every
+# `_target_`, nested ones included, must pass `locate`'s allow-list, and arguments arrive as plain dicts
+# and lists unless a node says `_convert_: none` (Hydra's default passes OmegaConf containers).
+SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_convert_", "_recursive_")
+CONVERT_MODES = ("none", "partial", "object", "all")
+
+
+def _convert_mode(params: dict, key: str, inherited: str) -> str:
+    mode = str(params.pop("_convert_", inherited)).lower()
+    if mode not in CONVERT_MODES:
+        raise DgtrainError(f"{key}._convert_={mode!r}: expected one of {', '.join(CONVERT_MODES)}.")
+    return mode
+
+
+def _instantiate(value: Any, allowed: tuple[str, ...], key: str, convert: str, recursive: bool) -> Any:
+    """Build every `_target_` node inside `value` (children before parents, as Hydra does)."""
+    if not recursive:  # `_recursive_: false`: nested nodes reach the callable as config
+        return OmegaConf.create(value) if convert == "none" and isinstance(value, (dict, list)) else value
+    if isinstance(value, dict):
+        value = dict(value)
+        convert = _convert_mode(value, key, convert)
+        if "_target_" in value:
+            return _call(value, (), {}, allowed, key, convert, recursive)
+        value = {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in value.items()}
+        return OmegaConf.create(value) if convert == "none" else value
+    if isinstance(value, list):
+        value = [_instantiate(v, allowed, f"{key}[{i}]", convert, recursive) for i, v in enumerate(value)]
+        return OmegaConf.create(value) if convert == "none" and _plain(value) else value
+    return value
+
+
+def _plain(value: Any) -> bool:
+    """OmegaConf can wrap only plain data; a list holding built objects stays a list."""
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _call(
+    params: dict,
+    args: tuple,
+    kwargs: dict,
+    allowed: tuple[str, ...],
+    key: str,
+    convert: str,
+    recursive: bool,
+    exclude: tuple[str, ...] = (),
+) -> Any:
+    target = params.pop("_target_", None)
+    partial = bool(params.pop("_partial_", False))
+    recursive = bool(params.pop("_recursive_", recursive))
+    convert = _convert_mode(params, key, convert)
+    pos = params.pop("_args_", [])
+    for k in exclude:
+        params.pop(k, None)
+    fn = locate(target, allowed, key=f"{key}._target_")
+    if not isinstance(pos, list):
+        raise DgtrainError(f"{key}._args_ must be a list of positional arguments, got {pos!r}.")
+    pos = [_instantiate(v, allowed, f"{key}._args_[{i}]", convert, recursive) for i, v in enumerate(pos)]
+    params = {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in params.items()}
+    params.update(kwargs)
+    if partial:
+        return functools.partial(fn, *args, *pos, **params)
+    try:
+        return fn(*args, *pos, **params)
+    except TypeError as e:
+        raise DgtrainError(f"{key}: calling {target} failed: {e}. Check the keys under `{key}`.") from e
+
+
 def build(
-    node: DictConfig,
+    node: DictConfig | dict,
     *args: Any,
     allowed: tuple[str, ...],
     key: str,
     exclude: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
-    """Call `node._target_` with the node's other keys; `_partial_: true` returns a partial."""
-    params = OmegaConf.to_container(node, resolve=True)
+    """Call `node._target_` with the node's other keys, as Hydra's `instantiate` would: nested `_target_`
+    nodes are built first (`_recursive_: false` passes them as config), `_args_` are positional,
+    `_partial_: true` returns a `functools.partial`, and `_convert_` picks the container type."""
+    params = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(params, dict)
+    return _call(params, args, kwargs, allowed, key, "all", True, exclude)
+
+
+def build_children(
+    node: DictConfig | dict, allowed: tuple[str, ...], key: str, exclude: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The located `_target_` of `node` and its arguments with nested `_target_` nodes built, for callers
+    that choose how to call the target (models: `from_data` or the constructor)."""
+    params = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     assert isinstance(params, dict)
     target = params.pop("_target_", None)
-    partial = bool(params.pop("_partial_", False))
     for k in exclude:
         params.pop(k, None)
+    recursive = bool(params.pop("_recursive_", True))
+    convert = _convert_mode(params, key, "all")
+    if params.pop("_partial_", False) or params.pop("_args_", None):
+        raise DgtrainError(f"{key}: `_partial_` and `_args_` are not supported at the top of `{key}`.")
     fn = locate(target, allowed, key=f"{key}._target_")
-    params.update(kwargs)
-    if partial:
-        return functools.partial(fn, *args, **params)
-    try:
-        return fn(*args, **params)
-    except TypeError as e:
-        raise DgtrainError(f"{key}: calling {target} failed: {e}. Check the keys under `{key}`.") from e
+    return fn, {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in params.items()}
 
 
 def find_targets(node: Any, path: str = "") -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
-from dgtrain.config import allowed_prefixes, build, locate
+from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, build_children, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
@@ -102,25 +102,55 @@ class Setup:
     val_loader: Any
 
 
+# Keys of the model node that dgtrain reads itself (dgtrain/finetune.py); never constructor arguments.
+MODEL_META_KEYS = ("freeze",)
+
+
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
-    """`model._target_` names a class; dgtrain models size themselves from the data (`from_data`)."""
-    params = OmegaConf.to_container(cfg.model, resolve=True)
-    cls = locate(params.pop("_target_"), allowed, key="model._target_")
+    """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
+    from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
+    plain `nn.Module` takes its sizes from the config. Nested `_target_` nodes (a backbone under
+    `model.net`, as in lightning-hydra-template) are built first, as Hydra's `instantiate` does."""
+    cls, params = build_children(cfg.model, allowed, key="model", exclude=MODEL_META_KEYS)
     factory = getattr(cls, "from_data", None)
     try:
-        return factory(info, **params) if factory else cls(**params)
+        model = factory(info, **params) if factory else cls(**params)
     except TypeError as e:
         raise DgtrainError(
-            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options)."
+            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options; a model "
+            "without `from_data` gets every size from the config)."
         ) from e
+    if not isinstance(model, torch.nn.Module):
+        raise DgtrainError(
+            f"model._target_={cfg.model._target_} returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
+    """`data._target_` returns a DataBundle; it gets the run's `seed` if it takes one."""
+    import inspect
+
+    fn = locate(cfg.data.get("_target_"), allowed, key="data._target_")
+    try:
+        takes = inspect.signature(fn).parameters
+        wants_seed = "seed" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())
+    except (TypeError, ValueError):
+        wants_seed = True
+    extra = {"seed": cfg.seed} if wants_seed else {}
+    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, **extra)
+    if not isinstance(data, DataBundle):
+        raise DgtrainError(
+            f"data._target_={cfg.data._target_} returned {type(data).__name__}; a data function returns "
+            "dgtrain.data.DataBundle(train, val, DataInfo(task=...)) (docs/extending.md)."
+        )
+    return data
 
 
 def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
-    data = build(
-        cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
-    )
+    data = build_data(cfg, allowed)
     task = make_task(data.info.task, data.info.pad_id)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)

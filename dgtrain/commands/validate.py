@@ -32,17 +32,11 @@ def instantiate(cfg: DictConfig) -> list[str]:
     from dgtrain.config import allowed_prefixes, build
     from dgtrain.data import make_loader
     from dgtrain.tasks import make_task
-    from dgtrain.train import build_model
+    from dgtrain.train import build_data, build_model
 
     allowed = allowed_prefixes(cfg)
     try:
-        data = build(
-            cfg.data,
-            allowed=allowed,
-            key="data",
-            exclude=("task", "batch_size", "num_workers"),
-            seed=cfg.seed,
-        )
+        data = build_data(cfg, allowed)
         if data.info.task != str(cfg.data.task):
             return [f"data.task={cfg.data.task} but the data builder returned {data.info.task} data."]
         task = make_task(data.info.task, data.info.pad_id)
