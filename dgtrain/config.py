@@ -124,6 +124,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # null: start fresh | auto: the newest valid checkpoint of the run dir (fresh if none) | PATH: that file.
     resume: str | None = None
+    # Start from these weights (a run dir, a .pt checkpoint or a .safetensors file): weights only, by name.
+    init_from: str | None = None
+    # false: tensors whose name or shape does not fit are skipped (and listed) instead of failing.
+    init_from_strict: bool = True
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dgtrain import __version__
+from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, build_children, locate
 from dgtrain.data import DataBundle, make_loader
@@ -33,6 +33,7 @@ from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
+from dgtrain.optim import make_optimizer
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -286,7 +287,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     accum = int(tc.grad_accum_steps)
     steps_per_epoch = max(1, len(s.train_loader) // accum)
     max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
-    optimizer = build(cfg.optimizer, allowed=allowed_prefixes(cfg), key="optimizer")(model.parameters())
+    trainable = finetune.prepare(cfg, model, load_weights=resumed is None)  # init_from, model.freeze
+    optimizer = make_optimizer(cfg, model, allowed_prefixes(cfg))  # no weight decay on biases and norms
     scheduler = build(cfg.scheduler, allowed=allowed_prefixes(cfg), key="scheduler")(
         optimizer, total_steps=max_steps
     )
@@ -408,7 +410,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         sink.log_config(resolved)
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{type(model).__name__} {n_params:,} parameters ({trainable:,} trainable) | {len(s.data.train):,} train / "
         f"{len(s.data.val):,} val examples | {max_steps} steps"
     )
     if console:
@@ -518,6 +520,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             run_dir,
         )
         summary["telemetry"] = telemetry.summary()
+        summary["trainable_parameters"] = trainable
         summary_text = json.dumps(summary, indent=2) + "\n"
         ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:

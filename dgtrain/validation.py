@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgtrain.config import allowed_prefixes, find_targets, locate
 from dgtrain.data import TASKS
@@ -96,6 +96,15 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     resume = cfg.get("resume")
     if resume is not None and str(resume) != "auto" and not Path(str(resume)).exists():
         out.append(f"resume={resume}: no such checkpoint file or run directory (use resume=auto or a path).")
+    init_from = cfg.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().exists():
+        out.append(
+            f"init_from={init_from}: no such run dir, checkpoint or safetensors file (fine-tuning starts "
+            "from an existing file)."
+        )
+    freeze = cfg.model.get("freeze")
+    if freeze is not None and not isinstance(freeze, (list, ListConfig)):
+        out.append(f"model.freeze={freeze}: expected a list of globs, e.g. model.freeze=['net.*'].")
     tel = cfg.get("telemetry")
     if tel is not None and int(tel.graph_every) < 1:
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
