@@ -104,7 +104,11 @@ class EpochBatchSampler:
 def make_loader(
     ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+    # A dataset may bring its own sampler for training (random LM windows: data/sequences.py).
+    if shuffle and hasattr(ds, "batch_sampler"):
+        sampler = ds.batch_sampler(batch_size, seed)
+    else:
+        sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,
