@@ -136,6 +136,8 @@ class TrainConfig:
     # Extra module prefixes whose callables `_target_` may name (dgtrain. and torch. are always allowed).
     allowed_targets: list[str] = field(default_factory=list)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    # Extra classification metrics (torchmetrics, on the device): top<k>, f1 (macro), confusion (a PNG).
+    metrics: list[str] = field(default_factory=list)
 
 
 def register_schema() -> None:

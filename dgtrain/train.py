@@ -153,6 +153,7 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     device = device or resolve_device(cfg.device)
     data = build_data(cfg, allowed)
     task = make_task(data.info.task, data.info.pad_id)
+    task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
@@ -521,6 +522,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         )
         summary["telemetry"] = telemetry.summary()
         summary["trainable_parameters"] = trainable
+        summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
         summary_text = json.dumps(summary, indent=2) + "\n"
         ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
