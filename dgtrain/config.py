@@ -69,6 +69,13 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # Debug modes, as in Lightning. fast_dev_run: one train and one val batch, nothing written but the log.
+    fast_dev_run: bool = False
+    # Train (and validate) on the same first N training batches, unshuffled: can the model fit them?
+    overfit_batches: int | None = None
+    # Batches per epoch: a whole number >= 1, or a fraction (0 < x < 1) of them; null: all.
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
 
 
 @dataclass
@@ -81,6 +88,11 @@ class CheckpointConfig:
     best: bool = True
     # Where checkpoints go (null: <run dir>/checkpoints).
     dir: str | None = None
+    # Keep the K checkpoints with the best monitored value in <dir>/top_k/ (null: off).
+    save_top_k: int | None = None
+    # The metric save_top_k ranks by (null: the task's monitor) and its direction (null: the metric's own).
+    monitor: str | None = None
+    mode: str | None = None
 
 
 @dataclass
@@ -119,6 +131,7 @@ class TrainConfig:
     optimizer: Any = None
     scheduler: Any = None
     logger: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -84,12 +84,14 @@ class EpochBatchSampler:
         )
         self.epoch = 0
         self.start_batch = 0
+        self.max_batches: int | None = None  # trainer.limit_*_batches / overfit_batches: batches per epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        full = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return full if self.max_batches is None else max(1, min(full, self.max_batches))
 
     def __iter__(self) -> Iterator[list[int]]:
         order = (
@@ -118,6 +120,16 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def limit_batches(loader: DataLoader, limit: float | None) -> None:
+    """At most `limit` batches per epoch (a whole number >= 1), or that fraction of them (0 < limit < 1)."""
+    if limit is None:
+        return
+    sampler = loader.batch_sampler
+    sampler.max_batches = None
+    full = len(sampler)
+    sampler.max_batches = int(limit) if limit >= 1 else max(1, int(full * limit))
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,12 +179,12 @@ class RandomStartSampler(EpochBatchSampler):
         self.batches = max(1, per_epoch // batch_size)
 
     def __len__(self) -> int:
-        return self.batches
+        return self.batches if self.max_batches is None else max(1, min(self.batches, self.max_batches))
 
     def __iter__(self) -> Iterator[list[int]]:
         g = epoch_generator(self.seed, self.epoch)
         starts = torch.randint(self.n, (self.batches, self.batch_size), generator=g)
-        for b in range(self.start_batch, self.batches):
+        for b in range(self.start_batch, len(self)):
             yield starts[b].tolist()
 
 
