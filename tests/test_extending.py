@@ -77,3 +77,25 @@ def test_example_without_allowed_targets_is_refused(project: Path, tmp_path: Pat
     )
     assert p.returncode == 2
     assert "model._target_='my_project.models.MLP' is not allowed" in p.stderr + p.stdout
+
+
+def test_example_callback_stops_the_run(project: Path, tmp_path: Path):
+    run = tmp_path / "cb"
+    p = run_cli(
+        [
+            "--config-dir",
+            "configs",
+            "model=my_mlp",
+            "device=cpu",
+            "callbacks=[stop_at_accuracy]",
+            "trainer.max_steps=300",
+            "trainer.eval_every=5",
+            f"hydra.run.dir={run}",
+        ],
+        project,
+        env=_env(project),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "early_stopped" and summary["steps"] < 300
+    assert summary["final"]["val/acc"] >= 0.9
