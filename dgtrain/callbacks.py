@@ -170,16 +170,18 @@ def _direction(metric: str) -> str:
 
 
 class EMA(Callback):
-    """An exponential moving average of the weights, `ema = decay * ema + (1 - decay) * w` after every
-    optimizer step, on the device (no host sync). Each evaluation also scores the averaged weights
+    """An exponential moving average of the weights, `ema = d * ema + (1 - d) * w` after every optimizer
+    step, on the device (no host sync). With `warmup` (as timm), d = min(decay, (1 + n) / (10 + n)) after
+    n updates, so a short run's average is not dominated by the initial weights. Each evaluation also scores the averaged weights
     (`val_ema/...`); the averaged weights are saved as `model_ema.safetensors` beside `model.safetensors`."""
 
-    def __init__(self, decay: float = 0.999, evaluate: bool = True):
+    def __init__(self, decay: float = 0.999, evaluate: bool = True, warmup: bool = True):
         if not 0.0 < float(decay) < 1.0:
             raise DgtrainError(
                 f"callbacks.ema.decay={decay}: must lie strictly between 0 and 1 (e.g. 0.999)."
             )
-        self.decay, self.do_evaluate = float(decay), bool(evaluate)
+        self.decay, self.do_evaluate, self.warmup = float(decay), bool(evaluate), bool(warmup)
+        self.updates = 0
         self.shadow: list[torch.Tensor] = []
         self._loaded: list[torch.Tensor] | None = None
 
@@ -197,8 +199,10 @@ class EMA(Callback):
             self.shadow = [t.detach().clone() for t in live]
 
     def on_train_step(self, ctx: FitContext, step: int) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        self.updates += 1  # a host counter: the weight is a Python float, nothing is read back
         with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, self._tensors(ctx), 1.0 - self.decay)
+            torch._foreach_lerp_(self.shadow, self._tensors(ctx), 1.0 - d)
 
     def swapped(self, ctx: FitContext):
         """A context in which the model holds the averaged weights."""
@@ -233,10 +237,14 @@ class EMA(Callback):
                 save_weights(ctx.model, ctx.run_dir / "model_ema.safetensors")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": [t.detach().cpu() for t in self.shadow]}
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "shadow": [t.detach().cpu() for t in self.shadow],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._loaded = list(state["shadow"])
+        self._loaded, self.updates = list(state["shadow"]), int(state.get("updates", 0))
 
 
 class TopKCheckpoints(Callback):

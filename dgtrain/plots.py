@@ -136,6 +136,8 @@ def confusion_png(matrix: list[list[int]], path: Path | str) -> Path:
     ax.imshow(matrix, cmap="Blues")
     top = max(max(row) for row in matrix) or 1
     if n <= 30:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
         for i, row in enumerate(matrix):
             for j, v in enumerate(row):
                 ax.text(

@@ -54,7 +54,7 @@ def test_early_stopping_patience_min_delta_and_state(tmp_path):
 def test_ema_averages_on_the_device_without_reading_values(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 1)
     ctx = _ctx(tmp_path, model)
-    ema = EMA(decay=0.9)
+    ema = EMA(decay=0.9, warmup=False)
     ema.on_fit_start(ctx)
     w0 = model.weight.detach().clone()
     with torch.no_grad():
@@ -71,6 +71,14 @@ def test_ema_averages_on_the_device_without_reading_values(tmp_path, monkeypatch
     with ema.swapped(ctx):
         assert torch.allclose(model.weight, 0.9 * w0 + 0.1 * (w0 + 1.0))
     assert torch.allclose(model.weight, w0 + 1.0)  # the raw weights are back
+    warm = EMA(decay=0.999)  # warmup: the first update weighs the new weights by 1 - 1/10
+    with torch.no_grad():
+        model.weight.copy_(w0)
+    warm.on_fit_start(ctx)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    warm.on_train_step(ctx, 1)
+    assert torch.allclose(warm.shadow[0], 0.1 * w0 + 0.9 * (w0 + 1.0))
     with pytest.raises(DgtrainError, match="decay=1.5"):
         EMA(decay=1.5)
 
