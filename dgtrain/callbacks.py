@@ -182,6 +182,7 @@ class EMA(Callback):
             )
         self.decay, self.do_evaluate, self.warmup = float(decay), bool(evaluate), bool(warmup)
         self.updates = 0
+        self._live: list[torch.Tensor] = []
         self.shadow: list[torch.Tensor] = []
         self._loaded: list[torch.Tensor] | None = None
 
@@ -190,7 +191,8 @@ class EMA(Callback):
         return [t for t in ctx.model.state_dict().values() if t.is_floating_point()]
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        live = self._tensors(ctx)
+        # views of the live parameters and buffers, gathered once (state_dict() per step costs Python time)
+        self._live = live = self._tensors(ctx)
         if self._loaded is not None:
             if [t.shape for t in self._loaded] != [t.shape for t in live]:
                 raise DgtrainError("callbacks.ema: the checkpoint's averaged weights do not fit this model.")
@@ -202,7 +204,7 @@ class EMA(Callback):
         d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
         self.updates += 1  # a host counter: the weight is a Python float, nothing is read back
         with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, self._tensors(ctx), 1.0 - d)
+            torch._foreach_lerp_(self.shadow, self._live, 1.0 - d)
 
     def swapped(self, ctx: FitContext):
         """A context in which the model holds the averaged weights."""
@@ -210,7 +212,7 @@ class EMA(Callback):
 
         @contextlib.contextmanager
         def swap():
-            live = self._tensors(ctx)
+            live = self._live
             raw = [t.detach().clone() for t in live]
             with torch.no_grad():
                 torch._foreach_copy_(live, self.shadow)
