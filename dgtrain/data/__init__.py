@@ -119,12 +119,14 @@ class EpochBatchSampler:
         )
         self.epoch = 0
         self.start_batch = 0
+        self.max_batches: int | None = None  # trainer.limit_*_batches / overfit_batches: batches per epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        full = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return full if self.max_batches is None else max(1, min(full, self.max_batches))
 
     def order(self, epoch: int) -> torch.Tensor:
         """Epoch `epoch`'s order of the examples (on the CPU)."""
@@ -149,7 +151,7 @@ class DirectLoader:
 
     def __init__(self, ds: InMemory, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False):
         self.dataset, self.pin_memory = ds, pin_memory and ds.device.type == "cpu"
-        self.batch_sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+        self.batch_sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -207,13 +209,21 @@ def keep_on_device(
     return data.train.nbytes() + data.val.nbytes() <= RESIDENT_SHARE * free_bytes
 
 
+def batch_sampler_for(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> EpochBatchSampler:
+    """The epoch-seeded sampler; a dataset may bring its own for training (random LM windows:
+    data/sequences.py)."""
+    if shuffle and hasattr(ds, "batch_sampler"):
+        return ds.batch_sampler(batch_size, seed)
+    return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+
+
 def make_loader(
     ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader | DirectLoader:
     """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader."""
     if isinstance(ds, InMemory) and num_workers == 0:
         return DirectLoader(ds, batch_size, shuffle=shuffle, seed=seed, pin_memory=pin_memory)
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+    sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,
@@ -223,6 +233,16 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def limit_batches(loader: DataLoader, limit: float | None) -> None:
+    """At most `limit` batches per epoch (a whole number >= 1), or that fraction of them (0 < limit < 1)."""
+    if limit is None:
+        return
+    sampler = loader.batch_sampler
+    sampler.max_batches = None
+    full = len(sampler)
+    sampler.max_batches = int(limit) if limit >= 1 else max(1, int(full * limit))
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
