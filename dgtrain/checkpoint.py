@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ log = logging.getLogger("dgtrain")
 FORMAT = "dgtrain-checkpoint"
 VERSION = 1
 REQUIRED = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "loop", "config")
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+STEP_FILE = re.compile(r"^step_(\d+)\.(pt|dcp)$")  # .dcp: an FSDP checkpoint, a directory of shards
 WANDB_ID_FILE = "wandb_run_id.txt"  # written into the run dir by the W&B logger, when one is used
 
 # Keys whose change between the checkpoint's config and the resumed run's does not break exactness.
@@ -105,9 +106,37 @@ def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
     return path
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects."""
+def save_state_weights(state: dict[str, torch.Tensor], path: Path | str) -> Path:
+    """A state dict (FSDP's gathered full weights) as safetensors; shared tensors are stored as copies."""
+    from safetensors.torch import save_file
+
     path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with _atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "dgtrain": __version__})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # save_file creates the file itself (0600)
+    return path
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects.
+
+    An FSDP checkpoint (a `.dcp` directory) loads its small `meta.pt` here; `state["sharded"]` then names the
+    directory whose shards `restore` (or `dgtrain eval`) reads through torch.distributed.checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        from dgtrain.distributed import SHARDED_META, is_complete_sharded
+
+        if not is_complete_sharded(path):
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: an FSDP checkpoint directory needs {SHARDED_META} and the "
+                "torch.distributed.checkpoint .metadata file (written last). Resume from an earlier one."
+            )
+        state = load(path / SHARDED_META)
+        state["sharded"] = str(path)
+        return state
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file.")
     try:
@@ -139,7 +168,8 @@ def load(path: Path | str) -> dict[str, Any]:
 
 
 def list_checkpoints(directory: Path | str) -> list[Path]:
-    """The step checkpoints in `directory`, oldest first (best.pt and temporary files excluded)."""
+    """The step checkpoints in `directory` (files, or FSDP directories), oldest first (best and temporary
+    files excluded)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -290,6 +320,27 @@ class Checkpointer:
     def path(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
+    def save_sharded(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        model,
+        optimizer,
+        dist,
+        *,
+        regular: bool = True,
+        best: bool = False,
+    ) -> None:
+        """An FSDP checkpoint (every rank calls this): `step_N.dcp/` and/or `best.dcp/`, same rules as below."""
+        from dgtrain.distributed import save_sharded
+
+        if regular:
+            save_sharded(self.path(step).with_suffix(".dcp"), meta, model, optimizer, dist)
+            if dist.is_main:
+                self.prune()
+        if best:
+            save_sharded(self.dir / "best.dcp", meta, model, optimizer, dist)
+
     def save(self, step: int, state: dict[str, Any], *, regular: bool = True, best: bool = False) -> None:
         if regular:
             save(state, self.path(step))
@@ -302,13 +353,19 @@ class Checkpointer:
     def prune(self) -> None:
         if self.keep_last:
             for old in list_checkpoints(self.dir)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def remove_stale_temp(self) -> None:
         """Temporary files left by a process killed mid-write (never a valid checkpoint)."""
         if self.dir.is_dir():
             for p in self.dir.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # an FSDP save cut short
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         for p in self.run_dir.glob(".model.safetensors.*.tmp"):  # the final weights' own temp file
             p.unlink(missing_ok=True)
 
@@ -353,8 +410,8 @@ class Checkpointer:
 
 def make_state(
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     loop: dict[str, Any],
@@ -362,15 +419,16 @@ def make_state(
     run_dir: Path,
     monitor: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything exact resume needs: the objects' states, the loop's counters and the RNG states."""
+    """Everything exact resume needs: the objects' states, the loop's counters and the RNG states.
+    model=None, optimizer=None: an FSDP checkpoint's meta.pt (their shards are written apart)."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "dgtrain": __version__,
         "torch": str(torch.__version__),  # TorchVersion is a class weights_only loading refuses
         "step": int(loop["step"]),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model is not None else "sharded",
+        "optimizer": optimizer.state_dict() if optimizer is not None else "sharded",
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_state(),
@@ -401,8 +459,18 @@ def restore(
     starting a DataLoader iterator draws from torch's RNG) the RNG states. Returns the loop counters."""
     path = state.get("path", "checkpoint")
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # an FSDP checkpoint: resharded onto this run's processes (any number)
+            from dgtrain.distributed import load_sharded
+
+            load_sharded(Path(state["sharded"]), model, optimizer)
+        elif type(model).__name__ == "FSDPModule" or hasattr(model, "set_requires_gradient_sync"):
+            raise CheckpointError(
+                f"{path} is a single-process/DDP checkpoint; resume it with trainer.strategy=ddp "
+                "(FSDP resumes from FSDP checkpoints, on any number of processes)."
+            )
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{path} does not fit this run's model/optimizer ({str(e).splitlines()[0][:200]}). "

@@ -37,9 +37,10 @@ def _train_task(cfg):
 
         return run_trial(cfg, hc)  # records a failed trial in its run dir, then re-raises
     try:
-        from dgtrain.train import fit
+        from dgtrain.distributed import run
 
-        result = fit(cfg, hc.runtime.output_dir, choices=dict(hc.runtime.choices))
+        # alone, or as one worker of torchrun / trainer.devices=N, or launching those workers
+        result = run(cfg, hc.runtime.output_dir, hc)
         if result.exit_code:
             sys.exit(result.exit_code)
         return result.objective

@@ -52,6 +52,12 @@ class NonFinite(str, Enum):
     skip = "skip"  # leave the parameters unchanged for that step, count it (train/skipped_steps)
 
 
+class Strategy(str, Enum):
+    auto = "auto"  # ddp when there is more than one process
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model
+    fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded over ranks
+
+
 @dataclass
 class TrainerConfig:
     # Optimizer steps to run; when null, max_epochs decides.
@@ -69,6 +75,13 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # Processes on this node: N starts N workers through torch.distributed.run's API; auto: one per visible
+    # GPU (1 on CPU); null: this one process (or whatever torchrun started). docs/distributed.md
+    devices: Any = None
+    # With more than one process: auto (= ddp) | ddp | fsdp (FSDP2, mixed precision from `precision`).
+    strategy: Strategy = Strategy.auto
+    # Seconds a collective waits for a silent peer before the process group gives up (then every rank exits).
+    dist_timeout_s: float = 300.0
 
 
 @dataclass

@@ -19,7 +19,9 @@ def finite_flag(loss: torch.Tensor, params, check_grads: bool = True) -> torch.T
     propagates NaN and inf and, unlike the L2 norm, cannot overflow for large finite gradients."""
     flag = torch.isfinite(loss)
     if check_grads:
-        grads = [p.grad for p in params if p.grad is not None]
+        from dgtrain.distributed import local_grads
+
+        grads = local_grads(params)  # FSDP: this rank's shards (the ranks then agree, Dist.all_true)
         if grads:
             flag = flag & torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
     return flag

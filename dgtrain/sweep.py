@@ -120,9 +120,9 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     t0 = time.perf_counter()
     error: str | None = None
     try:
-        from dgtrain.train import fit
+        from dgtrain.distributed import run
 
-        result = fit(cfg, job_dir, choices=dict(hc.runtime.choices))
+        result = run(cfg, job_dir, hc)  # trainer.devices=N: this job's N workers train it
         metric = str(cfg.sweep.metric or result.summary["monitor"]["metric"])
         direction = _direction_of(cfg, metric)
         summary = result.summary

@@ -27,6 +27,7 @@ from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
+from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
 from dgtrain.loggers import JsonlLogger, sink_parameters
@@ -115,7 +116,7 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
         ) from e
 
 
-def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
+def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, world: int = 1) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
     data = build(
@@ -128,7 +129,10 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     pin = device.type == "cuda"
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
-    train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    # data.batch_size is per process: rank r of `world` loads its slice of each global batch
+    train_loader = make_loader(
+        data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
+    )
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
 
@@ -141,9 +145,10 @@ class StopRequest:
 
     EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 138}  # 128 + signal number (Linux)
 
-    def __init__(self):
+    def __init__(self, sync: StopSync | None = None):
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
+        self.sync, self._local = sync, None  # several processes: the ranks agree at a step boundary (poll)
 
     def __enter__(self) -> StopRequest:
         import signal
@@ -162,7 +167,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         import signal
 
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.sync is None:
+            self.signal = name
+        else:
+            self._local = self._local or name
         for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM is not ignored
             signal.signal(sig, handler)
 
@@ -171,6 +180,12 @@ class StopRequest:
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def poll(self) -> None:
+        """Step boundary: with several processes, `signal` becomes the signal some rank received (the same
+        on every rank, at the same step); alone, the handler has already set it."""
+        if self.sync is not None and self.signal is None:
+            self.signal = self.sync(self._local)
 
     @property
     def exit_code(self) -> int:
@@ -238,20 +253,23 @@ class TrainResult:
         return self.summary["monitor"]["value"]
 
 
-def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> TrainResult:
+def fit(
+    cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None, dist: Dist | None = None
+) -> TrainResult:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    d = dist or Dist()  # several processes: this rank's place (dgtrain/distributed.py); alone: no-ops
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
-    resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
-    device = resolve_device(cfg.device)
+    resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+    device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
-    autocast = autocast_for(device, precision)
+    autocast = autocast_for(device, "fp32" if d.sharded else precision)  # FSDP: its own mixed precision
     seed_everything(cfg.seed)
-    s = setup(cfg, device)
-    model, task, tc = s.model, s.task, cfg.trainer
+    s = setup(cfg, device, d.rank, d.world)
+    model, task, tc = wrap_model(s.model, d, device, precision), s.task, cfg.trainer
 
     accum = int(tc.grad_accum_steps)
     steps_per_epoch = max(1, len(s.train_loader) // accum)
@@ -266,7 +284,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
 
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
-    ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+    if d.is_main:
+        ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     final: dict[str, float] = {}
@@ -281,7 +300,12 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     skipped = 0  # steps whose update trainer.nonfinite=skip dropped
     if resumed is not None:  # continue exactly where the checkpoint left off: objects, data position, RNG
         loop = ckpt_io.restore(
-            resumed, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=stream
+            resumed,
+            model=unwrap(model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            stream=stream,
         )
         step, last_eval_epochs, samples = loop["step"], loop["last_eval_epochs"], loop["samples"]
         best.update(loop["best"])
@@ -312,8 +336,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             "peak_cuda": peak_cuda,
         }
         return ckpt_io.make_state(
-            model=model,
-            optimizer=optimizer,
+            model=None if d.sharded else unwrap(model),  # FSDP: the shards are written apart
+            optimizer=None if d.sharded else optimizer,
             scheduler=scheduler,
             scaler=scaler,
             loop=loop,
@@ -345,7 +369,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     def train_metrics() -> dict[str, Any]:
         """Bring the losses since the last log to the host (the one sync), check them, add speed and memory."""
         nonlocal samples, steps_since_log, eval_s, t_log, last_finite
-        losses = loss_buf[:steps_since_log].tolist()
+        losses = d.mean_(loss_buf[:steps_since_log].clone()).tolist()  # the job's loss: mean over ranks
         for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
             if math.isfinite(v):
                 last_finite = (step - steps_since_log + i + 1, v)
@@ -358,44 +382,48 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         if tc.nonfinite == "skip":
             metrics["train/skipped_steps"] = skipped
         if tc.clip_grad_norm:
-            metrics["train/grad_norm"] = float(grad_norm)
+            metrics["train/grad_norm"] = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
         metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
         metrics["perf/samples_per_s"] = samples / dt
         n_tokens = int(tokens) if counts_tokens else None
         if n_tokens is not None:
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics = d.reduce_metrics(metrics)  # throughput summed over ranks, memory max over ranks
         samples, steps_since_log, eval_s = 0, 0, 0.0
         tokens.zero_()
         t_log = time.perf_counter()
         return metrics
 
     # The sinks open last, right before the try/finally that always closes them (with the run's status).
-    sinks = build_loggers(cfg, run_dir, resume_step=step if resumed is not None else None)
+    sinks = (
+        build_loggers(cfg, run_dir, resume_step=step if resumed is not None else None) if d.is_main else []
+    )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
         sink.log_config(resolved)
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{type(unwrap(model)).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
         f"{len(s.data.val):,} val examples | {max_steps} steps"
     )
     if console:
         console.start(max_steps)
-    stop = StopRequest().__enter__()
+    stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
     try:
         model.train()
         while step < max_steps:
             # ---- one optimizer step: forward and backward for each micro-batch, graphs freed as we go
             step_loss = torch.zeros((), device=device)
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(stream)
-                with telemetry.forward(batch), autocast():
-                    loss = task.loss(model, batch, s.loss_fn) / accum
-                telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
-                scaler.scale(loss).backward()
-                telemetry.after_backward()
+                with sync_context(model, micro == accum - 1):  # several processes: reduce on the last one
+                    with telemetry.forward(batch), autocast():
+                        loss = task.loss(model, batch, s.loss_fn) / accum
+                    telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
+                    scaler.scale(loss).backward()
+                    telemetry.after_backward()
                 step_loss += loss.detach()
                 samples += len(batch[0])
                 units = task.units(batch)
@@ -408,7 +436,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             # ---- non-finite guard (trainer.nonfinite), before the optimizer step: the loop's one per-step
             # host sync, a single bool (docs/checkpoints.md measures it). With fp16, overflowing scaled
             # gradients are the GradScaler's to skip, so only the loss is checked.
-            if bool(finite_flag(step_loss, model.parameters(), check_grads=not scaler.is_enabled())):
+            finite = finite_flag(step_loss, model.parameters(), check_grads=not scaler.is_enabled())
+            if bool(d.all_true(finite)):  # several processes: every rank steps, or none
                 scaler.step(optimizer)
                 scaler.update()
             elif tc.nonfinite == "fail":
@@ -425,6 +454,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             loss_buf[steps_since_log] = step_loss
             step += 1
             steps_since_log += 1
+            stop.poll()  # several processes: all ranks learn of a signal at the same step
             if console:
                 console.advance(step)
 
@@ -459,19 +489,21 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 and best.get(task.monitor, {}).get("step") == step
             )
             if regular or new_best:
-                checkpointer.save(step, checkpoint_state(), regular=regular, best=new_best)
+                d.save_checkpoint(checkpointer, step, checkpoint_state, model, optimizer, regular, new_best)
             if stop.signal:
                 if steps_since_log or not regular:  # the signal came after this step was logged/saved
                     if steps_since_log:
                         record(train_metrics())
-                    checkpointer.save(step, checkpoint_state())
+                    d.save_checkpoint(checkpointer, step, checkpoint_state, model, optimizer, True, False)
                 log.warning(f"{stop.signal} received: stopped after step {step} (checkpoint saved)")
-                if stop.signal == "SIGUSR1":
+                if stop.signal == "SIGUSR1" and d.is_main:
                     log.warning(f"SLURM job {slurm_requeue(step)} requeued")
                 break
+        if stop.sync is not None:
+            stop.sync.wait()  # the last step's flag, still in flight
         status = "completed" if step >= max_steps else "stopped"
-        if status == "completed":
-            ckpt_io.save_weights(model, run_dir / "model.safetensors")  # the final weights, without pickle
+        if status == "completed":  # the final weights, without pickle (FSDP: gathered on rank 0)
+            d.save_weights(model, run_dir / "model.safetensors")
     finally:
         stop.__exit__()
         summary = make_summary(
@@ -488,8 +520,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             run_dir,
         )
         summary["telemetry"] = telemetry.summary()
+        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary_text = json.dumps(summary, indent=2) + "\n"
-        ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
+        if d.is_main:
+            ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
     return TrainResult(summary, model, s, history, stop.exit_code if stop.signal else 0)

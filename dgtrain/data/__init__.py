@@ -70,11 +70,28 @@ class EpochBatchSampler:
     """Yields index batches; epoch e is `torch.randperm(n, generator=epoch_generator(seed, e))`.
 
     The order depends only on (seed, epoch), so resuming at (epoch, batch k) needs no saved RNG.
+
+    With `world` processes, batch k is the k-th *global* batch of `batch_size * world` indices of that one
+    permutation, and rank r takes its r-th contiguous slice: the ranks' shards are disjoint and together
+    are exactly what one process with the global batch would see (docs/distributed.md). A short last
+    global batch is split as evenly as possible; should it hold fewer indices than ranks, the missing
+    ones are taken from the start of the permutation, so that no rank gets an empty batch.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if n == 0:
             raise ValueError("empty dataset")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             n,
             batch_size,
@@ -82,6 +99,8 @@ class EpochBatchSampler:
             seed,
             drop_last,
         )
+        self.rank, self.world = rank, world
+        self.global_batch = batch_size * world
         self.epoch = 0
         self.start_batch = 0
 
@@ -89,7 +108,8 @@ class EpochBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        g = self.global_batch
+        return self.n // g if self.drop_last else -(-self.n // g)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = (
@@ -97,14 +117,32 @@ class EpochBatchSampler:
             if self.shuffle
             else torch.arange(self.n)
         )
+        g = self.global_batch
         for b in range(self.start_batch, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            chunk = order[b * g : (b + 1) * g]
+            if self.world == 1:
+                yield chunk.tolist()
+            elif len(chunk) == g:
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            else:
+                if len(chunk) < self.world:
+                    chunk = torch.cat([chunk, order[: self.world - len(chunk)]])
+                yield torch.tensor_split(chunk, self.world)[self.rank].tolist()
 
 
 def make_loader(
-    ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ds: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+    """`batch_size` is per process; with `world` processes each one loads its shard of a global batch."""
+    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,
