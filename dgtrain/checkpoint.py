@@ -383,11 +383,13 @@ class Checkpointer:
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None
-        elif Path(resume).is_dir():
+        elif (
+            Path(resume).is_dir() and Path(resume).suffix != ".dcp"
+        ):  # a run dir (a .dcp dir is one checkpoint)
             d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
             found = newest_valid(d, f"resume={resume}")
             if found is None:
-                raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt) in {d}.")
+                raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt or step_*.dcp) in {d}.")
         else:
             found = (Path(resume), load(resume))
         path, state = found

@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,14 +365,16 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         set_state_dict,
     )
 
-    if optimizer is None:
-        model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
-        set_model_state_dict(model, model_sd)
-        return
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # one process, no process group: DCP says it loads without one
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        if optimizer is None:
+            model_sd = get_model_state_dict(model)
+            dcp.load({"model": model_sd}, checkpoint_id=str(path))
+            set_model_state_dict(model, model_sd)
+            return
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

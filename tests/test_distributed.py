@@ -125,7 +125,9 @@ def test_fsdp_matches_one_process_resumes_on_one_and_eval_reads_it(compose, tmp_
     assert p.returncode == 0, p.stderr[-3000:]
     fsdp = losses(read_metrics(run))
     ref = single(compose, tmp_path / "one", [*common, "data.batch_size=64"])
-    torch.testing.assert_close([v for _, v in fsdp], [v for _, v in losses(ref.history)], rtol=FSDP_RTOL, atol=0)
+    torch.testing.assert_close(
+        [v for _, v in fsdp], [v for _, v in losses(ref.history)], rtol=FSDP_RTOL, atol=0
+    )
 
     ckpt = run / "checkpoints" / "step_00000004.dcp"
     assert (ckpt / ".metadata").is_file() and (run / "checkpoints" / "step_00000008.dcp").is_dir()
@@ -149,7 +151,13 @@ def test_fsdp_matches_one_process_resumes_on_one_and_eval_reads_it(compose, tmp_
 
 def _start_long_run(tmp_path: Path, extra: list[str]) -> tuple[subprocess.Popen, Path]:
     run = tmp_path / "run"
-    args = ["model=linreg", *TWO, "trainer.max_steps=1000000", "trainer.log_every=50", "trainer.eval_every=1000000"]
+    args = [
+        "model=linreg",
+        *TWO,
+        "trainer.max_steps=1000000",
+        "trainer.log_every=50",
+        "trainer.eval_every=1000000",
+    ]
     p = subprocess.Popen(
         [sys.executable, "-m", "dgtrain", *args, "checkpoint.every=100", *extra, f"hydra.run.dir={run}"],
         cwd=tmp_path,
