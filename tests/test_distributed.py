@@ -229,3 +229,16 @@ def test_sigterm_to_the_launcher_exits_143_with_a_resumable_checkpoint(tmp_path)
     state = ckpt_io.load(newest)
     assert state["step"] == summary["steps"]  # both ranks stopped after the same step, saved once
     assert read_metrics(run)[-1]["step"] == summary["steps"]
+
+
+@pytest.mark.slow
+def test_the_two_process_recipe_passes_its_smoke_contract(tmp_path):
+    report = tmp_path / "smoke.json"
+    p = run_cli(
+        ["smoke", "mlp_digits_ddp2", "device=cpu", "--out", str(tmp_path / "s"), "--json", str(report)],
+        tmp_path,
+    )
+    outcome = json.loads(report.read_text())[0]
+    assert outcome["status"] == "passed", p.stdout[-3000:]
+    summary = json.loads(next((tmp_path / "s").rglob("summary.json")).read_text())
+    assert summary["distributed"]["world_size"] == 2
