@@ -32,6 +32,10 @@ def _train_task(cfg):
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    if "submitit" in str(hc.launcher.get("_target_", "")):
+        from dgtrain.distributed import adopt_submitit_tasks
+
+        adopt_submitit_tasks()  # a job of several SLURM tasks: each becomes one rank
     if hc.mode == RunMode.MULTIRUN:
         from dgtrain.sweep import run_trial
 

@@ -43,6 +43,22 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def adopt_submitit_tasks() -> bool:
+    """Inside a submitit job of several tasks (`hydra.launcher.tasks_per_node`, `nodes`: one task per GPU,
+    as SLURM starts them), export torch.distributed's variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) from
+    the job's environment, so each task joins the job's process group as one rank. True when it did."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or in_worker():
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = TorchDistributedEnvironment()
+    if env.world_size < 2:
+        return False
+    env.export(set_cuda_visible_devices=False)
+    os.environ["DGTRAIN_SUBMITIT_TASKS"] = "1"
+    return True
+
+
 def in_worker() -> bool:
     """True inside a process a distributed launcher started (torchrun, `trainer.devices`, submitit)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -474,7 +490,7 @@ def run(cfg: Any, run_dir: Path | str, hc: Any):
     run_dir = Path(run_dir)
     nproc = resolve_devices(cfg.trainer.get("devices"), cfg.device)
     if in_worker():
-        if hc.mode == RunMode.MULTIRUN:
+        if hc.mode == RunMode.MULTIRUN and not os.environ.get("DGTRAIN_SUBMITIT_TASKS"):
             raise DgtrainError(
                 "a Hydra multirun (-m) inside torchrun: every rank would run its own sweep. Sweep from "
                 "outside instead: `dgtrain -m ... trainer.devices=N` (each job starts N workers) or "

@@ -242,3 +242,19 @@ def test_the_two_process_recipe_passes_its_smoke_contract(tmp_path):
     assert outcome["status"] == "passed", p.stdout[-3000:]
     summary = json.loads(next((tmp_path / "s").rglob("summary.json")).read_text())
     assert summary["distributed"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_submitit_multirun_of_two_two_process_jobs(tmp_path):
+    """hydra/launcher=dgtrain_local: each job is two submitit tasks, each task one rank (as on SLURM)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs dgtrain[slurm]")
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=dgtrain_local", "device=cpu", "model=linreg", "trainer.max_steps=6"]
+    p = run_cli([*args, "trainer.log_every=3", "seed=1,2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["distributed"]["world_size"] == 2
+        assert [r["step"] for r in read_metrics(sweep / job)] == [3, 6]  # one row set: rank 0's
+    trials = json.loads((sweep / "sweep_summary.json").read_text())["trials"]
+    assert sorted(t["status"] for t in trials) == ["completed", "completed"]
