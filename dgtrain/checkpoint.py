@@ -482,6 +482,17 @@ def restore(
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     loop = state["loop"]
-    stream.seek(int(loop["epoch"]), int(loop["position"]), int(loop["completed_epochs"]))
+    position = int(loop["position"])
+    # Resuming on another number of processes: the position counts global batches (data.batch_size x
+    # processes). Keep the global batch (e.g. 2 x 32 -> 1 x 64) and the data position is exact.
+    saved_gb, gb = loop.get("global_batch"), getattr(stream.loader.batch_sampler, "global_batch", None)
+    if saved_gb and gb and int(saved_gb) != gb:
+        position = position * int(saved_gb) // gb
+        log.warning(
+            f"{path}: saved with a global batch of {saved_gb}, resumed with {gb} (data.batch_size x processes): "
+            f"continuing at batch {position} of epoch {loop['epoch']}, which is not an exact resume. "
+            "Keep data.batch_size x processes unchanged for that."
+        )
+    stream.seek(int(loop["epoch"]), position, int(loop["completed_epochs"]))
     set_rng_state(state["rng"])
     return loop

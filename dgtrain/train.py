@@ -323,6 +323,7 @@ def fit(
             "step": step,
             "epoch": stream.epoch,
             "position": stream.position,
+            "global_batch": s.train_loader.batch_sampler.global_batch,  # data position across world sizes
             "completed_epochs": stream.completed_epochs,
             "last_eval_epochs": last_eval_epochs,
             "pending_losses": loss_buf[:steps_since_log].cpu(),

@@ -149,7 +149,9 @@ def test_fsdp_matches_one_process_resumes_on_one_and_eval_reads_it(compose, tmp_
 # ------------------------------------------------------------------------------------------- faults
 
 
-def _start_long_run(tmp_path: Path, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+def _start_long_run(
+    tmp_path: Path, extra: list[str], env: dict | None = None
+) -> tuple[subprocess.Popen, Path]:
     run = tmp_path / "run"
     args = [
         "model=linreg",
@@ -161,7 +163,7 @@ def _start_long_run(tmp_path: Path, extra: list[str]) -> tuple[subprocess.Popen,
     p = subprocess.Popen(
         [sys.executable, "-m", "dgtrain", *args, "checkpoint.every=100", *extra, f"hydra.run.dir={run}"],
         cwd=tmp_path,
-        env=cli_env(),
+        env=env or cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -258,3 +260,42 @@ def test_submitit_multirun_of_two_two_process_jobs(tmp_path):
         assert [r["step"] for r in read_metrics(sweep / job)] == [3, 6]  # one row set: rank 0's
     trials = json.loads((sweep / "sweep_summary.json").read_text())["trials"]
     assert sorted(t["status"] for t in trials) == ["completed", "completed"]
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SLURM's preemption notice reaches one rank: the ranks agree at a step boundary, stop after the same
+    step, write one checkpoint, and rank 0 alone requeues the job."""
+    from dgtrain import checkpoint as ckpt_io
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    p, run = _start_long_run(tmp_path, [], env=cli_env(SLURM_JOB_ID="4242", PATH=path))
+    os.kill(_workers(p.pid)[1], signal.SIGUSR1)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 138, out[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]  # once: rank 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert ckpt_io.load(ckpt_io.list_checkpoints(run / "checkpoints")[-1])["step"] == summary["steps"]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_rank0s_run_dir(tmp_path):
+    """`torchrun -m dgtrain`: each rank's Hydra picks its own ${now:...} run dir; all use rank 0's."""
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dgtrain"]
+        + ["model=linreg", "device=cpu", "trainer.max_steps=4", "trainer.log_every=2", "data.batch_size=32"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [d for d in (tmp_path / "outputs").glob("*/*") if d.is_dir()]
+    assert len(runs) == 1, runs
+    assert [r["step"] for r in read_metrics(runs[0])] == [2, 4]
