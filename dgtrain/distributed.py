@@ -109,14 +109,13 @@ class Dist:
             t /= self.world
         return t
 
-    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
-        """A 0-d bool tensor, on the device, true when `flag` is true on every rank. No host sync: the
-        collective is queued like any other kernel. With FSDP each rank checks only its own shards."""
-        if not self.enabled:
-            return flag
-        f = flag.to(torch.int32)
-        torch.distributed.all_reduce(f, op=torch.distributed.ReduceOp.MIN)
-        return f.bool()
+    def any_(self, found: torch.Tensor) -> torch.Tensor:
+        """In place: the non-finite guard's `found` (a 0-d 0.0/1.0 tensor) becomes 1.0 on every rank when it
+        is 1.0 on any. No host sync: the collective is queued like any other kernel. With FSDP each rank
+        checks only its own shards, and DDP's ranks see different losses: the ranks must agree."""
+        if self.enabled:
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        return found
 
     def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Logging steps: combine each rank's figures into the job's. `train/loss` and other means are
@@ -161,15 +160,16 @@ class Dist:
         state["path"] = path
         return state
 
-    def save_checkpoint(
-        self, checkpointer: Any, step: int, state_fn, model, optimizer, regular: bool, best: bool
-    ) -> None:
-        """DDP / one process: rank 0 writes today's file. FSDP: every rank writes its shards."""
+    def save_checkpoint(self, checkpointer: Any, step: int, loop: Any, regular: bool, best: bool) -> None:
+        """DDP / one process: rank 0 writes today's file. FSDP: every rank writes its shards. Every rank
+        builds the state (`loop.checkpoint()` reads the non-finite guard, which all ranks must do alike)."""
+        state = loop.checkpoint()
         if self.sharded:
-            meta = state_fn() if self.is_main else {}
-            checkpointer.save_sharded(step, meta, model, optimizer, self, regular=regular, best=best)
+            checkpointer.save_sharded(
+                step, state, loop.model, loop.optimizer, self, regular=regular, best=best
+            )
         elif self.is_main:
-            checkpointer.save(step, state_fn(), regular=regular, best=best)
+            checkpointer.save(step, state, regular=regular, best=best)
 
     def save_weights(self, model: torch.nn.Module, path: Path) -> None:
         """The final weights as safetensors, written by rank 0 (FSDP gathers the full weights first)."""
