@@ -64,6 +64,21 @@ def test_bad_devices_value_names_the_key(compose, tmp_path):
         fit(compose(["model=linreg", "trainer.strategy=fsdp", "precision=fp16"]), tmp_path)
 
 
+def test_a_hydra_multirun_inside_torchrun_is_refused(compose, tmp_path, monkeypatch):
+    """torchrun ... -m dgtrain -m ...: every rank would run its own sweep; say how to sweep instead."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from dgtrain.distributed import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("DGTRAIN_SUBMITIT_TASKS", raising=False)
+    hc = SimpleNamespace(mode=RunMode.MULTIRUN)
+    with pytest.raises(DgtrainError, match=r"multirun \(-m\) inside torchrun.*trainer.devices=N"):
+        run(compose(["model=linreg"]), tmp_path, hc)
+
+
 # -------------------------------------------------------------------------------------- equivalence
 
 
