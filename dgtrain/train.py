@@ -29,7 +29,14 @@ from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
-from dgtrain.faults import nonfinite_check, nonfinite_error, skip_update, slurm_requeue
+from dgtrain.faults import (
+    nonfinite_check,
+    nonfinite_error,
+    skip_budget,
+    skip_update,
+    slurm_requeue,
+    too_many_skipped,
+)
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
@@ -337,6 +344,7 @@ class Loop:
         self.scaler = torch.amp.GradScaler(s.device.type, enabled=precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.fail = str(getattr(tc.nonfinite, "value", tc.nonfinite)) == "fail"
+        self.max_skipped = skip_budget(tc.get("max_skipped"), self.max_steps)  # nonfinite=skip: then fail
         self.on_device = steps_skip_on_device(self.optimizer, self.scaler)
         self.one = torch.ones((), device=s.device)  # the guard's unscale factor (values stay bit-identical)
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
@@ -427,7 +435,10 @@ class Loop:
         flags = torch.stack(st.unread).tolist()
         st.unread = []
         if not self.fail:
-            st.skipped_steps += int(sum(flags))
+            for i, flag in enumerate(flags):
+                st.skipped_steps += int(flag)
+                if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
+                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
             return
         if not any(flags):
             return
@@ -521,6 +532,8 @@ def fit(
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
+    if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
+        checkpointer.claim(cfg.get("resume"))
     resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
     device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
@@ -615,12 +628,15 @@ def fit(
             run_dir,
         )
         summary["telemetry"] = loop.telemetry.summary()
+        summary["run_id"] = checkpointer.run_id
+        summary["skipped_steps"] = st.skipped_steps
         summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary_text = json.dumps(summary, indent=2) + "\n"
         if d.is_main:
             ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
+        checkpointer.release()
     return TrainResult(summary, s.model, s, loop.history, stop.exit_code if stop.signal else 0)
 
 
