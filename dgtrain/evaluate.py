@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source",
         help="a run directory (its model.safetensors, else its newest valid checkpoint), "
-        "a checkpoint file (.pt) or a weights file (.safetensors, config from its directory)",
+        "a checkpoint file (.pt), an FSDP checkpoint directory (.dcp) or a weights file (.safetensors, config from its directory)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--batches", type=int, default=None, help="cap on validation batches (default: all)")
@@ -53,6 +53,12 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any]:
         assert isinstance(cfg, dict)
         return cfg
 
+    def weights_of(state: dict[str, Any]) -> Any:  # an FSDP checkpoint's shards are read later, by path
+        return Path(state["sharded"]) if state.get("sharded") else state["model"]
+
+    if source.is_dir() and source.suffix == ".dcp":  # one FSDP checkpoint directory
+        state = ckpt_io.load(source)
+        return state["config"], f"{source} (step {state['step']})", weights_of(state)
     if source.is_dir():
         if (source / "model.safetensors").is_file():
             return run_config(source), str(source / "model.safetensors"), source / "model.safetensors"
@@ -61,13 +67,13 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any]:
         if found is None:
             raise DgtrainError(f"{source}: no model.safetensors and no checkpoint (step_*.pt) to evaluate.")
         path, state = found
-        return state["config"], f"{path} (step {state['step']})", state["model"]
+        return state["config"], f"{path} (step {state['step']})", weights_of(state)
     if source.suffix == ".safetensors":
         if not source.is_file():
             raise DgtrainError(f"{source}: no such file.")
         return run_config(source.parent), str(source), source
     state = ckpt_io.load(source)
-    return state["config"], f"{source} (step {state['step']})", state["model"]
+    return state["config"], f"{source} (step {state['step']})", weights_of(state)
 
 
 def evaluate_source(
@@ -95,7 +101,11 @@ def evaluate_source(
 
     s = setup(cfg)
     try:
-        if isinstance(weights, Path):
+        if isinstance(weights, Path) and weights.is_dir():  # FSDP shards, gathered into one process
+            from dgtrain.distributed import load_sharded
+
+            load_sharded(weights, s.model, None)
+        elif isinstance(weights, Path):
             from safetensors.torch import load_model
 
             load_model(s.model, str(weights), device=str(s.device))

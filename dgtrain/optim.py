@@ -1,11 +1,13 @@
-"""Learning-rate schedules (`configs/scheduler/*`); optimizers are torch's own (`configs/optimizer/*`),
-built by `make_optimizer`, which also settles `optimizer.fused`.
+"""Learning-rate schedules (`configs/scheduler/*`), and the parameter groups handed to the optimizer
+(`configs/optimizer/*`: torch's own optimizers), built by `make_optimizer`, which also settles
+`optimizer.fused`.
 
 Every schedule is called as `schedule(optimizer, total_steps=...)` and is stepped once per optimizer step.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 from typing import Any
@@ -62,11 +64,60 @@ def fused_choice(mode: Any, optimizer_cls: type, device: torch.device) -> bool:
     return mode == "true"
 
 
-def make_optimizer(node: DictConfig, params, device: torch.device, allowed: tuple[str, ...]) -> Optimizer:
-    """The optimizer `node` names, over `params`, fused or not as `fused_choice` decides."""
-    from dgtrain.config import build, locate
+# Keys of the optimizer node that dgtrain reads itself; the rest are the optimizer's arguments.
 
+
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float = 0.0,
+    group_decay: bool = True,
+    lr_groups: dict[str, float] | None = None,
+) -> list[dict[str, Any]] | list[torch.nn.Parameter]:
+    """Trainable parameters, grouped as nanoGPT does: weight decay on matrices and embeddings
+    (dim >= 2) only, never on biases and norm weights (`group_decay`); `lr_groups` ({glob: lr}, first
+    match wins) gives the parameters whose names match their own learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lr_groups = dict(lr_groups or {})
+    if not lr_groups and (not group_decay or not weight_decay):
+        return [p for _, p in named]  # one group: the optimizer's own defaults apply
+    for pat in lr_groups:
+        if not any(fnmatch.fnmatch(n, pat) for n, _ in named):
+            from dgtrain.errors import DgtrainError
+
+            raise DgtrainError(
+                f"optimizer.lr_groups: the pattern {pat!r} matches no trainable parameter "
+                f"(names look like {', '.join(n for n, _ in named[:6])})."
+            )
+    groups: dict[tuple, dict[str, Any]] = {}
+    for n, p in named:
+        lr = next((lr for pat, lr in lr_groups.items() if fnmatch.fnmatch(n, pat)), None)
+        decay = weight_decay if (p.dim() >= 2 or not group_decay) else 0.0
+        g = groups.setdefault((lr, decay), {"params": [], "names": [], "weight_decay": decay})
+        if lr is not None:
+            g["lr"] = float(lr)
+        g["params"].append(p)
+        g["names"].append(n)
+    for g in groups.values():
+        del g["names"]
+    return list(groups.values())
+
+
+def make_optimizer(
+    cfg: DictConfig, model: torch.nn.Module, allowed: tuple[str, ...], device: torch.device | None = None
+) -> Optimizer:
+    """The optimizer `cfg.optimizer` names, over `param_groups`, fused or not as `fused_choice` decides
+    for `device` (default: the CPU)."""
+    from dgtrain.config import OPTIMIZER_META_KEYS, build, locate
+
+    node = cfg.optimizer
     cls = locate(node._target_, allowed, key="optimizer._target_")
-    fused = fused_choice(node.get("fused", "false"), cls, device)
+    fused = fused_choice(node.get("fused", "false"), cls, device or torch.device("cpu"))
     extra = {"fused": True} if fused else {}
-    return build(node, allowed=allowed, key="optimizer", exclude=("fused",), **extra)(params)
+    factory = build(node, allowed=allowed, key="optimizer", exclude=OPTIMIZER_META_KEYS, **extra)
+    groups = param_groups(
+        model,
+        weight_decay=float(node.get("weight_decay", 0.0) or 0.0),
+        group_decay=bool(node.get("group_decay", True)),
+        lr_groups=node.get("lr_groups"),
+    )
+    return factory(groups)
