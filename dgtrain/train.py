@@ -312,7 +312,7 @@ class LoopState:
     )
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
-    unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
+    unread: list = field(default_factory=list)  # per step, the guard's flag not yet counted (0-d or float)
     samples: int = 0
     tokens: int = 0  # token counts the host knows from shapes (language models)
     device_tokens: torch.Tensor | None = None  # token counts only the device knows (seq2seq: non-pad)
@@ -443,6 +443,7 @@ class Loop:
         self.on_device = steps_skip_on_device(self.optimizer, self.scaler)
         self.one = torch.ones((), device=s.device)  # the guard's unscale factor (values stay bit-identical)
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
+        self.found = torch.zeros((), device=s.device)  # the guard's flag, reused when the host reads it
         self.stream = BatchStream(s.train_loader, s.device, self.state)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
@@ -503,10 +504,10 @@ class Loop:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
-        found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
-        found = self.dist.any_(found)  # several processes: every rank steps, or none (on the device)
+        check_grads = not self.scaler.is_enabled()
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
-            found_inf = found
+            found = self.dist.any_(nonfinite_check(step_loss, self.params, self.one, check_grads))
+            found_inf = found  # several processes: every rank steps, or none (any_, on the device)
             if self.fail:  # skip every update from the first bad step on; reported at the next read
                 found_inf = torch.maximum(self.halted, found, out=self.halted)
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
@@ -514,18 +515,22 @@ class Loop:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
-        elif not found.item():  # other optimizers: the host reads one flag (docs/checkpoints.md)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            skip_update(self.scaler)
+            st.unread.append(found)
+        else:  # other optimizers: the host reads one flag per step (docs/checkpoints.md)
+            found = nonfinite_check(step_loss, self.params, self.one, check_grads, out=self.found)
+            bad = self.dist.any_(found).item()
+            if not bad:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                skip_update(self.scaler)
+            st.unread.append(bad)
         st.losses.append(step_loss)
-        st.unread.append(found)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         tel.after_step()
         st.step += 1
-        if not self.on_device and bool(found):  # known on the host already: fail or count it now
+        if not self.on_device and bad:  # known on the host already: fail or count it now
             self.read_guard()
 
     def read_guard(self) -> None:
@@ -535,7 +540,8 @@ class Loop:
         st = self.state
         if not st.unread:
             return
-        flags = torch.stack(st.unread).tolist()
+        # device flags (fused optimizers), or floats the host has read already
+        flags = torch.stack(st.unread).tolist() if torch.is_tensor(st.unread[0]) else st.unread
         st.unread = []
         if not self.fail:
             for i, bad in enumerate(flags):
