@@ -32,7 +32,9 @@ from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requ
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
+from dgtrain.generation import lm_sample
 from dgtrain.memory import rss_peak_mb
+from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -267,6 +269,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
     ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+    write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: for dgtrain predict/sample
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     final: dict[str, float] = {}
@@ -447,6 +450,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 last_eval_epochs = stream.completed_epochs
             if stop.signal and steps_since_log:  # the signal came during evaluation
                 metrics.update(train_metrics())
+            if tc.sample_every and step % int(tc.sample_every) == 0 and task.name == "lm":
+                metrics["sample/text"] = lm_sample(model, s.data.info, step)  # a str: not a float metric
             if metrics:
                 record(metrics)
 
