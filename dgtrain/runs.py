@@ -62,7 +62,9 @@ def read_data_info(candidates: list[Path]) -> dict[str, Any] | None:
             try:
                 return json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise DgtrainError(f"{f}: unreadable ({e}); delete it to fall back to rebuilding the data.") from e
+                raise DgtrainError(
+                    f"{f}: unreadable ({e}); delete it to fall back to rebuilding the data."
+                ) from e
     return None
 
 

@@ -29,10 +29,10 @@ from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
+from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
-from dgtrain.generation import lm_sample
 from dgtrain.memory import rss_peak_mb
 from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
@@ -269,7 +269,9 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
     ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
-    write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: for dgtrain predict/sample
+    write_data_info(
+        run_dir, s.data.info
+    )  # vocabulary, standardisation, class names: for dgtrain predict/sample
     history: list[dict[str, Any]] = []
     best: dict[str, dict[str, float]] = {}
     final: dict[str, float] = {}

@@ -67,7 +67,9 @@ def main(argv: list[str]) -> int:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise DgtrainError(f"--prompt-file={args.prompt_file}: cannot be read as UTF-8 text ({e}).") from e
+            raise DgtrainError(
+                f"--prompt-file={args.prompt_file}: cannot be read as UTF-8 text ({e})."
+            ) from e
 
     from dgtrain.runs import load_run
 
@@ -147,7 +149,7 @@ def _sample_seq2seq(run, args) -> int:
         symbols = [int(t) for t in args.input.split()]
     except ValueError:
         raise DgtrainError(
-            f"--input={args.input!r}: expected integers separated by spaces, e.g. --input \"3 1 4 1 5\"."
+            f'--input={args.input!r}: expected integers separated by spaces, e.g. --input "3 1 4 1 5".'
         ) from None
     bad = [s for s in symbols if not 0 <= s < n_sym]
     if not symbols or bad:

@@ -15,7 +15,6 @@ import torch
 from dgtrain.data import DataBundle, DataInfo, TensorPairs, limit, split_indices
 from dgtrain.errors import DgtrainError
 
-
 DIGIT_NAMES = [str(i) for i in range(10)]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -160,9 +159,7 @@ def mnist(
 
     x_tr, y_tr = prep(arrays["train_images"], arrays["train_labels"], max_examples, "training")
     x_va, y_va = prep(arrays["val_images"], arrays["val_labels"], max_val_examples, "test")
-    return _classification(
-        x_tr, y_tr, x_va, y_va, 10, DIGIT_NAMES, [MNIST_MEAN], [MNIST_STD], pixels="idx"
-    )
+    return _classification(x_tr, y_tr, x_va, y_va, 10, DIGIT_NAMES, [MNIST_MEAN], [MNIST_STD], pixels="idx")
 
 
 # -------------------------------------------------------------------------------------------- CIFAR-10

@@ -63,7 +63,9 @@ class MultiHeadAttention(nn.Module):
         if causal and past:
             # queries sit at positions past..past+T-1: each sees the cache and the new tokens up to itself
             t = q.shape[2]
-            attn_mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(past)
+            attn_mask = (
+                None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(past)
+            )
             causal = False
         if weights is not None:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
