@@ -148,23 +148,30 @@ def _export_onnx(module, args, names, dynamic, path: Path):
             "(or export --format pt2, which needs nothing more)."
         )
     import io
+    import logging
     import warnings
     from contextlib import redirect_stdout
 
     import torch
 
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter's progress lines
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            input_names=names,
-            output_names=["output"],
-            dynamic_shapes=dynamic,
-            external_data=False,
-        )
-        program.save(str(path))
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" and the like
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter's progress lines
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=names,
+                output_names=["output"],
+                dynamic_shapes=dynamic,
+                external_data=False,
+            )
+            program.save(str(path))
+    finally:
+        onnx_log.setLevel(level)
     import onnx
 
     onnx.checker.check_model(str(path))
