@@ -126,8 +126,14 @@ class LoadedRun:
         return self.info.get("extra") or {}
 
 
-def load_run(source: Path | str, device: str = "auto", allow: tuple[str, ...] = ()) -> LoadedRun:
-    """Rebuild the model from the stored config (after the allow-list) and load the weights into it."""
+def load_run(
+    source: Path | str, device: str = "auto", allow: tuple[str, ...] = (), data: bool = True
+) -> LoadedRun:
+    """Rebuild the model from the stored config (after the allow-list) and load the weights into it.
+
+    data=False: when the run stored its data_info.json, the model is sized from it and the training data
+    is not built at all (so `predict` and `sample` work after the training files are gone); the
+    Setup then has no data and no loaders."""
     from omegaconf import OmegaConf
 
     from dgtrain import checkpoint as ckpt_io
@@ -145,9 +151,12 @@ def load_run(source: Path | str, device: str = "auto", allow: tuple[str, ...] = 
     except DgtrainError as e:
         raise DgtrainError(f"{source}: the stored config does not validate: {e}") from None
 
-    from dgtrain.train import setup
+    stored = read_data_info([run_dir]) if run_dir is not None else None
+    s = _setup_from_info(cfg, stored) if stored is not None and not data else None
+    if s is None:
+        from dgtrain.train import setup
 
-    s = setup(cfg)
+        s = setup(cfg)
     try:
         if isinstance(weights, Path):
             from safetensors.torch import load_model
@@ -160,9 +169,26 @@ def load_run(source: Path | str, device: str = "auto", allow: tuple[str, ...] = 
             f"{weights_name}: the weights do not fit the model its config builds ({str(e).splitlines()[0][:200]})."
         ) from None
     s.model.eval()
-    stored = read_data_info([run_dir]) if run_dir is not None else None
     info = stored or data_info_dict(s.data.info)
     return LoadedRun(source, weights_name, run_dir, cfg, s, info)
+
+
+def _setup_from_info(cfg, stored: dict[str, Any]):
+    """A Setup without data: the model sized from the stored DataInfo, the task and its loss."""
+    import torch
+
+    from dgtrain.config import allowed_prefixes, build
+    from dgtrain.data import DataInfo
+    from dgtrain.tasks import make_task
+    from dgtrain.train import Setup, build_model, resolve_device
+
+    info = DataInfo(**{**stored, "in_shape": tuple(stored.get("in_shape") or ())})
+    allowed = allowed_prefixes(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, info, allowed).to(device)
+    loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=info.task, pad_id=info.pad_id)
+    return Setup(device, None, make_task(info.task, info.pad_id), model, loss_fn, None, None)
 
 
 def out_dir(run: LoadedRun, name: str) -> Path:

@@ -120,10 +120,10 @@ def explain_images(run, out: Path, num: int, steps: int) -> tuple[list[Path], di
     for i in range(len(x)):
         img = x[i].detach().cpu()
         img = (img - img.min()) / (img.max() - img.min() + 1e-12)
-        axes[0, i].imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
+        axes[0, i].imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray")
         axes[0, i].set_title(f"true {names[int(y[i])]}\npred {names[int(pred[i])]}", fontsize=8)
-        axes[1, i].imshow(sal[i].cpu(), cmap="hot")
-        axes[2, i].imshow(ig[i].sum(0).cpu(), cmap="bwr")
+        axes[1, i].imshow(sal[i].cpu().numpy(), cmap="hot")
+        axes[2, i].imshow(ig[i].sum(0).detach().cpu().numpy(), cmap="bwr")
         for r in range(3):
             axes[r, i].set_xticks([])
             axes[r, i].set_yticks([])
@@ -192,7 +192,7 @@ def explain_attention(run, out: Path, index: int) -> tuple[list[Path], dict[str,
         qs, ks = labels[part]
         for layer, w in enumerate(layers):
             for head in range(w.shape[1]):
-                a = w[0, head].detach().cpu()
+                a = w[0, head].detach().cpu().numpy()
                 size = max(4.0, 0.14 * len(ks) + 1.5)
                 fig, ax = plt.subplots(figsize=(size, size))
                 ax.imshow(a, cmap="viridis", vmin=0.0)

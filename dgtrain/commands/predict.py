@@ -304,7 +304,7 @@ def main(argv: list[str]) -> int:
     fmt = args.format or ("jsonl" if args.out and Path(args.out).suffix in (".jsonl", ".json") else "csv")
     from dgtrain.runs import load_run
 
-    run = load_run(Path(args.source), args.device, tuple(args.allow_target))
+    run = load_run(Path(args.source), args.device, tuple(args.allow_target), data=False)
     task = run.info["task"]
     if task not in ("regression", "classification"):
         hint = "dgtrain sample" if task in ("lm", "seq2seq") else "dgtrain eval"

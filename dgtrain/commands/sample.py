@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
 
     from dgtrain.runs import load_run
 
-    run = load_run(Path(args.source), args.device, tuple(args.allow_target))
+    run = load_run(Path(args.source), args.device, tuple(args.allow_target), data=False)
     task = run.info["task"]
     if task == "lm":
         if args.input is not None or args.beam is not None:
