@@ -160,6 +160,8 @@ def lm_sample(model, info, step: int, max_new_tokens: int = 200, temperature: fl
     """`trainer.sample_every`: a short text from a newline, seeded by the step (it draws from its own
     generator, so the training run's random state is untouched)."""
     vocab = Vocab.from_extra(info.extra)
+    model = getattr(model, "module", model)  # DDP wraps the transformer; generation needs its methods
+    model = getattr(model, "_orig_mod", model)  # so does torch.compile
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(step)
     was_training = model.training
