@@ -34,7 +34,12 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     model = Transformer(
-        a.vocab, arch="decoder", d_model=a.d_model, n_heads=a.heads, n_layers=a.layers, max_positions=a.context
+        a.vocab,
+        arch="decoder",
+        d_model=a.d_model,
+        n_heads=a.heads,
+        n_layers=a.layers,
+        max_positions=a.context,
     )
     model = model.to(a.device).eval()
     prompt = torch.randint(0, a.vocab, (a.batch, a.prompt), device=a.device)
