@@ -203,6 +203,18 @@ def test_sample_every_logs_text_and_vocab_is_stored(trained):
     assert info["extra"]["level"] == "char" and set("".join(texts)) <= set(info["extra"]["vocab"])
 
 
+def test_byte_vocabulary_streams_split_utf8_characters_whole():
+    from dgtrain.generation import Vocab
+
+    v = Vocab.from_extra({"level": "byte"})
+    ids = v.encode("caf\u00e9 \u2603")
+    assert len(v) == 256 and len(ids) == 9 and v.decode(ids) == "caf\u00e9 \u2603"
+    stream = v.decoder()
+    pieces = [stream([i]) for i in ids]  # one token at a time, as `dgtrain sample` prints them
+    assert "".join(pieces) == "caf\u00e9 \u2603" and "\ufffd" not in "".join(pieces)
+    assert pieces[3] == "" and pieces[4] == "\u00e9"  # the first byte of \u00e9 waits for the second
+
+
 def test_sample_bad_input_exits_2(trained, capsys):
     run = str(lm_run(trained))
     with pytest.raises(DgtrainError, match="does not contain"):
