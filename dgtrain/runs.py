@@ -137,12 +137,11 @@ def load_run(
     from omegaconf import OmegaConf
 
     from dgtrain import checkpoint as ckpt_io
-    from dgtrain.config import DEFAULT_ALLOWED_TARGETS
     from dgtrain.validation import check_config
 
     source = Path(source)
     config, weights_name, weights, run_dir = resolve_source(source)
-    ckpt_io.check_stored_config(config, DEFAULT_ALLOWED_TARGETS + tuple(allow), source)  # before any build
+    ckpt_io.check_stored_config(config, tuple(allow), source)  # before anything is imported or built
     cfg = OmegaConf.create(config)
     cfg.allowed_targets = list(allow)  # the stored list is not trusted
     cfg.device = device
