@@ -174,6 +174,8 @@ def load_run(
 
 def _setup_from_info(cfg, stored: dict[str, Any]):
     """A Setup without data: the model sized from the stored DataInfo, the task and its loss."""
+    from dataclasses import fields
+
     import torch
 
     from dgtrain.config import allowed_prefixes, build
@@ -181,7 +183,9 @@ def _setup_from_info(cfg, stored: dict[str, Any]):
     from dgtrain.tasks import make_task
     from dgtrain.train import Setup, build_model, resolve_device
 
-    info = DataInfo(**{**stored, "in_shape": tuple(stored.get("in_shape") or ())})
+    known = {f.name for f in fields(DataInfo)}  # a file from another dgtrain version may hold other keys
+    info = DataInfo(**{k: v for k, v in stored.items() if k in known})
+    info.in_shape = tuple(stored.get("in_shape") or ())
     allowed = allowed_prefixes(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
