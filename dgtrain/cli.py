@@ -16,9 +16,13 @@ log = logging.getLogger("dgtrain")
 # name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "dgtrain.evaluate:main",
+    "explain": "dgtrain.commands.explain:main",
+    "export": "dgtrain.commands.export:main",
     "graph": "dgtrain.graph:main",
     "ls": "dgtrain.commands.ls:main",
     "plot": "dgtrain.plots:main",
+    "predict": "dgtrain.commands.predict:main",
+    "sample": "dgtrain.commands.sample:main",
     "smoke": "dgtrain.commands.smoke:main",
     "sweep-summary": "dgtrain.sweep:summary_main",
     "validate": "dgtrain.commands.validate:main",

@@ -75,6 +75,8 @@ class TrainerConfig:
     eval_every: int | None = None
     # Cap on validation batches per evaluation (null: the whole validation split).
     eval_batches: int | None = None
+    # Language models: log a generated text sample (console, metrics.jsonl, W&B table) every N steps.
+    sample_every: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips

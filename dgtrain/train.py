@@ -38,11 +38,13 @@ from dgtrain.faults import (
     slurm_requeue,
     too_many_skipped,
 )
+from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import make_optimizer
+from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -636,6 +638,7 @@ def fit(
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
     if writes:
         ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+        write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
     if resumed is not None:
         loop.restore(resumed)
 
@@ -683,6 +686,8 @@ def fit(
                     metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
+            if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
+                metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
