@@ -69,6 +69,9 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # After a completed run, score the data's held-out test set once (test/acc, test/loss in metrics.jsonl
+    # and summary.json); it selects nothing. Only data with a test set (mnist, cifar10, image_folder).
+    test_at_end: bool = False
 
 
 @dataclass
@@ -129,6 +132,10 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     seed: int = 0
+    # torch's intra-op CPU threads (torch.set_num_threads); null: torch's default (one per core).
+    threads: int | None = None
+    # torch.use_deterministic_algorithms(True), cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    deterministic: bool = False
     # Extra module prefixes whose callables `_target_` may name (dgtrain. and torch. are always allowed).
     allowed_targets: list[str] = field(default_factory=list)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)

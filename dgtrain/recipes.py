@@ -139,11 +139,11 @@ def missing_data_files(cfg: DictConfig) -> str | None:
         if absent:
             return f"MNIST files not found under data.root={root.resolve()} ({', '.join(absent)})"
     elif target == "dgtrain.data.images.cifar10":
-        from dgtrain.data.images import CIFAR_TRAIN, CIFAR_VAL
+        from dgtrain.data.images import CIFAR_TEST, CIFAR_TRAIN
 
         root = Path(str(data.root)).expanduser()
         folders = (root / "cifar-10-batches-py", root)
-        if not any(all((d / n).is_file() for n in CIFAR_TRAIN + CIFAR_VAL) for d in folders):
+        if not any(all((d / n).is_file() for n in CIFAR_TRAIN + CIFAR_TEST) for d in folders):
             return f"CIFAR-10 batches not found under data.root={root.resolve()} (cifar-10-batches-py/)"
     elif data.get("path") and not OmegaConf.is_missing(data, "path"):
         path = Path(str(data.path)).expanduser()

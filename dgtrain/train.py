@@ -83,6 +83,21 @@ def autocast_for(device: torch.device, precision: str):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def configure_torch(cfg: DictConfig) -> None:
+    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built."""
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("deterministic"):
+        import os
+
+        # cuBLAS reads this when it creates its handle (the first matmul on CUDA); without it,
+        # deterministic mode makes CUDA matmuls raise. ":4096:8" is the setting NVIDIA documents.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -121,6 +136,11 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     data = build(
         cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
     )
+    if cfg.trainer.get("test_at_end") and data.test is None:
+        raise DgtrainError(
+            f"trainer.test_at_end=true: data {cfg.data._target_.rsplit('.', 1)[-1]} has no held-out test set "
+            "(mnist, cifar10 and image_folder with data.test_root have one). Its val split is all there is."
+        )
     task = make_task(data.info.task, data.info.pad_id)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
@@ -249,6 +269,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     device = resolve_device(cfg.device)
     precision = precision_of(cfg)
     autocast = autocast_for(device, precision)
+    configure_torch(cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, device)
     model, task, tc = s.model, s.task, cfg.trainer
@@ -391,6 +412,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             step_loss = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = next(stream)
+                if s.data.augment is not None:  # on the device, training batches only (data.augment)
+                    batch = s.data.augment(batch)
                 with telemetry.forward(batch), autocast():
                     loss = task.loss(model, batch, s.loss_fn) / accum
                 telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
@@ -470,6 +493,10 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                     log.warning(f"SLURM job {slurm_requeue(step)} requeued")
                 break
         status = "completed" if step >= max_steps else "stopped"
+        if tc.test_at_end and status == "completed":  # the held-out test set, scored once: selects nothing
+            from dgtrain.evaluate import evaluate_split
+
+            record(evaluate_split(s, autocast, "test"))
         if status == "completed":
             ckpt_io.save_weights(model, run_dir / "model.safetensors")  # the final weights, without pickle
     finally:

@@ -44,8 +44,8 @@ def test_mnist_reads_idx_files(tmp_path, gz):
     files = _write_mnist(tmp_path / "MNIST" / "raw", gz=gz)
     b = mnist(seed=0, root=str(tmp_path))
     assert b.info.in_shape == (1, 28, 28) and b.info.num_classes == 10
-    assert len(b.train) == 20 and len(b.val) == 10
-    assert torch.equal(b.val.y, torch.from_numpy(files["t10k-labels-idx1-ubyte"].astype(np.int64)))
+    assert len(b.train) == 18 and len(b.val) == 2 and len(b.test) == 10
+    assert torch.equal(b.test.y, torch.from_numpy(files["t10k-labels-idx1-ubyte"].astype(np.int64)))
 
 
 def test_mnist_missing_files_are_listed(tmp_path):
@@ -85,7 +85,7 @@ def test_cifar10_reads_python_batches(tmp_path):
     _write_cifar(tmp_path / "cifar-10-batches-py")
     b = cifar10(seed=0, root=str(tmp_path))
     assert b.info.in_shape == (3, 32, 32)
-    assert len(b.train) == 30 and len(b.val) == 6
+    assert len(b.train) == 27 and len(b.val) == 3 and len(b.test) == 6
 
 
 def test_cifar10_missing_and_malicious_files(tmp_path):
@@ -175,3 +175,186 @@ def test_epoch_sampler_order_and_resume_position():
     s.set_epoch(3)
     assert list(s) != full
     assert sorted(i for b in full for i in b) == list(range(10))
+
+
+# ------------------------------------------------------------------ honest splits and normalisation
+
+
+def _rows(ds) -> set[bytes]:
+    return {row.numpy().tobytes() for row in ds.x}
+
+
+def test_mnist_validates_on_training_images_and_keeps_t10k_as_test(tmp_path):
+    """val is carved from the training files (seeded), never from t10k; t10k is the test split."""
+    _write_mnist(tmp_path, n_train=200, n_val=50)
+    a, b, c = (mnist(seed=s, root=str(tmp_path), val_fraction=0.25) for s in (0, 0, 1))
+    assert (len(a.train), len(a.val), len(a.test)) == (150, 50, 50)
+    assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, c.val.x)
+    assert not _rows(a.val) & _rows(a.test) and not _rows(a.val) & _rows(a.train)
+    assert len(_rows(a.train) | _rows(a.val)) == 200  # every training image in exactly one split
+    with pytest.raises(DgtrainError, match=r"data.val_fraction=0.0.*between 0 and 1"):
+        mnist(seed=0, root=str(tmp_path), val_fraction=0.0)
+
+
+def test_cifar10_validates_on_training_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    b = cifar10(seed=0, root=str(tmp_path), val_fraction=0.2)
+    assert (len(b.train), len(b.val), len(b.test)) == (80, 20, 20)
+    assert not _rows(b.val) & _rows(b.test)
+
+
+def test_idx_images_are_normalised_with_their_own_training_statistics(tmp_path):
+    """Fashion-MNIST-like files (other pixel statistics than MNIST): the training split ends up with mean 0
+    and std 1 per channel, measured on it alone; data.mean/data.std override; bad values are named."""
+    folder = tmp_path / "fashion"
+    _write_mnist(folder, n_train=100, n_val=10)
+    raw = folder / "train-images-idx3-ubyte"
+    images = np.random.default_rng(1).integers(100, 200, (100, 28, 28), dtype=np.uint8)  # mean ~0.59
+    raw.write_bytes(_idx(images))
+    b = mnist(seed=0, root=str(folder))
+    assert abs(float(b.train.x.mean())) < 1e-4 and abs(float(b.train.x.std()) - 1) < 1e-3
+    assert b.info.extra["normalize"]["from"] == "training split"
+    train_idx = split_indices(100, 0.1, 0)[0].numpy()  # the seed-0 split mnist() makes
+    assert b.info.extra["normalize"]["mean"][0] == pytest.approx(images[train_idx].mean() / 255, abs=1e-5)
+    c = mnist(seed=0, root=str(folder), mean=[0.5], std=[0.25])
+    assert torch.allclose(
+        c.val.x,
+        (b.val.x * b.info.extra["normalize"]["std"][0] + b.info.extra["normalize"]["mean"][0] - 0.5) / 0.25,
+        atol=1e-4,
+    )
+    with pytest.raises(DgtrainError, match=r"data.mean=\[0.5, 0.5, 0.5\]: 3 value.*1 channel"):
+        mnist(seed=0, root=str(folder), mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    with pytest.raises(DgtrainError, match="both data.mean and data.std"):
+        mnist(seed=0, root=str(folder), mean=[0.5])
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+def test_random_crop_shifts_each_image_on_its_own():
+    from dgtrain.data.augment import ImageAugment
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8) + 1  # no zeros inside: zeros in the output come from the padding
+    out, y = ImageAugment(padding=2, hflip=False)((x, torch.arange(64)))
+    assert out.shape == x.shape and torch.equal(y, torch.arange(64))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = []
+    for i in range(64):
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
+        assert len(hits) == 1, i
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 10  # independent draws, not one crop for the whole batch
+
+
+def test_horizontal_flip_mirrors_about_half_the_images():
+    from dgtrain.data.augment import ImageAugment
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 4, 4)
+    out, _ = ImageAugment(padding=0, hflip=True)((x, None))
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(200)]
+    kept = [torch.equal(out[i], x[i]) for i in range(200)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 60 < sum(flipped) < 140
+
+
+def test_augmentation_defaults_per_dataset(tmp_path):
+    _write_mnist(tmp_path / "m")
+    _write_cifar(tmp_path / "c" / "cifar-10-batches-py")
+    assert mnist(seed=0, root=str(tmp_path / "m")).augment is None  # digits: no flips, no crops by default
+    aug = cifar10(seed=0, root=str(tmp_path / "c")).augment
+    assert (aug.padding, aug.hflip) == (4, True)
+    assert digits(seed=0).augment is None
+
+
+def test_training_batches_are_augmented_on_the_device_and_evaluation_batches_never(
+    tmp_path, compose, monkeypatch
+):
+    from dgtrain.data.augment import ImageAugment
+    from dgtrain.train import fit
+
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    seen = []
+    real = ImageAugment.__call__
+    monkeypatch.setattr(ImageAugment, "__call__", lambda self, b: (seen.append(len(b[0])), real(self, b))[1])
+    cfg = compose(
+        [
+            "model=convnet",
+            "data=cifar10",
+            f"data.root={tmp_path}",
+            "data.batch_size=16",
+            "device=cpu",
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "logger=[]",
+            "trainer.test_at_end=true",
+        ]
+    )
+    result = fit(cfg, tmp_path / "run")
+    assert seen == [16, 16, 16]  # one call per training batch; validation and test batches untouched
+    assert "test/acc" in result.summary["final"] and "val/acc" in result.summary["final"]
+
+
+# ------------------------------------------------------------------------------------- image folders
+
+
+def _write_folder(root, classes=("cat", "dog"), n=4, size=(6, 6), mode="RGB"):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+
+
+def test_image_folder_reads_class_subfolders(tmp_path):
+    pytest.importorskip("PIL")
+    from dgtrain.data.images import image_folder
+
+    _write_folder(tmp_path / "train", n=10)
+    _write_folder(tmp_path / "test", n=3)
+    b = image_folder(seed=0, root=str(tmp_path / "train"), test_root=str(tmp_path / "test"), val_fraction=0.2)
+    assert (
+        b.info.in_shape == (3, 6, 6) and b.info.num_classes == 2 and b.info.extra["classes"] == ["cat", "dog"]
+    )
+    assert (len(b.train), len(b.val), len(b.test)) == (16, 4, 6)
+    assert sorted(torch.cat([b.train.y, b.val.y]).tolist()) == [0] * 10 + [1] * 10
+    grey = image_folder(seed=0, root=str(tmp_path / "train"), channels=1, image_size=4)
+    assert grey.info.in_shape == (1, 4, 4) and grey.test is None
+
+
+def test_image_folder_errors_name_the_folder_or_file_and_the_fix(tmp_path):
+    pytest.importorskip("PIL")
+    from dgtrain.data.images import image_folder
+
+    with pytest.raises(DgtrainError, match=r"data.root=.*nowhere: no such directory.*ImageFolder layout"):
+        image_folder(seed=0, root=str(tmp_path / "nowhere"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    with pytest.raises(DgtrainError, match="no class subfolders"):
+        image_folder(seed=0, root=str(tmp_path / "flat"))
+    _write_folder(tmp_path / "a")
+    (tmp_path / "a" / "empty").mkdir()
+    with pytest.raises(DgtrainError, match="class folder empty/ holds no images"):
+        image_folder(seed=0, root=str(tmp_path / "a"))
+    _write_folder(tmp_path / "b")
+    _write_folder(tmp_path / "b", classes=("dog",), size=(7, 5))  # overwrites dog/ with 7x5 images
+    with pytest.raises(DgtrainError, match=r"dog/0.png: 7x5 pixels, but 6x6.*data.image_size=N"):
+        image_folder(seed=0, root=str(tmp_path / "b"))
+    assert image_folder(seed=0, root=str(tmp_path / "b"), image_size=6).info.in_shape == (3, 6, 6)
+    _write_folder(tmp_path / "c")
+    (tmp_path / "c" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DgtrainError, match=r"broken.png: not a readable image"):
+        image_folder(seed=0, root=str(tmp_path / "c"))
+    _write_folder(tmp_path / "d")
+    _write_folder(tmp_path / "t", classes=("cat", "cow"))
+    with pytest.raises(DgtrainError, match=r"data.test_root=.*class folder\(s\) cow do not exist"):
+        image_folder(seed=0, root=str(tmp_path / "d"), test_root=str(tmp_path / "t"))
