@@ -103,7 +103,9 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"telemetry.peak_tflops={tel.peak_tflops}: must be positive, or null for the GPU table.")
     threads = cfg.get("threads")
     if threads is not None and int(threads) < 1:
-        out.append(f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default.")
+        out.append(
+            f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default."
+        )
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")

@@ -121,8 +121,8 @@ def test_csv_reader_and_errors(tmp_path):
         csv(seed=0, path=str(tmp_path / "missing.csv"), target="y")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,y\n1,2\nx,3\n4,5\n")
-    with pytest.raises(DgtrainError, match="line 3"):
-        csv(seed=0, path=str(bad), target="y")
+    with pytest.raises(DgtrainError, match=r"line 3, column 'a': 'x' is not a number.*data.categorical=auto"):
+        csv(seed=0, path=str(bad), target="y", categorical="none")
 
 
 def test_splits_are_deterministic_from_the_seed():
@@ -358,3 +358,39 @@ def test_image_folder_errors_name_the_folder_or_file_and_the_fix(tmp_path):
     _write_folder(tmp_path / "t", classes=("cat", "cow"))
     with pytest.raises(DgtrainError, match=r"data.test_root=.*class folder\(s\) cow do not exist"):
         image_folder(seed=0, root=str(tmp_path / "d"), test_root=str(tmp_path / "t"))
+
+
+# ---------------------------------------------------------------------------------- real CSV files
+
+
+def test_csv_from_excel_with_bom_semicolons_text_columns_and_dropped_ids(tmp_path):
+    """What Excel and European locales write: a byte-order mark, ';' between fields, a text column."""
+    rng = np.random.default_rng(0)
+    lines = ["CRIM;id;city;MEDV"]
+    for i in range(60):
+        city = ("Paris", "Lyon", "Nice")[i % 3]
+        crim = rng.normal()
+        lines.append(f"{crim:.4f};{1000 + i};{city};{2 * crim + (i % 3):.4f}")
+    f = tmp_path / "boston.csv"
+    f.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+    b = csv(seed=0, path=str(f), target="CRIM", drop=["id"])  # CRIM was rejected with the BOM glued on
+    assert b.info.extra["features"] == ["city=Lyon", "city=Nice", "city=Paris", "MEDV"]
+    assert b.info.in_shape == (4,) and len(b.train) + len(b.val) == 60
+    same = csv(seed=0, path=str(f), target="CRIM", drop=["id"], delimiter=";")
+    assert torch.equal(same.train.x, b.train.x)
+    with pytest.raises(DgtrainError, match=r"column 'city': 'Paris' is not a number"):
+        csv(seed=0, path=str(f), target="CRIM", drop=["id"], categorical="none")
+    with pytest.raises(DgtrainError, match=r"data.drop: zip not column\(s\).*Columns: CRIM, id, city, MEDV"):
+        csv(seed=0, path=str(f), target="CRIM", drop=["zip"])
+    with pytest.raises(DgtrainError, match=r"column 'city'.*target of a regression must be numeric"):
+        csv(seed=0, path=str(f), target="city")
+    with pytest.raises(DgtrainError, match=r"single column: set data.delimiter"):
+        csv(seed=0, path=str(f), target="CRIM", delimiter=",")
+    only = csv(seed=0, path=str(f), target="MEDV", categorical=["city"], drop=["id"])
+    assert only.info.extra["features"] == ["CRIM", "city=Lyon", "city=Nice", "city=Paris"]
+
+
+def test_csv_tab_separated_is_detected(tmp_path):
+    f = tmp_path / "t.tsv"
+    f.write_text("a\tb\ty\n" + "\n".join(f"{i}\t{i % 5}\t{3 * i}" for i in range(20)) + "\n")
+    assert csv(seed=0, path=str(f), target="y").info.extra["features"] == ["a", "b"]

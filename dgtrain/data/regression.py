@@ -86,8 +86,12 @@ def csv(
     target: str | None,
     val_fraction: float = 0.2,
     max_examples: int | None = None,
+    delimiter: str | None = None,
+    drop: list[str] | None = None,
+    categorical: str | list[str] | None = "auto",
 ) -> DataBundle:
-    """A numeric CSV file with a header row; `target` names the column to predict."""
+    """A CSV file with a header row; `target` names the (numeric) column to predict, every other column
+    not in `drop` is a feature. Text columns are one-hot encoded (`categorical`)."""
     if not path:
         raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
     p = Path(path).expanduser()
@@ -96,29 +100,143 @@ def csv(
             f"data.path={path}: file not found. Expected a CSV file with a header row "
             "and numeric columns, one of which is named by data.target."
         )
-    with p.open(newline="") as f:
-        rows = list(_csv.reader(f))
-    if len(rows) < 3:
+    header, rows, lines = read_table(p, delimiter)
+    if len(rows) < 2:
         raise DgtrainError(
-            f"data.path={p}: expected a header row and at least 2 data rows, found {len(rows)} rows."
+            f"data.path={p}: expected a header row and at least 2 data rows, found {len(rows) + 1} rows."
         )
-    header = [h.strip() for h in rows[0]]
-    if target is None or target not in header:
-        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {', '.join(header)}.")
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float32)
-    for r, row in enumerate(rows[1:], start=2):
+    x, y, features = encode_columns(p, header, rows, lines, target, drop or [], categorical)
+    return _bundle(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        standardise=True,
+        extra={"features": features},
+    )
+
+
+def read_table(p: Path, delimiter: str | None) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows and their line numbers in the file (blank lines skipped). A UTF-8 byte-order mark (what Excel writes) is dropped; the
+    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |."""
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            sample = f.read(65536)
+            f.seek(0)
+            if delimiter is None:
+                try:
+                    delimiter = _csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+                except _csv.Error:
+                    delimiter = ","
+            elif len(str(delimiter)) != 1:
+                raise DgtrainError(
+                    f"data.delimiter={delimiter!r}: must be one character (',', ';', '\\t', '|'), or null "
+                    "to detect it."
+                )
+            reader = _csv.reader(f, delimiter=str(delimiter))
+            numbered = [(reader.line_num, row) for row in reader if row]
+    except UnicodeDecodeError as e:
+        raise DgtrainError(f"data.path={p}: not UTF-8 text ({e}); save the file as UTF-8 CSV.") from e
+    if not numbered:
+        raise DgtrainError(f"data.path={p}: the file is empty; expected a header row and data rows.")
+    header = [h.strip() for h in numbered[0][1]]
+    for r, row in numbered[1:]:
         if len(row) != len(header):
             raise DgtrainError(
-                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
+                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
+                f"{delimiter!r}, set data.delimiter if that is wrong)."
             )
-        try:
-            values[r - 2] = [float(v) for v in row]
-        except ValueError as e:
+    return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_columns(
+    p: Path,
+    header: list[str],
+    rows: list[list[str]],
+    lines: list[int],
+    target: str | None,
+    drop: list[str],
+    categorical: str | list[str] | None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features, target (N, 1), feature names). Numeric columns as they are; the text columns chosen by
+    `categorical` one-hot encoded (`col=value` per category, sorted): "auto" every column holding a
+    non-number, a list those columns, "none" (or null) no column, so any text value is an error."""
+    columns = ", ".join(header)
+    if target is None or target not in header:
+        hint = ""
+        if len(header) == 1 and any(sep in header[0] for sep in ",;\t|"):
+            hint = " The header is a single column: set data.delimiter to the file's separator (or null to detect it)."
+        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {columns}.{hint}")
+    unknown = [c for c in drop if c not in header]
+    if unknown:
+        raise DgtrainError(f"data.drop: {', '.join(unknown)} not column(s) of {p}. Columns: {columns}.")
+    if target in drop:
+        raise DgtrainError(f"data.drop lists the target column {target!r}; drop features only.")
+    if categorical in (None, "none", False):
+        text_cols: set[str] = set()
+    elif categorical == "auto":
+        text_cols = {h for i, h in enumerate(header) if any(not _is_number(row[i]) for row in rows)}
+        text_cols -= {target}  # a text target is reported below, with its line
+    elif isinstance(categorical, str):
+        raise DgtrainError(
+            f"data.categorical={categorical!r}: expected auto, none or a list of column names (e.g. [city])."
+        )
+    else:
+        text_cols = {str(c) for c in categorical}
+        unknown = sorted(text_cols - set(header))
+        if unknown:
             raise DgtrainError(
-                f"{p}, line {r}: a non-numeric value ({e}); every column must be numeric."
-            ) from e
-    t = header.index(target)
-    data = torch.from_numpy(values)
-    x = torch.cat([data[:, :t], data[:, t + 1 :]], dim=1)
-    y = data[:, t : t + 1]
-    return _bundle(x, y, seed=seed, val_fraction=val_fraction, max_examples=max_examples, standardise=True)
+                f"data.categorical: {', '.join(unknown)} not column(s) of {p}. Columns: {columns}."
+            )
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    for i, h in enumerate(header):
+        if h in drop or h == target:
+            continue
+        if h in text_cols:
+            values = [row[i].strip() for row in rows]
+            cats = sorted(set(values))
+            index = {c: k for k, c in enumerate(cats)}
+            block = np.zeros((len(rows), len(cats)), dtype=np.float32)
+            block[np.arange(len(rows)), [index[v] for v in values]] = 1.0
+            blocks.append(block)
+            names.extend(f"{h}={c}" for c in cats)
+        else:
+            blocks.append(_numeric_column(p, rows, lines, i, h, "feature")[:, None])
+            names.append(h)
+    if not blocks:
+        raise DgtrainError(f"{p}: no feature columns left besides data.target={target!r} (data.drop={drop}).")
+    y = _numeric_column(p, rows, lines, header.index(target), target, "target")[:, None]
+    return np.concatenate(blocks, axis=1), y, names
+
+
+def _numeric_column(
+    p: Path, rows: list[list[str]], lines: list[int], i: int, name: str, role: str
+) -> np.ndarray:
+    out = np.empty(len(rows), dtype=np.float32)
+    for r, row in enumerate(rows):
+        try:
+            out[r] = float(row[i])
+        except ValueError:
+            hint = (
+                "the target of a regression must be numeric"
+                if role == "target"
+                else "one-hot encode it with data.categorical=auto (or ["
+                + name
+                + "]), or data.drop=["
+                + name
+                + "]"
+            )
+            raise DgtrainError(
+                f"{p}, line {lines[r]}, column {name!r}: {row[i]!r} is not a number; {hint}."
+            ) from None
+    return out
