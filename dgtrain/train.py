@@ -28,6 +28,7 @@ from dgtrain import checkpoint as ckpt_io
 from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
+from dgtrain.evaluate import evaluate_split
 from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
@@ -466,6 +467,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             ):
                 t_eval = time.perf_counter()
                 metrics.update(evaluate(s, autocast, tc.eval_batches))
+                if tc.test_at_end and step == max_steps:  # the held-out test set, once: selects nothing
+                    metrics.update(evaluate_split(s, autocast, "test"))
                 eval_s += time.perf_counter() - t_eval
                 last_eval_epochs = stream.completed_epochs
             if stop.signal and steps_since_log:  # the signal came during evaluation
@@ -493,10 +496,6 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                     log.warning(f"SLURM job {slurm_requeue(step)} requeued")
                 break
         status = "completed" if step >= max_steps else "stopped"
-        if tc.test_at_end and status == "completed":  # the held-out test set, scored once: selects nothing
-            from dgtrain.evaluate import evaluate_split
-
-            record(evaluate_split(s, autocast, "test"))
         if status == "completed":
             ckpt_io.save_weights(model, run_dir / "model.safetensors")  # the final weights, without pickle
     finally:

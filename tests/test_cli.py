@@ -224,3 +224,37 @@ def test_a_fresh_run_into_a_used_directory_starts_a_new_metrics_file(tmp_path):
         )
         assert p.returncode == 0, p.stdout + p.stderr
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [5, 10]
+
+
+def _patterned_mnist(folder: Path, n_train: int, n_test: int) -> None:
+    """MNIST-layout idx files a convnet can learn: a fixed random pattern per class plus noise."""
+    import numpy as np
+
+    from tests.test_data import _idx
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (10, 28, 28))
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = np.clip(patterns[y] + rng.normal(0, 60, (n, 28, 28)), 0, 255).astype(np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(x))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(y))
+
+
+def test_mnist_selects_on_a_val_split_of_the_training_files_and_tests_once_on_t10k(tmp_path):
+    _patterned_mnist(tmp_path / "mnist", 400, 120)
+    run = tmp_path / "run"
+    args = ["model=convnet", "data=mnist", f"data.root={tmp_path / 'mnist'}", "data.batch_size=32"]
+    p = run_cli([*args, "trainer.max_steps=12", "trainer.test_at_end=true", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "360 train / 40 val examples" in p.stdout + p.stderr
+    rows, summary = _check_outputs(run)
+    assert "test/acc" in rows[-1] and "test/loss" in rows[-1]
+    assert not any(k.startswith("test/") for r in rows[:-1] for k in r)  # scored once, at the end
+    assert summary["monitor"]["metric"] == "val/acc" and "test/acc" not in summary["best"]
+    val = json.loads(run_cli(["eval", str(run), "--json"], tmp_path).stdout)
+    test = json.loads(run_cli(["eval", str(run), "--split", "test", "--json"], tmp_path).stdout)
+    assert val["examples"] == 40 and test["examples"] == 120 and test["split"] == "test"
+    assert val["metrics"]["val/acc"] == pytest.approx(summary["final"]["val/acc"], abs=1e-6)
+    assert test["metrics"]["test/acc"] == pytest.approx(summary["final"]["test/acc"], abs=1e-6)
