@@ -248,3 +248,13 @@ def test_recipe_runs_from_an_installed_copy(tmp_path: Path):
     config = OmegaConf.load(away / "run" / "config.yaml")
     assert config.smoke.metric == "val/r2" and config.optimizer.lr == 0.05
     assert str(target) in run_cli(["ls"], away, env=env).stdout
+
+
+def test_smoke_device_cpu_skips_cuda_recipes_with_the_reason(tmp_path: Path):
+    """transformer_charlm_cuda took 270 s on the CPU against its 90 s CUDA budget: never run it there."""
+    from dgtrain.commands.smoke import SKIPPED, run_one
+
+    for name in [n for n in NAMES if n.endswith("_cuda")]:
+        o = run_one(name, [], "cpu", tmp_path)
+        assert o.status == SKIPPED and "a CUDA recipe (device=cuda" in o.reason and "device=cpu" in o.reason
+    assert not any(tmp_path.iterdir()), "nothing ran"
