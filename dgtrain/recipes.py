@@ -42,11 +42,20 @@ def header_lines(path: Path) -> list[str]:
 
 
 def describe(path: Path) -> str:
-    """A config file's one-line description: its first comment line that is not a directive or a command."""
+    """A config file's description: its first paragraph of comment lines that are not a directive or a
+    command, joined into one line (`dgtrain ls` wraps it)."""
+    words: list[str] = []
     for line in header_lines(path):
-        if line and not line.startswith("@package") and not line.startswith("dgtrain "):
-            return line
-    return ""
+        if line.startswith("@package") or line.startswith("dgtrain "):
+            if words:
+                break
+            continue
+        if not line:
+            if words:
+                break
+            continue
+        words.append(line)
+    return " ".join(words)
 
 
 def list_recipes(root: Path | None = None) -> list[Recipe]:
