@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,56 @@ def test_mnist_selects_on_a_val_split_of_the_training_files_and_tests_once_on_t1
     assert val["examples"] == 40 and test["examples"] == 120 and test["split"] == "test"
     assert val["metrics"]["val/acc"] == pytest.approx(summary["final"]["val/acc"], abs=1e-6)
     assert test["metrics"]["test/acc"] == pytest.approx(summary["final"]["test/acc"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def _dgtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dgtrain", *args], cwd=cwd, capture_output=True, text=True, env=cli_env()
+    )
+
+
+def test_help_lists_every_subcommand_fast_without_torch_or_hydra(tmp_path):
+    from dgtrain.cli import SUBCOMMANDS
+
+    p = _dgtrain("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for name, (_, description) in SUBCOMMANDS.items():
+        assert description and f"dgtrain {name}" in p.stdout and description in p.stdout, name
+    for group in ("model: ", "data: ", "optimizer: ", "scheduler: ", "loss: ", "logger: ", "recipe: "):
+        assert group in p.stdout
+    probe = (
+        "import sys, time; t = time.perf_counter(); sys.argv = ['dgtrain', '--help']\n"
+        "from dgtrain.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(time.perf_counter() - t, sorted(m for m in ('torch', 'hydra', 'omegaconf', 'rich') "
+        "if m in sys.modules), file=sys.stderr)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=cli_env()
+    )
+    seconds, heavy = p.stderr.strip().split(" ", 1)
+    assert heavy == "[]" and float(seconds) < 0.25, p.stderr
+    walls = []
+    for _ in range(3):  # the whole process, interpreter start included: the goal is <= 0.5 s
+        t0 = time.perf_counter()
+        _dgtrain("--help", cwd=tmp_path)
+        walls.append(time.perf_counter() - t0)
+    assert min(walls) <= 0.5, walls
+
+
+def test_version_prints_dgtrains_version(tmp_path):
+    from dgtrain import __version__
+
+    p = _dgtrain("--version", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout == f"dgtrain {__version__}\n" and "Hydra" not in p.stdout
+
+
+def test_unknown_command_is_named_with_the_commands_and_overrides_still_train(tmp_path):
+    p = _dgtrain("evl", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "unknown command 'evl'" in p.stderr and "Did you mean `dgtrain eval`?" in p.stderr
+    assert "sweep-summary" in p.stderr and "missing EQUAL" not in p.stderr + p.stdout
+    p = _dgtrain("--cfg", "job", "model=linreg", "~telemetry", cwd=tmp_path)  # flags, overrides, deletions
+    assert p.returncode == 0 and "synthetic_linear" in p.stdout, p.stderr
