@@ -394,3 +394,42 @@ def test_csv_tab_separated_is_detected(tmp_path):
     f = tmp_path / "t.tsv"
     f.write_text("a\tb\ty\n" + "\n".join(f"{i}\t{i % 5}\t{3 * i}" for i in range(20)) + "\n")
     assert csv(seed=0, path=str(f), target="y").info.extra["features"] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------- time to first step
+
+_FIRST_STEP = """
+import sys
+from dgtrain.recipes import compose
+from dgtrain.train import setup
+cfg, _ = compose(sys.argv[1:] + ["device=cpu"])
+s = setup(cfg)
+s.task.loss(s.model, next(iter(s.train_loader)), s.loss_fn).backward()
+print(" ".join(sorted(m for m in ("sklearn", "scipy", "matplotlib", "PIL", "wandb", "tensorboard") if m in sys.modules)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model=convnet", "data=synthetic_images"], ""),
+        (["model=transformer", "data=text"], ""),
+        (["model=convnet"], "scipy sklearn"),  # digits: scikit-learn's bundled data is the data in use
+    ],
+)
+def test_only_the_data_in_use_pays_for_its_imports(overrides, expected, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    p = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP, *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == expected  # sklearn.datasets alone costs ~1.35 s here
