@@ -385,12 +385,12 @@ def print_table(result: dict[str, Any], file=None) -> None:
     if mixed:
         # No common scale: one ranking per metric, each starting at #1 (a rule between the groups).
         heading = "trials monitor different metrics, ranked within each: " + "; ".join(
-            f"{g['metric']} ({_arrow(g['direction'])}) {g['trials']}" for g in result["groups"]
+            f"{g['metric']} ({_arrow(g['direction'])}): {g['trials']} trials" for g in result["groups"]
         )
     else:
         heading = f"{result['metric'] or 'objective'} ({_arrow(result['direction'])})"
     # Everything from files or the command line is escaped: `logger=[console,wandb]` is not rich markup.
-    table = Table(title=escape(f"sweep {result['sweep_dir']}: {heading}, {counts}"), title_justify="left")
+    table = Table(title=escape(f"sweep {result['sweep_dir']}: {heading} | {counts}"), title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("job")
     table.add_column("overrides")

@@ -120,7 +120,7 @@ class ConsoleLogger:
                     + self._graph
                 )
             self._progress.update(self._task, completed=step, **fields)
-            val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+            val = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             if val:
                 self._progress.console.log(
                     f"step {step}: " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in val.items())
