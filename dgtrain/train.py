@@ -29,7 +29,14 @@ from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.evaluate import evaluate_split
-from dgtrain.faults import finite_flag, nonfinite_error, skip_update, slurm_requeue
+from dgtrain.faults import (
+    finite_flag,
+    nonfinite_error,
+    skip_budget,
+    skip_update,
+    slurm_requeue,
+    too_many_skipped,
+)
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
@@ -266,6 +273,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
+    checkpointer.claim(cfg.get("resume"))  # one dir, one run: lock, run id, writable (docs/checkpoints.md)
     resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
     device = resolve_device(cfg.device)
     precision = precision_of(cfg)
@@ -301,6 +309,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     last_finite: tuple[int, float] | None = None
     counts_tokens = False
     skipped = 0  # steps whose update trainer.nonfinite=skip dropped
+    max_skipped = skip_budget(tc.get("max_skipped"), max_steps)
     if resumed is not None:  # continue exactly where the checkpoint left off: objects, data position, RNG
         loop = ckpt_io.restore(
             resumed, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=stream
@@ -443,6 +452,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             else:
                 skip_update(scaler)
                 skipped += 1
+                if skipped > max_skipped:
+                    raise too_many_skipped(skipped, step + 1, max_skipped)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             telemetry.after_step()
@@ -514,10 +525,13 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             run_dir,
         )
         summary["telemetry"] = telemetry.summary()
+        summary["run_id"] = checkpointer.run_id
+        summary["skipped_steps"] = skipped
         summary_text = json.dumps(summary, indent=2) + "\n"
         ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
+        checkpointer.release()
     return TrainResult(summary, model, s, history, stop.exit_code if stop.signal else 0)
 
 

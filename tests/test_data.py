@@ -121,8 +121,10 @@ def test_csv_reader_and_errors(tmp_path):
         csv(seed=0, path=str(tmp_path / "missing.csv"), target="y")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,y\n1,2\nx,3\n4,5\n")
-    with pytest.raises(DgtrainError, match=r"line 3, column 'a': 'x' is not a number.*data.categorical=auto"):
-        csv(seed=0, path=str(bad), target="y", categorical="none")
+    with pytest.raises(
+        DgtrainError, match=r"line 3, column 1 \('a'\): the value 'x' is not a number.*categorical=auto"
+    ):
+        csv(seed=0, path=str(bad), target="y")
 
 
 def test_splits_are_deterministic_from_the_seed():
@@ -373,18 +375,18 @@ def test_csv_from_excel_with_bom_semicolons_text_columns_and_dropped_ids(tmp_pat
         lines.append(f"{crim:.4f};{1000 + i};{city};{2 * crim + (i % 3):.4f}")
     f = tmp_path / "boston.csv"
     f.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
-    b = csv(seed=0, path=str(f), target="CRIM", drop=["id"])  # CRIM was rejected with the BOM glued on
+    b = csv(seed=0, path=str(f), target="CRIM", drop=["id"], categorical="auto")  # CRIM: BOM stripped
     assert b.info.extra["features"] == ["city=Lyon", "city=Nice", "city=Paris", "MEDV"]
     assert b.info.in_shape == (4,) and len(b.train) + len(b.val) == 60
-    same = csv(seed=0, path=str(f), target="CRIM", drop=["id"], delimiter=";")
+    same = csv(seed=0, path=str(f), target="CRIM", drop=["id"], delimiter=";", categorical="auto")
     assert torch.equal(same.train.x, b.train.x)
-    with pytest.raises(DgtrainError, match=r"column 'city': 'Paris' is not a number"):
-        csv(seed=0, path=str(f), target="CRIM", drop=["id"], categorical="none")
+    with pytest.raises(DgtrainError, match=r"line 2, column 3 \('city'\): the value 'Paris' is not a number"):
+        csv(seed=0, path=str(f), target="CRIM", drop=["id"])  # categorical=none, the default
     with pytest.raises(DgtrainError, match=r"data.drop: zip not column\(s\).*Columns: CRIM, id, city, MEDV"):
         csv(seed=0, path=str(f), target="CRIM", drop=["zip"])
-    with pytest.raises(DgtrainError, match=r"column 'city'.*target of a regression must be numeric"):
-        csv(seed=0, path=str(f), target="city")
-    with pytest.raises(DgtrainError, match=r"single column: set data.delimiter"):
+    with pytest.raises(DgtrainError, match=r"column 3 \('city'\).*target of a regression must be numeric"):
+        csv(seed=0, path=str(f), target="city", categorical="auto")
+    with pytest.raises(DgtrainError, match=r"first line holds a single field.*Set data.delimiter"):
         csv(seed=0, path=str(f), target="CRIM", delimiter=",")
     only = csv(seed=0, path=str(f), target="MEDV", categorical=["city"], drop=["id"])
     assert only.info.extra["features"] == ["CRIM", "city=Lyon", "city=Nice", "city=Paris"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dgtrain.errors import DgtrainError
+
 TASKS = ("regression", "classification", "seq2seq", "lm")
 
 
@@ -124,9 +126,14 @@ def make_loader(
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic random train/val split of n examples, from the run's seed."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        raise DgtrainError(f"data.val_fraction={val_fraction}: must be a number in (0, 1).")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise DgtrainError(
+            f"data: {n} example(s) leave none for training after the validation split "
+            f"(data.val_fraction={val_fraction}); use more data (data.max_examples) or a smaller fraction."
+        )
     return perm[n_val:], perm[:n_val]
 
 

@@ -230,13 +230,20 @@ def mnist(
             raise DgtrainError(
                 f"data=mnist: {len(images)} {what} images but {len(labels)} labels under {base}."
             )
+        if len(images) == 0:
+            raise DgtrainError(f"data=mnist: the {what} files under {base} hold no images.")
+        if int(labels.max()) > 9:
+            bad = int(np.argmax(labels > 9))
+            raise DgtrainError(
+                f"data=mnist: {what} label {int(labels[bad])} (example {bad}) under {base} is outside 0..9; "
+                "the labels file is not MNIST's or is corrupt."
+            )
         n = limit(len(images), cap)
         x = torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0
         return x, torch.from_numpy(labels[:n].astype(np.int64))
 
     x_tr, y_tr = prep(arrays["train_images"], arrays["train_labels"], None, "training")
     test = prep(arrays["test_images"], arrays["test_labels"], max_test_examples, "test")
-    num_classes = max(10, int(y_tr.max()) + 1)
     return _image_bundle(
         x_tr,
         y_tr,
@@ -244,7 +251,7 @@ def mnist(
         seed=seed,
         val_fraction=val_fraction,
         max_examples=max_examples,
-        num_classes=num_classes,
+        num_classes=10,
         test=test,
         mean=mean,
         std=std,

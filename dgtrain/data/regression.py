@@ -79,67 +79,61 @@ def diabetes(*, seed: int, val_fraction: float = 0.2, max_examples: int | None =
     return _bundle(x, y, seed=seed, val_fraction=val_fraction, max_examples=max_examples, standardise=True)
 
 
-def csv(
-    *,
-    seed: int,
-    path: str | None,
-    target: str | None,
-    val_fraction: float = 0.2,
-    max_examples: int | None = None,
-    delimiter: str | None = None,
-    drop: list[str] | None = None,
-    categorical: str | list[str] | None = "auto",
-) -> DataBundle:
-    """A CSV file with a header row; `target` names the (numeric) column to predict, every other column
-    not in `drop` is a feature. Text columns are one-hot encoded (`categorical`)."""
-    if not path:
-        raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DgtrainError(
-            f"data.path={path}: file not found. Expected a CSV file with a header row "
-            "and numeric columns, one of which is named by data.target."
-        )
-    header, rows, lines = read_table(p, delimiter)
-    if len(rows) < 2:
-        raise DgtrainError(
-            f"data.path={p}: expected a header row and at least 2 data rows, found {len(rows) + 1} rows."
-        )
-    x, y, features = encode_columns(p, header, rows, lines, target, drop or [], categorical)
-    return _bundle(
-        torch.from_numpy(x),
-        torch.from_numpy(y),
-        seed=seed,
-        val_fraction=val_fraction,
-        max_examples=max_examples,
-        standardise=True,
-        extra={"features": features},
-    )
+def _field(v: str, width: int = 40) -> str:
+    """A field of the user's file as an error may quote it: repr'd and cut short, never a whole line."""
+    return repr(v if len(v) <= width else v[:width] + "...")
 
 
-def read_table(p: Path, delimiter: str | None) -> tuple[list[str], list[list[str]], list[int]]:
-    """Header, data rows and their line numbers in the file (blank lines skipped). A UTF-8 byte-order mark (what Excel writes) is dropped; the
-    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |."""
+def _is_float(v: str) -> bool:
     try:
-        with p.open(newline="", encoding="utf-8-sig") as f:
-            sample = f.read(65536)
-            f.seek(0)
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _columns(header: list[str]) -> str:
+    """The header as an error lists it: names cut short, at most 20 of them."""
+    names = [h if len(h) <= 30 else h[:30] + "..." for h in header[:20]]
+    return ", ".join(names) + (f", ... ({len(header)} in all)" if len(header) > 20 else "")
+
+
+def read_table(p: Path, path: str, delimiter: str | None) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows and their line numbers in the file (blank lines skipped). `.gz` files are
+    decompressed (as pandas reads them); a UTF-8 byte-order mark (what Excel writes) is dropped; the
+    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |."""
+    import gzip
+
+    if delimiter is not None and len(str(delimiter)) != 1:
+        raise DgtrainError(
+            f"data.delimiter={delimiter!r}: must be one character (',', ';', '\\t', '|'), or null to detect it."
+        )
+    gz = p.suffix == ".gz"
+    try:
+        with (
+            gzip.open(p, "rt", newline="", encoding="utf-8-sig")
+            if gz
+            else p.open(newline="", encoding="utf-8-sig")
+        ) as f:
             if delimiter is None:
+                sample = f.read(65536)
+                f.seek(0)
                 try:
                     delimiter = _csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
                 except _csv.Error:
                     delimiter = ","
-            elif len(str(delimiter)) != 1:
-                raise DgtrainError(
-                    f"data.delimiter={delimiter!r}: must be one character (',', ';', '\\t', '|'), or null "
-                    "to detect it."
-                )
             reader = _csv.reader(f, delimiter=str(delimiter))
             numbered = [(reader.line_num, row) for row in reader if row]
-    except UnicodeDecodeError as e:
-        raise DgtrainError(f"data.path={p}: not UTF-8 text ({e}); save the file as UTF-8 CSV.") from e
-    if not numbered:
-        raise DgtrainError(f"data.path={p}: the file is empty; expected a header row and data rows.")
+    except (OSError, EOFError, UnicodeDecodeError, _csv.Error) as e:
+        what = type(e).__name__ if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:80]
+        raise DgtrainError(
+            f"data.path={path}: cannot be read as a {'gzipped ' if gz else ''}UTF-8 CSV file ({what}). "
+            "Expected a text CSV file (optionally .csv.gz) with a header row."
+        ) from None
+    if len(numbered) < 3:
+        raise DgtrainError(
+            f"data.path={p}: expected a header row and at least 2 data rows, found {len(numbered)} rows."
+        )
     header = [h.strip() for h in numbered[0][1]]
     for r, row in numbered[1:]:
         if len(row) != len(header):
@@ -148,14 +142,6 @@ def read_table(p: Path, delimiter: str | None) -> tuple[list[str], list[list[str
                 f"{delimiter!r}, set data.delimiter if that is wrong)."
             )
     return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-    except ValueError:
-        return False
-    return True
 
 
 def encode_columns(
@@ -170,32 +156,41 @@ def encode_columns(
     """(features, target (N, 1), feature names). Numeric columns as they are; the text columns chosen by
     `categorical` one-hot encoded (`col=value` per category, sorted): "auto" every column holding a
     non-number, a list those columns, "none" (or null) no column, so any text value is an error."""
-    columns = ", ".join(header)
     if target is None or target not in header:
-        hint = ""
-        if len(header) == 1 and any(sep in header[0] for sep in ",;\t|"):
-            hint = " The header is a single column: set data.delimiter to the file's separator (or null to detect it)."
-        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {columns}.{hint}")
-    unknown = [c for c in drop if c not in header]
+        if len(header) < 2:  # one field: not a table (or another separator), and its line is not quoted back
+            raise DgtrainError(
+                f"data.path={p}: the first line holds a single field, so this does not look like a table with a "
+                "header row. Set data.delimiter to the file's separator (null detects , ; tab |); "
+                "data.target must name one of its columns."
+            )
+        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {_columns(header)}.")
+    if len(header) < 2:
+        raise DgtrainError(
+            f"data.path={p}: the only column is the target {target!r}, so there are no features to learn "
+            "from. Add feature columns, or point data.path at the full table."
+        )
+    unknown = [str(c) for c in drop if c not in header]
     if unknown:
-        raise DgtrainError(f"data.drop: {', '.join(unknown)} not column(s) of {p}. Columns: {columns}.")
+        raise DgtrainError(
+            f"data.drop: {', '.join(unknown)} not column(s) of {p}. Columns: {_columns(header)}."
+        )
     if target in drop:
         raise DgtrainError(f"data.drop lists the target column {target!r}; drop features only.")
     if categorical in (None, "none", False):
         text_cols: set[str] = set()
     elif categorical == "auto":
-        text_cols = {h for i, h in enumerate(header) if any(not _is_number(row[i]) for row in rows)}
+        text_cols = {h for i, h in enumerate(header) if any(not _is_float(row[i]) for row in rows)}
         text_cols -= {target}  # a text target is reported below, with its line
     elif isinstance(categorical, str):
         raise DgtrainError(
-            f"data.categorical={categorical!r}: expected auto, none or a list of column names (e.g. [city])."
+            f"data.categorical={categorical!r}: expected none, auto or a list of column names (e.g. [city])."
         )
     else:
         text_cols = {str(c) for c in categorical}
         unknown = sorted(text_cols - set(header))
         if unknown:
             raise DgtrainError(
-                f"data.categorical: {', '.join(unknown)} not column(s) of {p}. Columns: {columns}."
+                f"data.categorical: {', '.join(unknown)} not column(s) of {p}. Columns: {_columns(header)}."
             )
     names: list[str] = []
     blocks: list[np.ndarray] = []
@@ -222,21 +217,62 @@ def encode_columns(
 def _numeric_column(
     p: Path, rows: list[list[str]], lines: list[int], i: int, name: str, role: str
 ) -> np.ndarray:
+    """Column i as float32; a text, NaN or infinite value (or one beyond float32's range) is an error
+    naming its line and column."""
     out = np.empty(len(rows), dtype=np.float32)
-    for r, row in enumerate(rows):
-        try:
-            out[r] = float(row[i])
-        except ValueError:
-            hint = (
-                "the target of a regression must be numeric"
-                if role == "target"
-                else "one-hot encode it with data.categorical=auto (or ["
-                + name
-                + "]), or data.drop=["
-                + name
-                + "]"
-            )
-            raise DgtrainError(
-                f"{p}, line {lines[r]}, column {name!r}: {row[i]!r} is not a number; {hint}."
-            ) from None
+    where = f"column {i + 1} ({_field(name, 30)})"
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below
+        for r, row in enumerate(rows):
+            try:
+                out[r] = float(row[i])
+            except ValueError:
+                hint = (
+                    "the target of a regression must be numeric"
+                    if role == "target"
+                    else f"one-hot encode it with data.categorical=auto (or [{name}]), or data.drop=[{name}]"
+                )
+                raise DgtrainError(
+                    f"{p}, line {lines[r]}, {where}: the value {_field(row[i])} is not a number; {hint}."
+                ) from None
+    bad = np.flatnonzero(~np.isfinite(out))  # nan, inf, or beyond float32's range
+    if len(bad):
+        r = int(bad[0])
+        raise DgtrainError(
+            f"{p}, line {lines[r]}, {where}: the value {_field(rows[r][i])} is not a finite number (float32); "
+            "it would make every loss NaN. Remove or fill the missing or infinite values before training."
+        )
     return out
+
+
+def csv(
+    *,
+    seed: int,
+    path: str | None,
+    target: str | None,
+    val_fraction: float = 0.2,
+    max_examples: int | None = None,
+    delimiter: str | None = None,
+    drop: list[str] | None = None,
+    categorical: str | list[str] | None = "none",
+) -> DataBundle:
+    """A CSV file (or .csv.gz) with a header row; `target` names the (numeric) column to predict, every
+    other column not in `drop` is a feature. Text columns are one-hot encoded when `categorical` says so."""
+    if not path:
+        raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DgtrainError(
+            f"data.path={path}: file not found. Expected a CSV file with a header row "
+            "and numeric columns, one of which is named by data.target."
+        )
+    header, rows, lines = read_table(p, path, delimiter)
+    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical)
+    return _bundle(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        standardise=True,
+        extra={"features": features},
+    )
