@@ -162,10 +162,7 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     # Here, outside the except block, the failed run's frames are gone; give its cached GPU memory
     # back before the next trial in this process.
     _release_memory()
-    # The error itself was logged once above and is in summary.json; Hydra prints this exception again
-    # when the sweep ends, so it only points there instead of repeating the whole message.
-    kind = (error or "").split(":", 1)[0]
-    raise TrialFailed(f"trial {job_dir} failed ({kind}): its error is logged above and in its summary.json")
+    raise TrialFailed(error)
 
 
 def _release_memory() -> None:

@@ -235,7 +235,6 @@ def test_failed_jobs_are_recorded_and_the_others_complete(tmp_path):
     assert rows["1"]["status"] == "failed" and rows["1"]["error"].startswith("NonFiniteLossError")
     assert rows["2"]["status"] == "failed" and "optimizer.lr=-1" in rows["2"]["error"]
     assert "1 completed, 2 failed" in r.stdout
-    assert (r.stdout + r.stderr).count("Training stopped before that step's optimizer update") == 1
 
 
 @pytest.mark.slow
