@@ -35,7 +35,9 @@ log = logging.getLogger("dgtrain")
 
 SUMMARY_FILES = ("sweep_summary.csv", "sweep_summary.json", "sweep_objective.png")
 # Order of the statuses below the ranked (completed) trials in the table.
-STATUS_ORDER = {"completed": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
+# A trial that early stopping ended finished as planned: it is ranked like a completed one.
+FINISHED = ("completed", "early_stopped")
+STATUS_ORDER = {"completed": 0, "early_stopped": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
 
 
 class TrialFailed(CompactHydraException):
@@ -96,7 +98,7 @@ def finished_objective(job_dir: Path, overrides: list[str], cfg: DictConfig) -> 
     settings, or None when the job must (re)run."""
     summary = _read_summary(job_dir)
     sweep = (summary or {}).get("sweep") or {}
-    if not summary or summary.get("status") != "completed":
+    if not summary or summary.get("status") not in FINISHED:
         return None
     if _trial_key(sweep.get("overrides") or []) != _trial_key(overrides):
         return None
@@ -250,7 +252,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
         s = summary or {}
         sweep = s.get("sweep") or {}
         objective = sweep.get("objective")
-        if objective is None and not sweep and s.get("status") == "completed":
+        if objective is None and not sweep and s.get("status") in FINISHED:
             objective = (s.get("monitor") or {}).get("value")  # a run from before sweep.* existed
         rows.append(
             {
@@ -279,7 +281,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
         r["params"] = dict(_split(o) for o in r["overrides"])
         # Each trial is judged by its own objective: the metric it monitored, in that metric's direction.
         # Trials of different tasks (linreg: val/mse, convnet: val/acc) never share one ranking.
-        if r.get("metric") is None and r["status"] == "completed":
+        if r.get("metric") is None and r["status"] in FINISHED:
             r["metric"] = default_metric
         if r.get("metric") and not r.get("direction"):
             r["direction"] = default_direction or natural_direction(r["metric"])
@@ -308,9 +310,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
 
 
 def _is_ranked(r: dict[str, Any]) -> bool:
-    return (
-        r["status"] == "completed" and isinstance(r.get("objective"), (int, float)) and bool(r.get("metric"))
-    )
+    return r["status"] in FINISHED and isinstance(r.get("objective"), (int, float)) and bool(r.get("metric"))
 
 
 def rank_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
