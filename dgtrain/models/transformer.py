@@ -2,13 +2,20 @@
 
 Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash or
 memory-efficient on CUDA) when the masks allow it. Blocks are pre-norm for stable training.
+
+`activation_checkpointing=True` keeps only each block's input for backward and recomputes the block's
+inside during backward (`torch.utils.checkpoint`, non-reentrant): less memory for one more forward per
+block. The RNG state is replayed, so dropout draws the same masks and the gradients are unchanged.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dgtrain.data import DataInfo
 from dgtrain.errors import DgtrainError
@@ -104,12 +111,23 @@ class Transformer(nn.Module):
         pad_id: int | None = None,
         bos_id: int | None = None,
         eos_id: int | None = None,
+        activation_checkpointing: bool = False,
+        vocab_multiple: int = 1,
     ):
         super().__init__()
         if arch not in ARCHS:
             raise DgtrainError(f"model.arch={arch!r}: expected one of auto, {', '.join(ARCHS)}.")
         self.arch, self.max_positions = arch, max_positions
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.activation_checkpointing = bool(activation_checkpointing)
+        if int(vocab_multiple) < 1:
+            raise DgtrainError(
+                f"model.vocab_multiple={vocab_multiple}: expected a positive integer (1: no padding)."
+            )
+        # Embedding and head rows padded to a multiple (GPT-2's 50,257 -> 50,304 with 64) give matmul
+        # shapes the GPU tiles well; the extra ids never occur in the data, so training pushes them down.
+        self.vocab_size = vocab_size
+        vocab_size = math.ceil(vocab_size / int(vocab_multiple)) * int(vocab_multiple)
         d_ff = d_ff or 4 * d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_positions, d_model)
@@ -152,11 +170,16 @@ class Transformer(nn.Module):
         pos = torch.arange(t, device=tokens.device)
         return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
 
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         src_mask = None if self.pad_id is None else src != self.pad_id
         x = self._embed(src)
         for block in self.encoder:
-            x = block(x, src_mask)
+            x = self._run(block, x, src_mask)
         return self.enc_ln(x), src_mask
 
     def decode(
@@ -167,7 +190,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         x = self._embed(tokens)
         for block in self.decoder:
-            x = block(x, memory, memory_mask)
+            x = self._run(block, x, memory, memory_mask)
         return self.head(self.ln_f(x))
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,7 +207,7 @@ class Transformer(nn.Module):
         ys = torch.full((src.shape[0], 1), self.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for _ in range(max_len):
-            nxt = self.decode(ys, memory, src_mask)[:, -1].argmax(-1)
+            nxt = self.decode(ys, memory, src_mask)[:, -1, : self.vocab_size].argmax(-1)  # never a padding id
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             ys = torch.cat([ys, nxt[:, None]], dim=1)
             done |= nxt == self.eos_id
