@@ -69,6 +69,8 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # torch.compile the model's forward: false | true | reduce-overhead | max-autotune (dgtrain/compile.py).
+    compile: Any = False
 
 
 @dataclass

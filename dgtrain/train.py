@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
+from dgtrain.compile import compile_model
 from dgtrain.config import allowed_prefixes, build, locate
 from dgtrain.data import DataBundle, make_loader
 from dgtrain.errors import DgtrainError
@@ -252,6 +253,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     seed_everything(cfg.seed)
     s = setup(cfg, device)
     model, task, tc = s.model, s.task, cfg.trainer
+    compiled = compile_model(model, tc.compile, task.name)  # in place: state_dict keys stay the model's
 
     accum = int(tc.grad_accum_steps)
     steps_per_epoch = max(1, len(s.train_loader) // accum)
@@ -365,6 +367,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         if n_tokens is not None:
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics.update(compiled.metrics())  # perf/recompiles, perf/compile_s (trainer.compile only)
         samples, steps_since_log, eval_s = 0, 0, 0.0
         tokens.zero_()
         t_log = time.perf_counter()

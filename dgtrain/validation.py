@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dgtrain.compile import parse_mode
 from dgtrain.config import allowed_prefixes, find_targets, locate
 from dgtrain.data import TASKS
 from dgtrain.errors import DgtrainError
@@ -87,6 +88,10 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     for key in ("max_steps", "eval_every", "eval_batches"):
         if tc[key] is not None and int(tc[key]) < 1:
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
+    try:
+        parse_mode(tc.get("compile", False))
+    except DgtrainError as e:
+        out.append(str(e))
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
     ck = cfg.get("checkpoint") or {}
