@@ -13,16 +13,17 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
-# name -> "module:function"; each function takes the remaining argv and returns an exit code.
+# name -> "module:function": every subcommand is dgtrain/commands/<name>.py, whose `main` takes the
+# remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
-    "eval": "dgtrain.evaluate:main",
-    "graph": "dgtrain.graph:main",
+    "eval": "dgtrain.commands.eval:main",
+    "graph": "dgtrain.commands.graph:main",
     "ls": "dgtrain.commands.ls:main",
-    "plot": "dgtrain.plots:main",
+    "plot": "dgtrain.commands.plot:main",
     "smoke": "dgtrain.commands.smoke:main",
-    "sweep-summary": "dgtrain.sweep:summary_main",
+    "sweep-summary": "dgtrain.commands.sweep_summary:main",
     "validate": "dgtrain.commands.validate:main",
-    "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
+    "wandb-sweep": "dgtrain.commands.wandb_sweep:main",
 }
 
 

@@ -224,3 +224,20 @@ def test_a_fresh_run_into_a_used_directory_starts_a_new_metrics_file(tmp_path):
         )
         assert p.returncode == 0, p.stdout + p.stderr
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [5, 10]
+
+
+def test_every_subcommand_lives_in_dgtrain_commands_and_answers_help(tmp_path):
+    """`dgtrain <name>` is dgtrain/commands/<name>.py's `main(argv) -> int`; each answers --help."""
+    import importlib
+
+    from dgtrain.cli import SUBCOMMANDS
+
+    modules = {p.stem for p in (REPO / "dgtrain" / "commands").glob("*.py") if p.stem != "__init__"}
+    assert {name.replace("-", "_") for name in SUBCOMMANDS} == modules
+    for name, target in SUBCOMMANDS.items():
+        module, func = target.split(":")
+        assert (module, func) == (f"dgtrain.commands.{name.replace('-', '_')}", "main")
+        assert callable(getattr(importlib.import_module(module), func))
+    for name in SUBCOMMANDS:
+        p = run_cli([name, "--help"], cwd=tmp_path)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), (name, p.stdout + p.stderr)

@@ -89,7 +89,7 @@ def test_every_shipped_option_and_recipe_passes_the_strict_key_check(compose):
 
 
 def test_graph_refuses_a_negative_size(tmp_path, monkeypatch):
-    from dgtrain.graph import main as graph_main
+    from dgtrain.commands.graph import main as graph_main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DgtrainError, match=r"model\.hidden_size=-3: must be a positive integer"):

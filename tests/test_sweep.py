@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from dgtrain.commands.sweep_summary import main as summary_main
 from dgtrain.errors import DgtrainError
-from dgtrain.sweep import collect, objective_from_history, summary_main
+from dgtrain.sweep import collect, objective_from_history
 from dgtrain.wandb_sweep import parameter_spec, wandb_sweep_config
 from tests.conftest import run_cli
 
