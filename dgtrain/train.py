@@ -561,7 +561,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
-    resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
+    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))  # a dry run never resumes (nor trims files)
+    resumed = None if fast_dev_run else checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
     device = resolve_device(cfg.device)
     precision = precision_of(cfg)
     seed_everything(cfg.seed)
