@@ -100,6 +100,7 @@ def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
     path = Path(path)
     with _atomic(path) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "dgtrain": __version__})
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors writes the file itself, 0600: same mode as the others
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
     return path
@@ -252,17 +253,26 @@ def read_wandb_id(run_dir: Path) -> str | None:
     return (p.read_text().strip() or None) if p.is_file() else None
 
 
-def newest_valid(directory: Path, why: str) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over."""
+def newest_valid(
+    directory: Path, why: str, run_id: str | None = None, remove_corrupt: bool = False
+) -> tuple[Path, dict] | None:
+    """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over.
+    With `run_id`, checkpoints of another run are passed over too; with `remove_corrupt`, unreadable
+    ones are deleted (rotation would otherwise keep them and delete the valid ones)."""
     candidates = list_checkpoints(directory)[::-1]
     errors = []
     for i, p in enumerate(candidates):
+        nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left"
         try:
             state = load(p)
         except CheckpointError as e:
             errors.append(str(e))
-            nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left"
-            log.warning(f"{why}: {e} {nxt}.")
+            if remove_corrupt:
+                p.unlink(missing_ok=True)
+            log.warning(f"{why}: {e} {'Removed it; ' if remove_corrupt else ''}{nxt}.")
+            continue
+        if run_id is not None and state.get("run_id") not in (None, run_id):
+            log.warning(f"{why}: {p} belongs to run {state['run_id']}, not to this run ({run_id}); {nxt}.")
             continue
         return p, state
     if errors:
@@ -271,6 +281,131 @@ def newest_valid(directory: Path, why: str) -> tuple[Path, dict] | None:
             + "\n".join(f"  - {e}" for e in errors)
         )
     return None
+
+
+# ------------------------------------------------------------------------------ one dir, one run
+
+LOCK_FILE = ".dgtrain.lock"
+RUN_FILE = "run.json"  # the run id of the run that owns a run dir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class DirLock:
+    """An exclusive lock on a directory for the whole of a run: `<dir>/.dgtrain.lock`, held with
+    flock (so the kernel releases it when the process dies, however it dies) and holding the holder's
+    pid and host for the message a second run gets. A lock file left by a process that is gone is
+    taken over, with a warning."""
+
+    def __init__(self, directory: Path, what: str):
+        self.path, self.what, self.fd = Path(directory) / LOCK_FILE, what, None
+
+    def acquire(self, run_id: str) -> None:
+        import fcntl
+        import socket
+
+        host = socket.gethostname()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise DgtrainError(
+                    f"{self.what} {self.path.parent} is in use by another dgtrain run (pid "
+                    f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, run {holder.get('run_id', '?')}, "
+                    f"started {holder.get('started', '?')}). Two runs in one directory overwrite each other's "
+                    "files: wait for it to finish, or choose another directory (hydra.run.dir=... or "
+                    "checkpoint.dir=...)."
+                ) from None
+            except OSError as e:  # a filesystem without flock: say so, and go on unlocked
+                log.warning(f"{self.what} {self.path.parent}: cannot lock ({e}); two runs here would collide")
+                break
+            try:  # the file we locked may have been removed by its previous holder meanwhile: lock again
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        old = _read_holder(fd)
+        if old.get("pid"):
+            alive = old.get("host") == host and _pid_alive(int(old["pid"]))
+            log.warning(
+                f"{self.what} {self.path.parent}: taking over the stale lock of pid {old['pid']} on host "
+                f"{old.get('host', '?')} ({'pid reused by another process' if alive else 'no longer running'})"
+            )
+        info = {"pid": os.getpid(), "host": host, "run_id": run_id, "started": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it, so nobody locks the old file
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    try:
+        data = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return str(data["run_id"]) if isinstance(data, dict) and data.get("run_id") else None
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """`directory` can hold the run's files: it is (or can be made) a directory we may write in."""
+    from dgtrain.paths import blocked_dir
+
+    blocked = blocked_dir(directory)
+    if blocked:
+        raise DgtrainError(
+            f"{key}={directory}: {blocked[0]} {blocked[1]}; no checkpoint or result could be saved. "
+            f"Choose another directory ({key}=...)."
+        )
+
+
+def run_files(run_dir: Path, ckpt_dir: Path) -> list[str]:
+    """What in these directories shows that a run already used them (its results or checkpoints)."""
+    found = [RUN_FILE_SUMMARY] if (run_dir / RUN_FILE_SUMMARY).is_file() else []
+    ckpts = list_checkpoints(ckpt_dir) + ([ckpt_dir / "best.pt"] if (ckpt_dir / "best.pt").is_file() else [])
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint(s) in {ckpt_dir}")
+    return found
+
+
+RUN_FILE_SUMMARY = "summary.json"
 
 
 class Checkpointer:
@@ -283,6 +418,55 @@ class Checkpointer:
         self.every = int(node["every"]) if node.get("every") else None
         self.keep_last = int(node["keep_last"]) if node.get("keep_last") else None
         self.keeps_best = bool(node.get("best", True))
+        self.explicit_dir = bool(node.get("dir"))
+        self.run_id: str | None = None
+        self._locks: list[DirLock] = []
+        self._release = None
+
+    # ---- before training: one dir, one run
+
+    def claim(self, resume: Any) -> None:
+        """Make sure this run may use its directories: they are writable, not in use by another live run
+        (lock, held until `release`), and a fresh run (`resume` unset) does not start over the results or
+        checkpoints of an earlier run. Sets `run_id` (a resumed run keeps its own; see load_for_resume)."""
+        import weakref
+
+        check_writable(self.run_dir, "hydra.run.dir")
+        if self.explicit_dir:
+            check_writable(self.dir, "checkpoint.dir")
+        previous = read_run_id(self.run_dir)
+        self.run_id = new_run_id() if resume is None or previous is None else previous
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        locks = [DirLock(self.run_dir, "run dir")]
+        if self.explicit_dir and not self.dir.resolve().is_relative_to(self.run_dir.resolve()):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            locks.append(DirLock(self.dir, "checkpoint.dir"))
+        for lock in locks:
+            try:
+                lock.acquire(self.run_id)
+            except BaseException:
+                _release_all(self._locks)
+                raise
+            self._locks.append(lock)
+        # released by release(), or when this object goes away (an error before training), or at exit
+        self._release = weakref.finalize(self, _release_all, self._locks)
+        used = run_files(self.run_dir, self.dir) if resume is None else []
+        if used:
+            self.release()
+            raise DgtrainError(
+                f"{self.run_dir} already holds a run ({', '.join(used)}); a fresh run there would overwrite "
+                "its results and checkpoints. Continue that run with resume=auto, or choose a new directory "
+                "(hydra.run.dir=..." + (", checkpoint.dir=...)." if self.explicit_dir else ").")
+            )
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+
+    def write_run_file(self) -> None:
+        info = {"run_id": self.run_id, "started": _now(), "pid": os.getpid()}
+        text = json.dumps(info, indent=2) + "\n"
+        atomic_write(self.run_dir / RUN_FILE, lambda f: f.write(text.encode()))
 
     def due(self, step: int) -> bool:
         return self.every is not None and step % self.every == 0
@@ -291,17 +475,21 @@ class Checkpointer:
         return self.dir / f"step_{step:08d}.pt"
 
     def save(self, step: int, state: dict[str, Any], *, regular: bool = True, best: bool = False) -> None:
+        state["run_id"] = self.run_id
         if regular:
             save(state, self.path(step))
             log.debug(f"checkpoint: step {step} -> {self.path(step)}")
-            self.prune()
+            self.prune(step)
         if best:
             save(state, self.dir / "best.pt")
             log.debug(f"checkpoint: new best at step {step} -> {self.dir / 'best.pt'}")
 
-    def prune(self) -> None:
+    def prune(self, step: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to `step`, the one just saved among them. Files of
+        later steps (left by an abandoned continuation) are not this timeline's to rotate."""
         if self.keep_last:
-            for old in list_checkpoints(self.dir)[: -self.keep_last]:
+            mine = [p for p in list_checkpoints(self.dir) if int(STEP_FILE.match(p.name).group(1)) <= step]
+            for old in mine[: -self.keep_last]:
                 old.unlink(missing_ok=True)
 
     def remove_stale_temp(self) -> None:
@@ -314,14 +502,24 @@ class Checkpointer:
 
     def load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that
-        file (a directory: its newest valid one). The stored config must pass the allow-list."""
+        file (a directory: its newest valid one). The stored config must pass the allow-list. A resumed
+        run keeps the run id of its checkpoint; run.json in the run dir records it."""
+        state = self._load_for_resume(cfg, allowed)
+        if state is not None and state.get("run_id"):
+            self.run_id = str(state["run_id"])
+        if not cfg.trainer.get("fast_dev_run"):  # a debug run writes nothing but its log
+            self.write_run_file()
+        return state
+
+    def _load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         resume = cfg.get("resume")
         if resume is None:
             return None
         self.remove_stale_temp()  # only when resuming: a fresh run may share an explicit checkpoint.dir
         resume = str(resume)
         if resume == "auto":
-            found = newest_valid(self.dir, "resume=auto")
+            mine = read_run_id(self.run_dir)  # resume=auto continues only the run this dir belongs to
+            found = newest_valid(self.dir, "resume=auto", run_id=mine, remove_corrupt=True)
             if found is None:
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
@@ -349,6 +547,12 @@ class Checkpointer:
         trim_metrics(self.run_dir, int(state["step"]))
         state["path"] = str(path)
         return state
+
+
+def _release_all(locks: list[DirLock]) -> None:
+    for lock in reversed(locks):
+        lock.release()
+    locks.clear()
 
 
 def make_state(

@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, str] = {
 
 def _train_task(cfg):
     """The Hydra task function: one training run in Hydra's run directory; returns the sweep objective."""
+    from pathlib import Path
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -36,16 +38,123 @@ def _train_task(cfg):
         from dgtrain.sweep import run_trial
 
         return run_trial(cfg, hc)  # records a failed trial in its run dir, then re-raises
+    run_dir = Path(hc.runtime.output_dir)
     try:
         from dgtrain.train import fit
 
-        result = fit(cfg, hc.runtime.output_dir, choices=dict(hc.runtime.choices))
+        result = fit(cfg, run_dir, choices=dict(hc.runtime.choices))
         if result.exit_code:
             sys.exit(result.exit_code)
         return result.objective
     except DgtrainError as e:
         log.error(str(e))
+        remove_untouched_run_dir(run_dir)
         sys.exit(e.exit_code)
+    except Exception as e:  # a bug, not a user mistake: one line here, the traceback in dgtrain.log
+        internal_error(e, run_dir)
+        sys.exit(1)
+
+
+# What Hydra and dgtrain put into a run dir before training starts; a run dir holding nothing else
+# belongs to a run rejected before it trained, and is removed (no outputs/DATE/TIME/ per typo).
+UNTOUCHED = {".hydra", "dgtrain.log", "run.json", ".dgtrain.lock"}
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_untouched_run_dir(run_dir) -> bool:
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    d, cwd = Path(run_dir).resolve(), Path.cwd().resolve()
+    if d == cwd or cwd.is_relative_to(d):
+        return False
+    try:
+        names = set(os.listdir(d))
+        hydra_files = set(os.listdir(d / ".hydra")) if ".hydra" in names else set()
+    except OSError:
+        return False
+    if not names <= UNTOUCHED or not hydra_files <= HYDRA_FILES:
+        return False
+    if ".dgtrain.lock" in names:  # another live run's dir in its first seconds is not ours to remove
+        try:
+            holder = json.loads((d / ".dgtrain.lock").read_text() or "{}")
+        except (OSError, ValueError):
+            return False
+        if not isinstance(holder, dict) or holder.get("pid") != os.getpid():
+            return False
+    shutil.rmtree(d / ".hydra", ignore_errors=True)
+    for name in names - {".hydra"}:
+        (d / name).unlink(missing_ok=True)
+    try:
+        d.rmdir()
+        parent = d.parent  # outputs/DATE/ that Hydra made for it: removed while empty, never above cwd
+        while parent != cwd and parent.is_relative_to(cwd):
+            parent.rmdir()
+            parent = parent.parent
+    except OSError:
+        pass
+    return True
+
+
+def internal_error(e: BaseException, run_dir) -> None:
+    """An unexpected exception: one line on the console, the full traceback in <run_dir>/dgtrain.log."""
+    import traceback
+    from pathlib import Path
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    log_file = Path(run_dir) / "dgtrain.log"
+    first = (str(e).splitlines() or [""])[0][:200]
+    log.error(
+        f"internal error: {type(e).__name__}: {first} (this is a bug in dgtrain or a library it uses; "
+        f"the full traceback is in {log_file}, please include it in a report)"
+    )
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = logging.LogRecord("dgtrain", logging.ERROR, __file__, 0, "traceback:\n%s", (text,), None)
+    for handler in files:
+        handler.handle(record)
+    if not any(Path(h.baseFilename) == log_file.resolve() for h in files):
+        try:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError:
+            sys.stderr.write(text)
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """Problems Hydra would report with a traceback or a bare grammar error, said plainly: an override
+    that does not parse (with the quoting hint), and hydra.run.dir / hydra.sweep.dir under a file."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from dgtrain.paths import blocked_dir
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    parser = OverridesParser.create()
+    for item in args.overrides or []:
+        try:
+            parsed = parser.parse_overrides([item])
+        except OverrideParseException as e:
+            key, sep, value = item.partition("=")
+            hint = (
+                f" A value with characters such as ~ & ; # ( ) or non-ASCII letters must be quoted for Hydra: "
+                f"'{key}=\"{value}\"' (the outer single quotes are for the shell)."
+                if sep
+                else ""
+            )
+            return f"cannot parse the override {item!r}: {str(e).splitlines()[0]}.{hint}"
+        for o in parsed:
+            if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
+                static = str(o.value()).split("${", 1)[0]
+                blocked = blocked_dir(static) if static else None
+                if blocked:
+                    return (
+                        f"{o.key_or_group}={o.value()}: {blocked[0]} {blocked[1]}; the run's files could not "
+                        f"be written. Choose another directory ({o.key_or_group}=...)."
+                    )
+    return None
 
 
 def train_main() -> None:
@@ -55,6 +164,10 @@ def train_main() -> None:
     from dgtrain.paths import config_dir
     from dgtrain.recipes import register_recipes
 
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        print(f"dgtrain: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     register_schema()
     register_recipes()  # recipes/NAME.yaml -> `dgtrain recipe=NAME`
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)()

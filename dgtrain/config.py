@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgtrain.errors import DgtrainError
 
-# `_target_` values are resolved only under these prefixes (plus `allowed_targets` from the config),
-# so a config file, an override or a stored checkpoint cannot make dgtrain call `os.system`.
-DEFAULT_ALLOWED_TARGETS = ("dgtrain.", "torch.")
-
 # Keys of a data node that describe it rather than being arguments of its builder.
-DATA_META_KEYS = ("task", "batch_size", "num_workers")
+DATA_META_KEYS = ("task", "batch_size", "num_workers", "device_resident", "pin_memory")
+# Keys of the model node dgtrain reads itself (dgtrain/finetune.py), and of the optimizer node
+# (dgtrain/optim.py: parameter groups): never arguments of the `_target_`.
+MODEL_META_KEYS = ("freeze",)
+OPTIMIZER_META_KEYS = ("group_decay", "lr_groups")
+META_KEYS = {"data": DATA_META_KEYS, "model": MODEL_META_KEYS, "optimizer": OPTIMIZER_META_KEYS}
 
 
 class Precision(str, Enum):
@@ -69,6 +71,9 @@ class TrainerConfig:
     eval_batches: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
+    # them all "completes" with untrained weights. null: 10% of the run's steps (at least 1).
+    max_skipped: int | None = None
     # Debug modes, as in Lightning. fast_dev_run: one train and one val batch, nothing written but the log.
     fast_dev_run: bool = False
     # Train (and validate) on the same first N training batches, unshuffled: can the model fit them?
@@ -146,7 +151,8 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     seed: int = 0
-    # Extra module prefixes whose callables `_target_` may name (dgtrain. and torch. are always allowed).
+    # Your own packages whose callables `_target_` may name (dgtrain's builders and torch's optimizer,
+    # scheduler and nn classes are always allowed, by exact name).
     allowed_targets: list[str] = field(default_factory=list)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
     # Extra classification metrics (torchmetrics, on the device): top<k>, f1 (macro), confusion (a PNG).
@@ -158,49 +164,147 @@ def register_schema() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Safe construction of `_target_` nodes
+# Safe construction of `_target_` nodes: an exact allow-list, never a prefix
+#
+# A config file, an override or a stored checkpoint/run dir names callables by string, so a prefix rule
+# (`torch.`) admits `torch.utils.collect_env.run` (a shell) and `torch.serialization.load` (unpickling).
+# dgtrain therefore calls only: its own builders (listed by name below), the optimizer classes of
+# torch.optim, the scheduler classes of torch.optim.lr_scheduler and the module/loss classes of torch.nn,
+# each named exactly; plus callables defined in the user's own packages named in `allowed_targets`.
 
-
-# Callables under an allowed prefix that still fetch or run arbitrary code: never targets.
-DENIED_TARGETS = (
-    "torch.hub.",
-    "torch.load",
-    "torch.jit.load",
-    "torch.package.",
-    "torch.utils.cpp_extension.",
-    "torch.distributed.rpc.",
+# dgtrain's builders, the values its configs (configs/*/*.yaml) use.
+DGTRAIN_TARGETS = frozenset(
+    {
+        "dgtrain.models.convnet.ConvNet",
+        "dgtrain.models.linreg.LinearRegression",
+        "dgtrain.models.mlp.MLP",
+        "dgtrain.models.transformer.Transformer",
+        "dgtrain.data.regression.synthetic_linear",
+        "dgtrain.data.regression.diabetes",
+        "dgtrain.data.regression.csv",
+        "dgtrain.data.images.synthetic_images",
+        "dgtrain.data.images.digits",
+        "dgtrain.data.images.mnist",
+        "dgtrain.data.images.cifar10",
+        "dgtrain.data.sequences.seq2seq_synthetic",
+        "dgtrain.data.sequences.text",
+        "dgtrain.losses.mse",
+        "dgtrain.losses.cross_entropy",
+        "dgtrain.losses.auto",
+        "dgtrain.optim.constant",
+        "dgtrain.optim.cosine",
+        "dgtrain.optim.step",
+        "dgtrain.loggers.console.ConsoleLogger",
+        "dgtrain.loggers.tensorboard.TensorBoardLogger",
+        "dgtrain.loggers.wandb.WandbLogger",
+        "dgtrain.loggers.csv.CsvLogger",
+        "dgtrain.loggers.mlflow.MlflowLogger",
+        "dgtrain.callbacks.EarlyStopping",
+        "dgtrain.callbacks.EMA",
+    }
 )
 
+# Packages `allowed_targets` may not name: they hold callables that run commands, load pickles or
+# import anything (the standard library: os, subprocess, pickle, builtins, ...), or they are covered by
+# the exact list above and must not be widened to a prefix.
+PROTECTED_PACKAGES = frozenset(sys.stdlib_module_names) | {
+    "torch",
+    "dgtrain",
+    "hydra",
+    "omegaconf",
+    "numpy",
+    "hydra_plugins",
+}
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    """`name` is a prefix itself (`torch` for `torch.`) or lies under one."""
-    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+@functools.lru_cache(maxsize=1)
+def torch_targets() -> dict[str, type]:
+    """Every torch class a `_target_` may name: exact name -> class. Both the public spelling
+    (`torch.optim.AdamW`, `torch.nn.MSELoss`) and the defining module's (`torch.optim.adamw.AdamW`)."""
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+
+    found: dict[str, type] = {}
+    spaces = (
+        (torch.optim, torch.optim.Optimizer, "torch.optim"),
+        (torch.optim.lr_scheduler, LRScheduler, "torch.optim.lr_scheduler"),
+        (torch.nn, torch.nn.Module, "torch.nn.modules"),
+    )
+    for namespace, base, home in spaces:
+        for name in dir(namespace):
+            obj = getattr(namespace, name)
+            if name.startswith("_") or not isinstance(obj, type) or not issubclass(obj, base) or obj is base:
+                continue
+            if not (obj.__module__ == home or obj.__module__.startswith(home + ".")):
+                continue  # e.g. torch.nn.DataParallel (torch.nn.parallel): not a plain module class
+            found[f"{namespace.__name__}.{name}"] = obj
+            found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found
 
 
-def locate(target: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_TARGETS, key: str = "_target_") -> Any:
-    """Import `target` ("pkg.mod.name") if it lies under an allowed prefix; refuse otherwise.
+def user_packages(entries: Any) -> tuple[str, ...]:
+    """`allowed_targets` entries as package names (`mypkg.` -> `mypkg`). Protected packages are dropped
+    here (a stored config or `--allow-target` cannot widen the list to them); `allowed_targets_problems`
+    reports them for a live config."""
+    out = []
+    for e in entries or ():
+        name = str(e).strip().rstrip(".")
+        if name and name.split(".")[0] not in PROTECTED_PACKAGES:
+            out.append(name)
+    return tuple(out)
 
-    The prefix is checked on what the name resolves to, not only on its spelling: every module the walk
-    passes through, and the module that defines the callable, must be allowed too, so a re-export
-    (`torch.os.system`, `dgtrain.faults.subprocess.run`) cannot smuggle in a forbidden callable."""
+
+def allowed_targets_problems(entries: Any) -> list[str]:
+    bad = [str(e) for e in entries or () if str(e).strip().rstrip(".").split(".")[0] in PROTECTED_PACKAGES]
+    return [
+        f"allowed_targets={b!r}: {b.rstrip('.')} cannot be allowed as a whole (it holds callables that run "
+        "commands or load pickles, or dgtrain already admits its safe classes by name). List only your "
+        "own package, for example allowed_targets=[mypkg]."
+        for b in bad
+    ]
+
+
+def _under(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _import_attr(target: str) -> Any:
+    module_name, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def locate(target: Any, packages: tuple[str, ...] = (), key: str = "_target_") -> Any:
+    """The callable `target` names, if the allow-list admits it; a DgtrainError naming `key` otherwise.
+
+    `packages` are the user's own (from `allowed_targets`): a name under one of them resolves only to a
+    callable defined in that package, and the walk to it may pass through none of other modules, so a
+    re-export (`mypkg.os.system`, `mypkg.run` = subprocess.run) cannot smuggle in a forbidden callable."""
+    packages = user_packages(packages)
 
     def refuse(why: str) -> DgtrainError:
         return DgtrainError(
-            f"{key}={target!r} is not allowed: {why}. dgtrain only calls targets defined under "
-            f"{', '.join(allowed)}. If this callable is yours and trusted, add its module prefix to "
-            f"`allowed_targets` (for example `allowed_targets=[{str(target).rsplit('.', 1)[0]}.]`)."
+            f"{key}={target!r} is not allowed: {why}. dgtrain calls only its own builders, torch.optim "
+            "optimizers, torch.optim.lr_scheduler schedulers and torch.nn modules and losses, each named "
+            "exactly (`dgtrain ls` lists the options). If this callable is your own trusted code, add its "
+            "package to `allowed_targets` (for example allowed_targets=[mypkg])."
         )
 
-    if not isinstance(target, str) or not any(target.startswith(p) for p in allowed):
-        raise refuse("it is outside the allowed prefixes")
-    if any(target == d.rstrip(".") or target.startswith(d) for d in DENIED_TARGETS):
-        raise refuse("it can fetch or run arbitrary code")
-    parts = target.split(".")
-    if any(part.startswith("__") for part in parts):
+    if not isinstance(target, str) or not target:
+        raise refuse("it is not a dotted name")
+    if any(part.startswith("__") for part in target.split(".")):
         raise refuse("dunder attributes are never targets")
-    module_name, _, attr = target.rpartition(".")
+    if target in DGTRAIN_TARGETS:
+        return _import_attr(target)
+    if target == "torch" or target.startswith("torch."):
+        obj = torch_targets().get(target)
+        if obj is None:
+            raise refuse("it is not one of the torch classes dgtrain admits")
+        return obj
+    if not _under(target, packages):
+        raise refuse("it is not in dgtrain's allow-list")
+    parts = target.split(".")
     obj: Any = None
-    # Walk back along the dotted path so that nested names (torch.optim.lr_scheduler.StepLR) resolve.
+    # Walk back along the dotted path so that nested names (mypkg.models.Net.from_config) resolve.
     for i in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
@@ -209,22 +313,23 @@ def locate(target: str, allowed: tuple[str, ...] = DEFAULT_ALLOWED_TARGETS, key:
         try:
             for name in parts[i:]:
                 obj = getattr(obj, name)
-                if inspect.ismodule(obj) and not _under(obj.__name__, allowed):
+                if inspect.ismodule(obj) and not _under(obj.__name__, packages):
                     raise refuse(f"it passes through module {obj.__name__!r}")
         except AttributeError:
             obj = None
         break
     if obj is None or not callable(obj):
+        module_name, _, attr = target.rpartition(".")
         raise DgtrainError(f"{key}={target!r}: no callable named {attr!r} in module {module_name!r}.")
     defined_in = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "")
-    if not _under(str(defined_in), allowed):
-        raise refuse(f"it is defined in module {defined_in!r}")
+    if not _under(str(defined_in), packages):
+        raise refuse(f"it is defined in module {defined_in!r}, outside {', '.join(packages)}")
     return obj
 
 
 def allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
-    extra = tuple(str(p) for p in (cfg.get("allowed_targets") or []))
-    return DEFAULT_ALLOWED_TARGETS + extra
+    """The user packages `cfg.allowed_targets` names (protected ones left out)."""
+    return user_packages(cfg.get("allowed_targets"))
 
 
 # Hydra's special keys. dgtrain follows `hydra.utils.instantiate` (1.3) with two differences: every
@@ -346,3 +451,96 @@ def find_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
         for i, v in enumerate(node):
             found.extend(find_targets(v, f"{path}[{i}]"))
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Strict keys: Hydra's `+key=value` adds keys that nothing reads, so the composed config is checked
+# against the schema dataclasses and each `_target_`'s signature before training.
+
+# Typed sections and the dataclass that defines their keys.
+SECTIONS = {
+    "trainer": TrainerConfig,
+    "sweep": SweepConfig,
+    "checkpoint": CheckpointConfig,
+    "telemetry": TelemetryConfig,
+    "smoke": SmokeConfig,
+}
+
+# Arguments dgtrain passes itself (never from the config node), per `_target_` group.
+INJECTED = {
+    "model": ("info",),
+    "data": ("seed",),
+    "loss": ("task", "pad_id"),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "total_steps"),
+    "logger": ("run_dir", "resume_step"),
+}
+
+
+def _unknown(key: str, bad: str, valid: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(bad, valid, n=1)
+    full = f"{key}.{bad}" if key else bad
+    hint = f" Did you mean {key + '.' if key else ''}{close[0]}?" if close else ""
+    where = f"under {key}" if key else "at the top level"
+    return (
+        f"{full} is not a setting dgtrain knows, so it would be ignored.{hint} "
+        f"Valid keys {where}: {', '.join(valid)}."
+    )
+
+
+def target_parameters(fn: Any) -> tuple[list[str], bool] | None:
+    """(the keyword arguments `fn` takes, whether it takes **kwargs); None when it has no signature.
+    A class with a `from_data` factory (dgtrain models) is configured through that factory."""
+    fn = getattr(fn, "from_data", fn)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names = [
+        n
+        for n, p in sig.parameters.items()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    return names, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str]:
+    """Keys no schema field and no `_target_` argument accepts (`+trainer.max_stepz=5`), each named with
+    the valid keys. Targets the allow-list refuses are reported elsewhere and skipped here."""
+    from dataclasses import fields
+
+    out: list[str] = []
+    known = [f.name for f in fields(TrainConfig)]
+    for k in cfg:
+        if k not in known:
+            out.append(_unknown("", str(k), known))
+    for section, schema in SECTIONS.items():
+        node = cfg.get(section)
+        if isinstance(node, DictConfig):
+            valid = [f.name for f in fields(schema)]
+            out += [_unknown(section, str(k), valid) for k in node if k not in valid]
+
+    def check_node(key: str, node: Any, group: str) -> None:
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            return
+        try:
+            fn = locate(node._target_, packages, key=f"{key}._target_")
+        except DgtrainError:
+            return
+        found = target_parameters(fn)
+        if found is None or found[1]:
+            return
+        names, _ = found
+        valid = [n for n in names if n not in INJECTED.get(group, ()) and n != "self"]
+        meta = META_KEYS.get(group, ())
+        for k in node:
+            if k not in SPECIAL_KEYS and k not in meta and k not in valid:
+                out.append(_unknown(key, str(k), [*valid, *meta]))
+
+    for group in ("model", "data", "loss", "optimizer", "scheduler"):
+        check_node(group, cfg.get(group), group)
+    for name, node in (cfg.get("logger") or {}).items():
+        check_node(f"logger.{name}", node, "logger")
+    return out

@@ -76,11 +76,10 @@ def evaluate_source(
     from omegaconf import OmegaConf
 
     from dgtrain import checkpoint as ckpt_io
-    from dgtrain.config import DEFAULT_ALLOWED_TARGETS
     from dgtrain.validation import check_config
 
     config, weights_name, weights = resolve_source(source)
-    allowed = DEFAULT_ALLOWED_TARGETS + tuple(allow)
+    allowed = tuple(allow)
     ckpt_io.check_stored_config(config, allowed, source)  # before anything is imported or built
     cfg = OmegaConf.create(config)
     cfg.allowed_targets = list(allow)  # the stored list is not trusted

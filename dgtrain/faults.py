@@ -62,6 +62,21 @@ def nonfinite_error(step: int, loss: float, history: list[tuple[int, float]]) ->
     )
 
 
+def skip_budget(max_skipped: int | None, max_steps: int) -> int:
+    """How many updates `trainer.nonfinite=skip` may drop before the run fails (`trainer.max_skipped`)."""
+    return int(max_skipped) if max_skipped is not None else max(1, max_steps // 10)
+
+
+def too_many_skipped(skipped: int, step: int, budget: int) -> NonFiniteLossError:
+    """A run that keeps skipping updates is not training: fail (exit 3) rather than report "completed"."""
+    return NonFiniteLossError(
+        f"trainer.nonfinite=skip dropped {skipped} of the first {step} updates (a NaN/inf loss or gradient), "
+        f"more than trainer.max_skipped={budget}: the model is not training. Check the data for NaN/inf "
+        "values, lower optimizer.lr or set trainer.clip_grad_norm; raise trainer.max_skipped only if such "
+        "steps are expected."
+    )
+
+
 def slurm_job_id() -> str | None:
     """The id `scontrol requeue` needs: ARRAYID_TASKID for array jobs, else SLURM_JOB_ID."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")

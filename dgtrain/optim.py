@@ -40,7 +40,6 @@ def step(optimizer: Optimizer, *, total_steps: int, step_size: int = 100, gamma:
 
 
 # Keys of the optimizer node that dgtrain reads itself; the rest are the optimizer's arguments.
-OPTIMIZER_META_KEYS = ("group_decay", "lr_groups")
 
 
 def param_groups(
@@ -79,7 +78,7 @@ def param_groups(
 
 
 def make_optimizer(cfg: DictConfig, model: torch.nn.Module, allowed: tuple[str, ...]) -> Optimizer:
-    from dgtrain.config import build
+    from dgtrain.config import OPTIMIZER_META_KEYS, build
 
     node = cfg.optimizer
     factory = build(node, allowed=allowed, key="optimizer", exclude=OPTIMIZER_META_KEYS)

@@ -26,3 +26,15 @@ def recipes_dir() -> Path:
     if override:
         return _first_dir(Path(override).expanduser())
     return _first_dir(_PKG / "recipes", _PKG.parent / "recipes")
+
+
+def blocked_dir(directory: Path | str) -> tuple[Path, str] | None:
+    """Why `directory` cannot hold a run's files, if it cannot: (the path in the way, the reason)."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return probe, "is a file, so no directory can be made there"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return probe, "is not writable by this user"
+    return None

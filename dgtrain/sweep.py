@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,9 +40,11 @@ FINISHED = ("completed", "early_stopped")
 STATUS_ORDER = {"completed": 0, "early_stopped": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
 
 
-class TrialFailed(Exception):
+class TrialFailed(CompactHydraException):
     """A trial's error, re-raised without the original traceback so that Hydra, which keeps the
-    exception of every failed job, does not keep the failed run's tensors (and GPU memory) alive."""
+    exception of every failed job, does not keep the failed run's tensors (and GPU memory) alive.
+    Compact: at the end of a sweep Hydra prints its message only, not a traceback (the trial's own
+    traceback is in its summary.json)."""
 
 
 # ------------------------------------------------------------------------------------ one trial
@@ -118,6 +121,11 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     (job_dir / "summary.json").unlink(missing_ok=True)
     if (job_dir / "metrics.jsonl").exists():
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
+    if (job_dir / "checkpoints").is_dir():  # a fresh run refuses another run's checkpoints (issue 10)
+        import shutil
+
+        shutil.rmtree(job_dir / "checkpoints.previous", ignore_errors=True)
+        (job_dir / "checkpoints").replace(job_dir / "checkpoints.previous")
 
     t0 = time.perf_counter()
     error: str | None = None

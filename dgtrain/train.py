@@ -26,10 +26,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
-from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, build_children, locate
-from dgtrain.data import DataBundle, limit_batches, make_loader
+from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
+from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
 from dgtrain.errors import DgtrainError
-from dgtrain.faults import nonfinite_check, nonfinite_error, skip_update, slurm_requeue
+from dgtrain.faults import (
+    nonfinite_check,
+    nonfinite_error,
+    skip_budget,
+    skip_update,
+    slurm_requeue,
+    too_many_skipped,
+)
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
@@ -104,10 +111,6 @@ class Setup:
     val_loader: Any
 
 
-# Keys of the model node that dgtrain reads itself (dgtrain/finetune.py); never constructor arguments.
-MODEL_META_KEYS = ("freeze",)
-
-
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
     """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
     from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
@@ -158,9 +161,18 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
-    pin = device.type == "cuda"
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if device.type != "cpu" and keep_on_device(
+        cfg.data.get("device_resident", "auto"), data, device, nw, free
+    ):
+        data = DataBundle(data.train.to(device), data.val.to(device), data.info)  # moved once
+        log.info(
+            f"data.device_resident: {(data.train.nbytes() + data.val.nbytes()) / 2**20:.1f} MB on {device}"
+        )
+    # batches that stay on the host are page-locked so that their copy to the GPU does not block
+    pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
     train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
@@ -288,6 +300,8 @@ class BatchStream:
         self.loader, self.device = loader, device
         self.state = state if state is not None else LoopState()
         self._it = None
+        # device-resident data (and any data on the CPU when training there) needs no copy per batch
+        self.move = getattr(getattr(loader, "dataset", None), "device", None) != device
 
     def seek(self, epoch: int, position: int, completed_epochs: int) -> None:
         """Continue at batch `position` of `epoch` (resume). The iterator starts here, so the random draw a
@@ -310,7 +324,7 @@ class BatchStream:
         st.position += 1
         if st.position == len(self.loader):
             st.completed_epochs = st.epoch + 1
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch) if self.move else batch
 
 
 def to_device(batches, device: torch.device):
@@ -356,15 +370,18 @@ class Loop:
     non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
 
     def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path):
-        self.cfg, self.s, self.tc, self.run_dir = cfg, s, cfg.trainer, run_dir
+        self.s, self.run_dir = s, run_dir
         self.model, self.task, self.device = s.model, s.task, s.device
         self.autocast = autocast_for(s.device, precision)
         self.state = LoopState()
-        self.accum = int(self.tc.grad_accum_steps)
+        tc = cfg.trainer
+        self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
-        tc = self.tc
         self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
         self.log_every = int(tc.log_every)
+        # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+        self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
         self.optimizer = make_optimizer(cfg, self.model, allowed)  # no weight decay on biases and norms
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
@@ -374,6 +391,7 @@ class Loop:
         self.scaler = torch.amp.GradScaler(s.device.type, enabled=precision == "fp16")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.fail = str(getattr(tc.nonfinite, "value", tc.nonfinite)) == "fail"
+        self.max_skipped = skip_budget(tc.get("max_skipped"), self.max_steps)  # nonfinite=skip: then fail
         self.on_device = steps_skip_on_device(self.optimizer, self.scaler)
         self.one = torch.ones((), device=s.device)  # the guard's unscale factor (values stay bit-identical)
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
@@ -431,9 +449,9 @@ class Loop:
                     st.tokens += units
                 else:  # stays on the device: no copy, no wait
                     st.device_tokens = units if st.device_tokens is None else st.device_tokens + units
-        if self.tc.clip_grad_norm:
+        if self.clip:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.tc.clip_grad_norm))
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
@@ -457,7 +475,7 @@ class Loop:
         self.scheduler.step()
         tel.after_step()
         st.step += 1
-        if not self.on_device and self.fail and bool(found):  # known on the host already: stop now
+        if not self.on_device and bool(found):  # known on the host already: fail or count it now
             self.read_guard()
 
     def read_guard(self) -> None:
@@ -471,6 +489,8 @@ class Loop:
         st.unread = []
         if not self.fail:
             st.skipped_steps += int(sum(flags))
+            if st.skipped_steps > self.max_skipped:
+                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
             return
         if not any(flags):
             return
@@ -499,7 +519,7 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.tc.clip_grad_norm:
+        if self.clip:
             metrics["train/grad_norm"] = float(self.grad_norm)
         metrics["perf/step_ms"] = 1000.0 * dt / len(losses)
         metrics["perf/samples_per_s"] = st.samples / dt
@@ -515,7 +535,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         self.read_guard()  # never score (or report) a run that has already failed
         t_eval = time.perf_counter()
-        metrics = evaluate(self.s, self.autocast, self.tc.eval_batches)
+        metrics = evaluate(self.s, self.autocast, self.eval_batches)
         self.eval_s += time.perf_counter() - t_eval
         self.state.last_eval_epochs = self.state.completed_epochs
         return metrics
@@ -561,6 +581,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
+    checkpointer.claim(cfg.get("resume"))  # one dir, one run: lock, run id, writable (docs/checkpoints.md)
     fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))  # a dry run never resumes (nor trims files)
     resumed = None if fast_dev_run else checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
     device = resolve_device(cfg.device)
@@ -602,7 +623,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     )
     if console:
         console.start(max_steps, first_step=st.step)
-    status, eval_every = "failed", tc.eval_every
+    status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest().__enter__()
     loop.t_log = time.perf_counter()
     try:
@@ -621,7 +642,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
 
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
-            if (eval_every and st.step % int(eval_every) == 0) or (not eval_every and epoch_ended) or last:
+            if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
                 metrics.update(loop.evaluate())
                 callbacks.eval_end(ctx, st.step, metrics)  # may add val_ema/...; may request a stop
                 if ctx.stop_reason and st.losses and "train/loss" not in metrics:
@@ -683,6 +704,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             run_dir,
         )
         summary["telemetry"] = loop.telemetry.summary()
+        summary["run_id"] = checkpointer.run_id
+        summary["skipped_steps"] = st.skipped_steps
         summary["trainable_parameters"] = trainable
         summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
         summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
@@ -691,6 +714,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
+        checkpointer.release()
     return TrainResult(summary, s.model, s, loop.history, stop.exit_code if stop.signal else 0)
 
 

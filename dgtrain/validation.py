@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dgtrain.config import allowed_prefixes, find_targets, locate
-from dgtrain.data import TASKS
+from dgtrain.config import (
+    allowed_prefixes,
+    allowed_targets_problems,
+    find_targets,
+    locate,
+    unknown_key_problems,
+)
+from dgtrain.data import TASKS, flag
 from dgtrain.errors import DgtrainError
 from dgtrain.losses import TASKS_OF
 from dgtrain.paths import config_dir
@@ -49,11 +56,13 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         return out
 
     allowed = allowed_prefixes(cfg)
+    out += allowed_targets_problems(cfg.get("allowed_targets"))
     for key, target in find_targets(OmegaConf.to_container(cfg, resolve=False)):
         try:
             locate(target, allowed, key=key)
         except DgtrainError as e:
             out.append(str(e))
+    out += unknown_key_problems(cfg, allowed)
 
     task = str(cfg.data.get("task"))
     model_name, data_name = _name(choices, "model", cfg.model), _name(choices, "data", cfg.data)
@@ -87,6 +96,8 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     for key in ("max_steps", "eval_every", "eval_batches"):
         if tc[key] is not None and int(tc[key]) < 1:
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
+    if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
+        out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
     if tc.get("overfit_batches") is not None and int(tc.overfit_batches) < 1:
@@ -127,12 +138,81 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"data.batch_size={bs}: must be a positive integer.")
     if int(cfg.data.get("num_workers", 0) or 0) < 0:
         out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    resident = flag(cfg.data.get("device_resident", "auto"))
+    if resident not in ("auto", "true", "false"):
+        out.append(f"data.device_resident={resident}: expected auto, true or false.")
+    elif resident == "true" and int(cfg.data.get("num_workers", 0) or 0) > 0:
+        out.append(
+            f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
+            "device-resident batches are drawn in this process. Set one of them differently."
+        )
+    if not isinstance(cfg.data.get("pin_memory", True), bool):
+        out.append(f"data.pin_memory={cfg.data.pin_memory}: expected true or false.")
     lr = cfg.optimizer.get("lr")
-    if lr is not None and float(lr) < 0:
-        out.append(f"optimizer.lr={lr}: must be non-negative.")
+    if lr is not None and not (_number(lr) is not None and math.isfinite(_number(lr)) and _number(lr) >= 0):
+        out.append(
+            f"optimizer.lr={lr}: must be a finite, non-negative number (for example optimizer.lr=0.001)."
+        )
+    out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         out.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N.")
+    return out
+
+
+# Arguments of dgtrain's models and datasets, by name, and what they must be. Checked here, so a bad value
+# is one line of the config report rather than a traceback from deep inside torch.
+POSITIVE = {
+    "model": ("hidden_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions", "channels"),
+    "data": (
+        "max_examples",
+        "max_val_examples",
+        "num_examples",
+        "seq_len",
+        "max_len",
+        "min_len",
+        "num_symbols",
+        "num_classes",
+        "image_size",
+        "channels",
+        "in_features",
+        "out_features",
+        "max_chars",
+    ),
+}
+FRACTIONS = {"model": {"dropout": "in [0, 1)"}, "data": {"val_fraction": "in (0, 1)"}}
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def argument_problems(cfg: DictConfig) -> list[str]:
+    """Sizes that must be positive integers, fractions that must lie in their interval."""
+    out = []
+    for group, names in POSITIVE.items():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        for k in names:
+            v = node.get(k)
+            values = list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else [v]
+            if v is not None and not all(_number(x) is not None and _number(x) >= 1 for x in values):
+                out.append(
+                    f"{group}.{k}={v}: must be a positive integer" + (", or null." if k == "d_ff" else ".")
+                )
+        for k, interval in FRACTIONS[group].items():
+            if k not in node:
+                continue
+            v, x = node.get(k), _number(node.get(k))
+            low_ok = x is not None and (x >= 0 if interval.startswith("[") else x > 0)
+            if not (low_ok and x < 1):
+                out.append(f"{group}.{k}={v}: must be a number {interval}.")
     return out
 
 

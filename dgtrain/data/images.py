@@ -136,6 +136,14 @@ def mnist(
             raise DgtrainError(
                 f"data=mnist: {len(images)} {what} images but {len(labels)} labels under {base}."
             )
+        if len(images) == 0:
+            raise DgtrainError(f"data=mnist: the {what} files under {base} hold no images.")
+        if int(labels.max()) > 9:
+            bad = int(np.argmax(labels > 9))
+            raise DgtrainError(
+                f"data=mnist: {what} label {int(labels[bad])} (example {bad}) under {base} is outside 0..9; "
+                "the labels file is not MNIST's or is corrupt."
+            )
         n = limit(len(images), cap)
         x = (torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0 - 0.1307) / 0.3081
         return x, torch.from_numpy(labels[:n].astype(np.int64))

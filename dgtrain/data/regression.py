@@ -79,6 +79,37 @@ def diabetes(*, seed: int, val_fraction: float = 0.2, max_examples: int | None =
     return _bundle(x, y, seed=seed, val_fraction=val_fraction, max_examples=max_examples, standardise=True)
 
 
+def _field(v: str, width: int = 40) -> str:
+    """A field of the user's file as an error may quote it: repr'd and cut short, never a whole line."""
+    return repr(v if len(v) <= width else v[:width] + "...")
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_rows(p: Path, path: str) -> list[list[str]]:
+    """The rows of a CSV file; `.gz` files are decompressed (as pandas reads them)."""
+    import gzip
+
+    gz = p.suffix == ".gz"
+    try:
+        with (
+            gzip.open(p, "rt", newline="", encoding="utf-8") if gz else p.open(newline="", encoding="utf-8")
+        ) as f:
+            return list(_csv.reader(f))
+    except (OSError, EOFError, UnicodeDecodeError, _csv.Error) as e:
+        what = type(e).__name__ if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:80]
+        raise DgtrainError(
+            f"data.path={path}: cannot be read as a {'gzipped ' if gz else ''}UTF-8 CSV file ({what}). "
+            "Expected a text CSV file (optionally .csv.gz) with a header row and numeric columns."
+        ) from None
+
+
 def csv(
     *,
     seed: int,
@@ -87,7 +118,7 @@ def csv(
     val_fraction: float = 0.2,
     max_examples: int | None = None,
 ) -> DataBundle:
-    """A numeric CSV file with a header row; `target` names the column to predict."""
+    """A numeric CSV file (or .csv.gz) with a header row; `target` names the column to predict."""
     if not path:
         raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
     p = Path(path).expanduser()
@@ -96,15 +127,28 @@ def csv(
             f"data.path={path}: file not found. Expected a CSV file with a header row "
             "and numeric columns, one of which is named by data.target."
         )
-    with p.open(newline="") as f:
-        rows = list(_csv.reader(f))
+    rows = _read_rows(p, path)
     if len(rows) < 3:
         raise DgtrainError(
             f"data.path={p}: expected a header row and at least 2 data rows, found {len(rows)} rows."
         )
     header = [h.strip() for h in rows[0]]
     if target is None or target not in header:
-        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {', '.join(header)}.")
+        if len(header) < 2:  # one field: not a comma-separated table, and its line is not quoted back
+            raise DgtrainError(
+                f"data.path={p}: the first line holds a single field, so this does not look like a "
+                "comma-separated file with a header row; data.target must name one of its columns."
+            )
+        names = [h if len(h) <= 30 else h[:30] + "..." for h in header[:20]]
+        raise DgtrainError(
+            f"data.target={target!r} is not a column of {p}. Columns: {', '.join(names)}"
+            + (f", ... ({len(header)} in all)." if len(header) > 20 else ".")
+        )
+    if len(header) < 2:
+        raise DgtrainError(
+            f"data.path={p}: the only column is the target {target!r}, so there are no features to learn "
+            "from. Add feature columns, or point data.path at the full table."
+        )
     values = np.empty((len(rows) - 1, len(header)), dtype=np.float32)
     for r, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
@@ -112,11 +156,22 @@ def csv(
                 f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
             )
         try:
-            values[r - 2] = [float(v) for v in row]
-        except ValueError as e:
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below
+                values[r - 2] = [float(v) for v in row]
+        except ValueError:
+            c = next(c for c, v in enumerate(row) if not _is_float(v))
             raise DgtrainError(
-                f"{p}, line {r}: a non-numeric value ({e}); every column must be numeric."
-            ) from e
+                f"{p}, line {r}, column {c + 1} ({_field(header[c], 30)}): the value {_field(row[c])} is not "
+                "a number; every column must be numeric."
+            ) from None
+    bad = np.argwhere(~np.isfinite(values))  # nan, inf, or beyond float32's range
+    if len(bad):
+        i, c = (int(v) for v in bad[0])
+        raise DgtrainError(
+            f"{p}, line {i + 2}, column {c + 1} ({_field(header[c], 30)}): the value {_field(rows[i + 1][c])} "
+            "is not a finite number (float32); it would make every loss NaN. Remove or fill the missing or "
+            "infinite values before training."
+        )
     t = header.index(target)
     data = torch.from_numpy(values)
     x = torch.cat([data[:, :t], data[:, t + 1 :]], dim=1)

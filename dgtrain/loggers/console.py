@@ -163,6 +163,8 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
             t.add_row(k, _fmt(k, final[k]), "" if b is None else f"{_fmt(k, b['value'])} @ {b['step']}")
     t.add_section()
     t.add_row("steps", f"{summary.get('steps')} (epoch {summary.get('epochs')})", "")
+    if "skipped_steps" in summary:  # updates trainer.nonfinite=skip dropped
+        t.add_row("skipped updates", str(summary["skipped_steps"]), "")
     t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s", "")
     t.add_row("peak RSS", f"{summary.get('peak_rss_mb', 0):,.0f} MB", "")
     if summary.get("peak_cuda_mb") is not None:

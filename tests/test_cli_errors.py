@@ -1,0 +1,139 @@
+"""The CLI on user mistakes and on bugs (issue 10, section 4): exit 2 with one paragraph and no
+traceback, no run dir left behind for a rejected config; an internal error is one console line with the
+traceback in dgtrain.log; a sweep with a failed trial ends without a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conftest import cli_env, run_cli
+
+
+def _out(p) -> str:
+    return p.stdout + p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["+trainer.max_stepz=5"],
+            "trainer.max_stepz is not a setting dgtrain knows, so it would be ignored. "
+            "Did you mean trainer.max_steps? Valid keys under trainer: max_steps,",
+        ),
+        (["optimizer.lr=inf"], "optimizer.lr=inf: must be a finite, non-negative number"),
+        (["optimizer.lr=nan"], "optimizer.lr=nan: must be a finite, non-negative number"),
+        (["data.val_fraction=1.5"], "data.val_fraction=1.5: must be a number in (0, 1)."),
+        (["model=transformer", "model.n_heads=0"], "model.n_heads=0: must be a positive integer."),
+    ],
+)
+def test_a_rejected_config_exits_2_and_leaves_no_run_dir(tmp_path, args, message):
+    p = run_cli(["model=linreg", "trainer.max_steps=3", *args], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert message in _out(p) and "Traceback" not in _out(p)
+    assert not (tmp_path / "outputs").exists(), "a rejected config leaves no outputs/DATE/TIME_model/"
+
+
+@pytest.mark.slow
+def test_a_rejected_config_keeps_a_run_dir_that_holds_other_files(tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    p = run_cli(["model=linreg", "optimizer.lr=nan", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 2
+    assert (run / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("value", ["~/data.csv", "/tmp/a&b.csv", "/tmp/é.csv", "/tmp/my data(1).csv"])
+def test_an_unparsable_override_gets_a_quoting_hint(tmp_path, value):
+    p = run_cli(["model=linreg", "data=csv", f"data.path={value}"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert f"cannot parse the override 'data.path={value}'" in p.stderr
+    assert f"""'data.path="{value}"' (the outer single quotes are for the shell)""" in p.stderr
+    assert "Traceback" not in _out(p)
+
+
+def test_hydra_run_dir_under_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    p = run_cli(["model=linreg", "hydra.run.dir=afile/run"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert "hydra.run.dir=afile/run: afile is a file, so no directory can be made there" in p.stderr
+    assert "Traceback" not in _out(p)
+
+
+# Runs dgtrain with the optimizer step raising: a bug, as far as dgtrain can tell.
+CRASH = """
+import sys, torch
+def step(self, *a, **kw):
+    raise RuntimeError("injected failure in the optimizer")
+torch.optim.Adam.step = step
+sys.argv = ["dgtrain", *sys.argv[1:]]
+from dgtrain.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_an_internal_error_is_one_console_line_and_a_traceback_in_the_log(tmp_path):
+    import subprocess
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    run = tmp_path / "run"
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "model=linreg",
+            "optimizer=adam",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 1
+    assert "Traceback" not in _out(p)
+    lines = [line for line in _out(p).splitlines() if "injected failure" in line]
+    assert len(lines) == 1 and "internal error: RuntimeError: injected failure in the optimizer" in lines[0]
+    assert f"the full traceback is in {run / 'dgtrain.log'}" in lines[0]
+    log = (run / "dgtrain.log").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise RuntimeError("injected failure' in log
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_trial_ends_without_a_traceback(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = run_cli(
+        ["-m", "model=linreg", "optimizer.lr=0.05,-1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
+    assert p.returncode == 1
+    assert "Traceback" not in _out(p)
+    assert "optimizer.lr=-1: must be a finite, non-negative number" in p.stderr  # the failed trial, once more
+    assert "1 completed, 1 failed" in p.stdout
+
+
+def test_the_run_dir_of_another_live_run_is_never_removed(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from dgtrain.cli import remove_untouched_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "day" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}")
+    (run / "dgtrain.log").write_text("")
+    (run / ".dgtrain.lock").write_text(json.dumps({"pid": os.getpid() + 1, "host": "h"}))
+    assert not remove_untouched_run_dir(run) and (run / ".dgtrain.lock").exists()
+    (run / ".dgtrain.lock").write_text(json.dumps({"pid": os.getpid(), "host": "h"}))  # this process's own
+    assert remove_untouched_run_dir(run)
+    assert not (tmp_path / "outputs").exists()  # the empty parents Hydra made go too, not the cwd
+    assert tmp_path.is_dir()

@@ -1,0 +1,188 @@
+"""User mistakes get exit 2 and one paragraph naming the key or file and the fix, before training:
+bad values, keys nothing reads, unreadable or non-finite data files (issue 10, sections 3 and 4)."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from dgtrain.data.regression import csv
+from dgtrain.errors import DgtrainError
+from dgtrain.validation import check_config, problems
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.val_fraction=0"], "data.val_fraction=0: must be a number in (0, 1)."),
+        (["data.val_fraction=1"], "data.val_fraction=1: must be a number in (0, 1)."),
+        (["data.val_fraction=1.5"], "data.val_fraction=1.5: must be a number in (0, 1)."),
+        (["optimizer.lr=nan"], "optimizer.lr=nan: must be a finite, non-negative number"),
+        (["optimizer.lr=inf"], "optimizer.lr=inf: must be a finite, non-negative number"),
+        (["model=transformer", "model.n_heads=0"], "model.n_heads=0: must be a positive integer."),
+        (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
+        (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
+        (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        (["model=mlp", "model.hidden_size=-4"], "model.hidden_size=-4: must be a positive integer."),
+        (["model=convnet", "model.channels=[16,-1]"], "model.channels=[16, -1]: must be a positive integer."),
+    ],
+)
+def test_bad_values_are_reported_before_anything_is_built(compose, overrides, message):
+    found = problems(compose(overrides))
+    assert any(p.startswith(message) for p in found), found
+    with pytest.raises(DgtrainError) as e:
+        check_config(compose(overrides))
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+trainer.max_stepz=5",
+            "trainer.max_stepz is not a setting dgtrain knows, so it would be ignored. "
+            "Did you mean trainer.max_steps? Valid keys under trainer: max_steps, max_epochs,",
+        ),
+        ("+checkpoint.evry=5", "checkpoint.evry is not a setting dgtrain knows"),
+        (
+            "+model.hiden_size=8",
+            "model.hiden_size is not a setting dgtrain knows, so it would be ignored. "
+            "Did you mean model.hidden_size? Valid keys under model: hidden_size.",
+        ),
+        ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
+        (
+            "+data.val_frac=0.5",
+            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers.",
+        ),
+        ("+scheduler.warmup=5", "Did you mean scheduler.warmup_steps?"),
+        ("+logger.console.verbose=1", "logger.console.verbose is not a setting dgtrain knows"),
+        ("+seeed=1", "seeed is not a setting dgtrain knows, so it would be ignored. Did you mean seed?"),
+    ],
+)
+def test_keys_that_nothing_reads_fail_listing_the_valid_ones(compose, override, message):
+    found = problems(compose(["model=mlp", override]))
+    assert any(message in p for p in found), found
+
+
+def test_every_shipped_option_and_recipe_passes_the_strict_key_check(compose):
+    from dgtrain.paths import config_dir, recipes_dir
+    from dgtrain.recipes import register_recipes
+
+    register_recipes()
+    root = config_dir()
+    options = [
+        f"{g}={p.stem}"
+        for g in ("model", "data", "optimizer", "scheduler", "logger", "loss")
+        for p in sorted((root / g).glob("*.yaml"))
+    ]
+    options += [f"recipe={p.stem}" for p in sorted(recipes_dir().glob("*.yaml"))]
+    for option in options:
+        found = [p for p in problems(compose([option])) if "not a setting" in p]
+        assert not found, (option, found)
+
+
+def test_graph_refuses_a_negative_size(tmp_path, monkeypatch):
+    from dgtrain.graph import main as graph_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DgtrainError, match=r"model\.hidden_size=-3: must be a positive integer"):
+        graph_main(["model=mlp", "model.hidden_size=-3"])
+
+
+# ------------------------------------------------------------------------------------------ CSV files
+
+
+def _table(tmp_path, body: str, name: str = "d.csv"):
+    f = tmp_path / name
+    f.write_text(body)
+    return str(f)
+
+
+@pytest.mark.parametrize(
+    "cell, shown", [("nan", "'nan'"), ("inf", "'inf'"), ("-Infinity", "'-Infinity'"), ("1e39", "'1e39'")]
+)
+def test_a_non_finite_csv_value_fails_at_load_naming_line_and_column(tmp_path, cell, shown):
+    path = _table(tmp_path, f"a,b,y\n1,2,3\n4,{cell},6\n7,8,9\n")
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=path, target="y")
+    assert f"{path}, line 3, column 2 ('b'): the value {shown} is not a finite number" in str(e.value)
+
+
+def test_a_gzipped_csv_is_read_like_the_plain_one(tmp_path):
+    rows = "a,b,y\n" + "\n".join(f"{i},{i * 2 % 7},{i % 5}" for i in range(30)) + "\n"
+    plain = csv(seed=0, path=_table(tmp_path, rows), target="y")
+    gz = tmp_path / "d.csv.gz"
+    gz.write_bytes(gzip.compress(rows.encode()))
+    zipped = csv(seed=0, path=str(gz), target="y")
+    assert np.array_equal(plain.train.x.numpy(), zipped.train.x.numpy())
+    assert np.array_equal(plain.val.y.numpy(), zipped.val.y.numpy())
+
+
+def test_a_binary_or_unreadable_file_is_named_without_a_traceback(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_bytes(gzip.compress(b"a,y\n1,2\n"))  # gzipped, but not named .gz
+    with pytest.raises(DgtrainError, match=r"cannot be read as a UTF-8 CSV file"):
+        csv(seed=0, path=str(f), target="y")
+    f.write_text("a,y\n1,2\n3,4\n")
+    f.chmod(0)
+    try:
+        if not __import__("os").access(f, __import__("os").R_OK):  # root reads anything
+            with pytest.raises(DgtrainError, match=r"cannot be read .*Permission denied"):
+                csv(seed=0, path=str(f), target="y")
+    finally:
+        f.chmod(0o644)
+
+
+def test_a_csv_with_only_the_target_column_is_refused(tmp_path):
+    with pytest.raises(DgtrainError, match="the only column is the target 'y', so there are no features"):
+        csv(seed=0, path=_table(tmp_path, "y\n1\n2\n3\n"), target="y")
+
+
+def test_errors_quote_a_cut_field_never_a_whole_line_of_the_file(tmp_path):
+    secret = "root:$6$saltsalt$" + "x" * 80 + ":19000:0:99999:7:::"
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=_table(tmp_path, secret + "\n" + secret + "\n" + secret + "\n"), target="y")
+    assert "saltsalt" not in str(e.value)
+    long_value = "v" * 200
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=_table(tmp_path, f"a,y\n1,2\n{long_value},3\n"), target="y")
+    assert f"column 1 ('a'): the value '{'v' * 40}...' is not a number" in str(e.value)
+    assert long_value not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ MNIST
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def _mnist(folder, n_train=20, labels=None):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": labels
+        if labels is not None
+        else rng.integers(0, 10, (n_train,), np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, (10,), dtype=np.uint8),
+    }
+    for name, arr in arrays.items():
+        (folder / name).write_bytes(_idx(arr))
+
+
+def test_mnist_labels_out_of_range_and_zero_images_are_named(tmp_path):
+    from dgtrain.data.images import mnist
+
+    labels = np.zeros(20, np.uint8)
+    labels[7] = 12
+    _mnist(tmp_path / "a", labels=labels)
+    with pytest.raises(DgtrainError, match=r"training label 12 \(example 7\) .* is outside 0\.\.9"):
+        mnist(seed=0, root=str(tmp_path / "a"))
+    _mnist(tmp_path / "b", n_train=0, labels=np.zeros(0, np.uint8))
+    with pytest.raises(DgtrainError, match="the training files under .* hold no images"):
+        mnist(seed=0, root=str(tmp_path / "b"))
