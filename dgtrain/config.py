@@ -54,6 +54,12 @@ class NonFinite(str, Enum):
     skip = "skip"  # leave the parameters unchanged for that step, count it (train/skipped_steps)
 
 
+class Strategy(str, Enum):
+    auto = "auto"  # ddp when there is more than one process
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model
+    fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded over ranks
+
+
 @dataclass
 class TrainerConfig:
     # Optimizer steps to run; when null, max_epochs decides.
@@ -69,6 +75,8 @@ class TrainerConfig:
     eval_every: int | None = None
     # Cap on validation batches per evaluation (null: the whole validation split).
     eval_batches: int | None = None
+    # Language models: log a generated text sample (console, metrics.jsonl, W&B table) every N steps.
+    sample_every: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
@@ -81,6 +89,13 @@ class TrainerConfig:
     # Batches per epoch: a whole number >= 1, or a fraction (0 < x < 1) of them; null: all.
     limit_train_batches: float | None = None
     limit_val_batches: float | None = None
+    # Processes on this node: N starts N workers through torch.distributed.run's API; auto: one per visible
+    # GPU (1 on CPU); null: this one process (or whatever torchrun started). docs/distributed.md
+    devices: Any = None
+    # With more than one process: auto (= ddp) | ddp | fsdp (FSDP2, mixed precision from `precision`).
+    strategy: Strategy = Strategy.auto
+    # Seconds a collective waits for a silent peer before the process group gives up (then every rank exits).
+    dist_timeout_s: float = 300.0
 
 
 @dataclass

@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -83,6 +84,8 @@ def _read_summary(job_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # a job of several processes: rank 0 writes
+        return
     tmp = job_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(job_dir / "summary.json")
@@ -118,8 +121,10 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
             log.info(f"sweep.resume: {job_dir} already completed ({' '.join(overrides)}); objective {done}")
             return done
     # A re-run job (sweep.resume, a reused sweep dir): the earlier attempt's files must not describe this one.
-    (job_dir / "summary.json").unlink(missing_ok=True)
-    if (job_dir / "metrics.jsonl").exists():
+    # (A job of several processes, one per SLURM task: rank 0 owns the files.)
+    if os.environ.get("RANK", "0") == "0":
+        (job_dir / "summary.json").unlink(missing_ok=True)
+    if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists():
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
     if (job_dir / "checkpoints").is_dir():  # a fresh run refuses another run's checkpoints (issue 10)
         import shutil
@@ -130,9 +135,9 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     t0 = time.perf_counter()
     error: str | None = None
     try:
-        from dgtrain.train import fit
+        from dgtrain.distributed import run
 
-        result = fit(cfg, job_dir, choices=dict(hc.runtime.choices))
+        result = run(cfg, job_dir, hc)  # trainer.devices=N: this job's N workers train it
         metric = str(cfg.sweep.metric or result.summary["monitor"]["metric"])
         direction = _direction_of(cfg, metric)
         summary = result.summary

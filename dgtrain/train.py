@@ -28,6 +28,7 @@ from dgtrain import checkpoint as ckpt_io
 from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
 from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
 from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
+from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import (
     nonfinite_check,
@@ -37,11 +38,13 @@ from dgtrain.faults import (
     slurm_requeue,
     too_many_skipped,
 )
+from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import make_optimizer
+from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -152,7 +155,7 @@ def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
     return data
 
 
-def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
+def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, world: int = 1) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
     data = build_data(cfg, allowed)
@@ -173,7 +176,10 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
         )
     # batches that stay on the host are page-locked so that their copy to the GPU does not block
     pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
-    train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    # data.batch_size is per process: rank r of `world` loads its slice of each global batch
+    train_loader = make_loader(
+        data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
+    )
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
 
@@ -209,9 +215,10 @@ class StopRequest:
 
     EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 138}  # 128 + signal number (Linux)
 
-    def __init__(self):
+    def __init__(self, sync: StopSync | None = None):
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
+        self.sync, self._local = sync, None  # several processes: the ranks agree at a step boundary (poll)
 
     def __enter__(self) -> StopRequest:
         import signal
@@ -230,7 +237,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         import signal
 
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.sync is None:
+            self.signal = name
+        else:
+            self._local = self._local or name
         for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM is not ignored
             signal.signal(sig, handler)
 
@@ -239,6 +250,12 @@ class StopRequest:
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def poll(self) -> None:
+        """Step boundary: with several processes, `signal` becomes the signal some rank received (the same
+        on every rank, at the same step); alone, the handler has already set it."""
+        if self.sync is not None and self.signal is None:
+            self.signal = self.sync(self._local)
 
     @property
     def exit_code(self) -> int:
@@ -264,6 +281,9 @@ class LoopState:
     final: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
     peak_cuda: float | None = None
     wall_s: float = 0.0  # wall time of this run's processes up to the latest checkpoint (summary.json)
+    global_batch: int = (
+        0  # data.batch_size x processes: what `position` counts (resume on another world size)
+    )
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
     unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
@@ -369,11 +389,13 @@ class Loop:
     """The run's objects, its `LoopState`, and the pieces `fit` calls: one optimizer step, reading the
     non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
 
-    def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path):
+    def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path, dist: Dist | None = None):
         self.s, self.run_dir = s, run_dir
-        self.model, self.task, self.device = s.model, s.task, s.device
-        self.autocast = autocast_for(s.device, precision)
-        self.state = LoopState()
+        self.dist = d = dist or Dist()  # several processes: this rank's place (dgtrain/distributed.py)
+        # DDP / FSDP2 wrap the model before the optimizer sees its parameters; s.model stays the user's
+        self.model, self.task, self.device = wrap_model(s.model, d, s.device, precision), s.task, s.device
+        self.autocast = autocast_for(s.device, "fp32" if d.sharded else precision)  # FSDP: its own policy
+        self.state = LoopState(global_batch=s.train_loader.batch_sampler.global_batch)
         tc = cfg.trainer
         self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
@@ -411,7 +433,7 @@ class Loop:
         self.state.load_state_dict(resumed["loop"], self.device, self.log_every)
         ckpt_io.restore(
             resumed,
-            model=self.model,
+            model=unwrap(self.model),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,
@@ -431,15 +453,16 @@ class Loop:
         except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`)."""
         st, tel = self.state, self.telemetry
         step_loss = None
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = next(self.stream)
-            with tel.forward(batch), self.autocast():
-                loss = self.task.loss(self.model, batch, self.s.loss_fn)
-                if self.accum > 1:
-                    loss = loss / self.accum
-            tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
-            self.scaler.scale(loss).backward()
-            tel.after_backward()
+            with sync_context(self.model, micro == self.accum - 1):  # several processes: reduce on the last
+                with tel.forward(batch), self.autocast():
+                    loss = self.task.loss(self.model, batch, self.s.loss_fn)
+                    if self.accum > 1:
+                        loss = loss / self.accum
+                tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
+                self.scaler.scale(loss).backward()
+                tel.after_backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             st.samples += len(batch[0])
             units = self.task.units(batch)
@@ -455,6 +478,7 @@ class Loop:
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
+        found = self.dist.any_(found)  # several processes: every rank steps, or none (on the device)
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
             found_inf = found
             if self.fail:  # skip every update from the first bad step on; reported at the next read
@@ -488,9 +512,10 @@ class Loop:
         flags = torch.stack(st.unread).tolist()
         st.unread = []
         if not self.fail:
-            st.skipped_steps += int(sum(flags))
-            if st.skipped_steps > self.max_skipped:
-                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
+            for i, flag in enumerate(flags):
+                st.skipped_steps += int(flag)
+                if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
+                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
             return
         if not any(flags):
             return
@@ -507,7 +532,7 @@ class Loop:
         """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""
         self.read_guard()
         st = self.state
-        losses = torch.stack(st.losses).tolist()
+        losses = self.dist.mean_(torch.stack(st.losses)).tolist()  # the job's loss: the mean over ranks
         for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
             if math.isfinite(v):
                 st.last_finite = [st.step - len(losses) + i + 1, v]
@@ -519,8 +544,10 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.clip:
-            metrics["train/grad_norm"] = float(self.grad_norm)
+        if self.clip:  # FSDP: a DTensor, whose full value every rank holds after the reduction
+            metrics["train/grad_norm"] = float(
+                getattr(self.grad_norm, "full_tensor", lambda: self.grad_norm)()
+            )
         metrics["perf/step_ms"] = 1000.0 * dt / len(losses)
         metrics["perf/samples_per_s"] = st.samples / dt
         n_tokens = None
@@ -528,6 +555,7 @@ class Loop:
             n_tokens = st.tokens + (int(st.device_tokens) if st.device_tokens is not None else 0)
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(self.telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics = self.dist.reduce_metrics(metrics)  # throughput summed over ranks, memory max over ranks
         st.losses, st.samples, st.tokens, st.device_tokens = [], 0, 0, None
         self.t_log, self.eval_s = time.perf_counter(), 0.0
         return metrics
@@ -559,9 +587,10 @@ class Loop:
         """The objects' states, the loop's state and the RNG states: what exact resume needs."""
         self.read_guard()
         self.state.wall_s = self.wall_s()
+        sharded = self.dist.sharded  # FSDP: the model's and optimizer's shards are written apart
         state = ckpt_io.make_state(
-            model=self.model,
-            optimizer=self.optimizer,
+            model=None if sharded else unwrap(self.model),
+            optimizer=None if sharded else self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,
             loop=self.state.state_dict(),
@@ -574,24 +603,31 @@ class Loop:
         return state
 
 
-def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> TrainResult:
+def fit(
+    cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None, dist: Dist | None = None
+) -> TrainResult:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    d = dist or Dist()  # several processes (torchrun, trainer.devices): dgtrain/distributed.py; alone: no-ops
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
-    checkpointer.claim(cfg.get("resume"))  # one dir, one run: lock, run id, writable (docs/checkpoints.md)
-    fast_dev_run = bool(cfg.trainer.get("fast_dev_run"))  # a dry run never resumes (nor trims files)
-    resumed = None if fast_dev_run else checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
-    device = resolve_device(cfg.device)
+    if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
+        checkpointer.claim(cfg.get("resume"))
+    # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
+    resumed = (
+        None if cfg.trainer.get("fast_dev_run") else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+    )
+    device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
     seed_everything(cfg.seed)
-    s = setup(cfg, device)
+    s = setup(cfg, device, d.rank, d.world)
     cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
-    writes = not cfg.trainer.fast_dev_run  # fast_dev_run: nothing but the log is written
+    fast_dev = bool(cfg.trainer.fast_dev_run)  # nothing but the log is written
+    writes = d.is_main and not fast_dev  # rank 0 writes every file of the run
     trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
-    loop = Loop(cfg, s, precision, run_dir)
+    loop = Loop(cfg, s, precision, run_dir, d)
     loop.t_start = t_start
     st, tc, task, max_steps = loop.state, cfg.trainer, s.task, loop.max_steps
     n_params = sum(p.numel() for p in s.model.parameters())
@@ -605,12 +641,15 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
     if writes:
         ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+        write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
     if resumed is not None:
         loop.restore(resumed)
 
     # The sinks open last, right before the try/finally that always closes them (with the run's status).
     resume_step = st.step if resumed is not None else None
-    loop.sinks = sinks = build_loggers(cfg, run_dir, resume_step=resume_step, files=writes)
+    loop.sinks = sinks = (
+        build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
+    )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
@@ -624,7 +663,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     if console:
         console.start(max_steps, first_step=st.step)
     status, eval_every = "failed", int(tc.eval_every or 0)
-    stop = StopRequest().__enter__()
+    stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
     loop.t_log = time.perf_counter()
     try:
         callbacks.fit_start(ctx)
@@ -632,6 +671,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         while st.step < max_steps:
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
             callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
+            stop.poll()  # several processes: every rank learns of a signal at the same step
             if console:
                 console.advance(st.step)
 
@@ -649,6 +689,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                     metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
+            if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
+                metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
@@ -661,8 +703,8 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 and task.monitor in metrics
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
-            if writes and (regular or new_best):
-                checkpointer.save(st.step, loop.checkpoint(), regular=regular, best=new_best)
+            if not fast_dev and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
+                d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
                 callbacks.checkpoint(
                     ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
                 )
@@ -673,15 +715,18 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
                 if st.losses or not regular:  # the signal came after this step was logged/saved
                     if st.losses:
                         loop.record(loop.train_metrics())
-                    if writes:
-                        checkpointer.save(st.step, loop.checkpoint())
+                    if not fast_dev:
+                        d.save_checkpoint(checkpointer, st.step, loop, True, False)
                 log.warning(f"{stop.signal} received: stopped after step {st.step} (checkpoint saved)")
-                if stop.signal == "SIGUSR1":
+                if stop.signal == "SIGUSR1" and d.is_main:
                     log.warning(f"SLURM job {slurm_requeue(st.step)} requeued")
                 break
+        if stop.sync is not None:
+            stop.sync.wait()  # the last step's stop flag, still in flight
         status = "early_stopped" if ctx.stop_reason else "completed" if st.step >= max_steps else "stopped"
-        if status in ("completed", "early_stopped") and writes:
-            ckpt_io.save_weights(s.model, run_dir / "model.safetensors")  # the final weights, without pickle
+        if status in ("completed", "early_stopped") and not fast_dev:
+            # the final weights, without pickle (FSDP: gathered to rank 0)
+            d.save_weights(loop.model, run_dir / "model.safetensors")
     finally:
         stop.__exit__()
         try:
@@ -709,6 +754,7 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
         summary["trainable_parameters"] = trainable
         summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
         summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
+        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary_text = json.dumps(summary, indent=2) + "\n"
         if writes:
             ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))

@@ -157,6 +157,24 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         out.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N.")
+    out.extend(_distributed_problems(cfg))
+    return out
+
+
+def _distributed_problems(cfg: DictConfig) -> list[str]:
+    tc, out = cfg.trainer, []
+    devices = tc.get("devices")
+    if devices is not None and str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
+        out.append(f"trainer.devices={devices!r}: expected a positive integer, auto or null (one process).")
+    strategy = str(getattr(tc.get("strategy"), "value", tc.get("strategy")))
+    precision = str(getattr(cfg.precision, "value", cfg.precision))
+    if strategy == "fsdp" and precision == "fp16":
+        out.append(
+            "trainer.strategy=fsdp with precision=fp16: FSDP's mixed precision here is bf16 (no loss scaling "
+            "of sharded gradients); use precision=bf16, or trainer.strategy=ddp for fp16."
+        )
+    if tc.get("dist_timeout_s") is not None and float(tc.dist_timeout_s) <= 0:
+        out.append(f"trainer.dist_timeout_s={tc.dist_timeout_s}: must be a positive number of seconds.")
     return out
 
 

@@ -127,6 +127,9 @@ class ConsoleLogger:
                 self._progress.console.log(
                     f"step {step}: " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in val.items())
                 )
+            for k, v in metrics.items():
+                if isinstance(v, str):  # a text sample (trainer.sample_every)
+                    self._progress.console.log(f"step {step} {k}:\n{v}")
             return
         elapsed = time.perf_counter() - self._t0
         done = step - self._first  # steps this process ran (a resumed run started at _first)
