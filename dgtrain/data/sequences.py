@@ -99,6 +99,7 @@ def seq2seq_synthetic(
         bos_id=BOS,
         eos_id=EOS,
         max_len=max_len + 2,
+        extra={"seq_task": seq_task, "num_symbols": num_symbols, "first_symbol": N_SPECIAL},
     )
     return DataBundle(
         PaddedPairs([pairs[i] for i in train_idx.tolist()]),
@@ -265,11 +266,11 @@ def text(
         vocab = sorted(set(corpus))
         index = {c: i for i, c in enumerate(vocab)}
         tokens = torch.tensor([index[c] for c in corpus], dtype=torch.long)
-        extra = {"vocab": "".join(vocab)}
+        extra = {"level": "char", "vocab": "".join(vocab)}
     elif level == "byte":
         raw = raw[: limit(len(raw), max_chars)]
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-        vocab, extra = range(256), {}
+        vocab, extra = range(256), {"level": "byte"}
     else:
         raise DgtrainError(f"data.level={level!r}: expected 'char' or 'byte'.")
     n_val = int(len(tokens) * val_fraction)
