@@ -54,7 +54,7 @@ def test_a_closed_interval_admits_its_end(compose):
         (
             "+model.hiden_size=8",
             "model.hiden_size is not a setting dgtrain knows, so it would be ignored. "
-            "Did you mean model.hidden_size? Valid keys under model: hidden_size.",
+            "Did you mean model.hidden_size? Valid keys under model: hidden_size, freeze.",
         ),
         ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
         (
