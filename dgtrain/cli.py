@@ -13,8 +13,9 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
-# name -> ("module:function", one-line description for `dgtrain --help`): every subcommand is
-# dgtrain/commands/<name>.py, whose `main` takes the remaining argv and returns an exit code. `dgtrain --help` lists exactly these.
+# name -> ("module:function", one-line description for `dgtrain --help`); each function takes the
+# remaining argv and returns an exit code; every subcommand is dgtrain/commands/<name>.py.
+# `dgtrain --help` lists exactly these.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": (
         "dgtrain.commands.eval:main",

@@ -641,7 +641,10 @@ def fit(
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
-    resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
+    # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
+    resumed = (
+        None if cfg.trainer.get("fast_dev_run") else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+    )
     device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
     configure_torch(cfg)

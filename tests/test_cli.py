@@ -322,8 +322,8 @@ def test_every_subcommand_lives_in_dgtrain_commands_and_answers_help(tmp_path):
 
     modules = {p.stem for p in (REPO / "dgtrain" / "commands").glob("*.py") if p.stem != "__init__"}
     assert {name.replace("-", "_") for name in SUBCOMMANDS} == modules
-    for name, target in SUBCOMMANDS.items():
-        module, func = target[0].split(":")
+    for name, (target, _) in SUBCOMMANDS.items():
+        module, func = target.split(":")
         assert (module, func) == (f"dgtrain.commands.{name.replace('-', '_')}", "main")
         assert callable(getattr(importlib.import_module(module), func))
     for name in SUBCOMMANDS:
