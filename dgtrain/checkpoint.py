@@ -565,7 +565,8 @@ class Checkpointer:
         state = self._load_for_resume(cfg, allowed)
         if state is not None and state.get("run_id"):
             self.run_id = str(state["run_id"])
-        self.write_run_file()
+        if not cfg.trainer.get("fast_dev_run"):  # a debug run writes nothing but its log
+            self.write_run_file()
         return state
 
     def _load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:

@@ -36,7 +36,9 @@ log = logging.getLogger("dgtrain")
 
 SUMMARY_FILES = ("sweep_summary.csv", "sweep_summary.json", "sweep_objective.png")
 # Order of the statuses below the ranked (completed) trials in the table.
-STATUS_ORDER = {"completed": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
+# A trial that early stopping ended finished as planned: it is ranked like a completed one.
+FINISHED = ("completed", "early_stopped")
+STATUS_ORDER = {"completed": 0, "early_stopped": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
 
 
 class TrialFailed(CompactHydraException):
@@ -99,7 +101,7 @@ def finished_objective(job_dir: Path, overrides: list[str], cfg: DictConfig) -> 
     settings, or None when the job must (re)run."""
     summary = _read_summary(job_dir)
     sweep = (summary or {}).get("sweep") or {}
-    if not summary or summary.get("status") != "completed":
+    if not summary or summary.get("status") not in FINISHED:
         return None
     if _trial_key(sweep.get("overrides") or []) != _trial_key(overrides):
         return None
@@ -255,7 +257,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
         s = summary or {}
         sweep = s.get("sweep") or {}
         objective = sweep.get("objective")
-        if objective is None and not sweep and s.get("status") == "completed":
+        if objective is None and not sweep and s.get("status") in FINISHED:
             objective = (s.get("monitor") or {}).get("value")  # a run from before sweep.* existed
         rows.append(
             {
@@ -290,7 +292,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
     sign = -1.0 if direction == "maximize" else 1.0
 
     def order(r: dict[str, Any]) -> tuple:
-        ranked = r["status"] == "completed" and isinstance(r["objective"], (int, float))
+        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
         return (
             0 if ranked else 1,
             sign * r["objective"] if ranked else 0.0,
@@ -300,7 +302,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
     rows.sort(key=order)
     rank = 0
     for r in rows:
-        ranked = r["status"] == "completed" and isinstance(r["objective"], (int, float))
+        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
         rank += ranked
         r["rank"] = rank if ranked else None
     counts: dict[str, int] = {}

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dgtrain import __version__
+from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
-from dgtrain.config import allowed_prefixes, build, locate
-from dgtrain.data import DataBundle, make_loader
+from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
+from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
+from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import (
@@ -41,6 +42,7 @@ from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
+from dgtrain.optim import make_optimizer
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -111,37 +113,96 @@ class Setup:
 
 
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
-    """`model._target_` names a class; dgtrain models size themselves from the data (`from_data`)."""
-    params = OmegaConf.to_container(cfg.model, resolve=True)
-    cls = locate(params.pop("_target_"), allowed, key="model._target_")
+    """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
+    from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
+    plain `nn.Module` takes its sizes from the config. Nested `_target_` nodes (a backbone under
+    `model.net`, as in lightning-hydra-template) are built first, as Hydra's `instantiate` does."""
+    cls, params = build_children(cfg.model, allowed, key="model", exclude=MODEL_META_KEYS)
     factory = getattr(cls, "from_data", None)
     try:
-        return factory(info, **params) if factory else cls(**params)
+        model = factory(info, **params) if factory else cls(**params)
     except TypeError as e:
         raise DgtrainError(
-            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options)."
+            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options; a model "
+            "without `from_data` gets every size from the config)."
         ) from e
+    if not isinstance(model, torch.nn.Module):
+        raise DgtrainError(
+            f"model._target_={cfg.model._target_} returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
+    """`data._target_` returns a DataBundle; it gets the run's `seed` if it takes one."""
+    import inspect
+
+    fn = locate(cfg.data.get("_target_"), allowed, key="data._target_")
+    try:
+        takes = inspect.signature(fn).parameters
+        wants_seed = "seed" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())
+    except (TypeError, ValueError):
+        wants_seed = True
+    extra = {"seed": cfg.seed} if wants_seed else {}
+    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, **extra)
+    if not isinstance(data, DataBundle):
+        raise DgtrainError(
+            f"data._target_={cfg.data._target_} returned {type(data).__name__}; a data function returns "
+            "dgtrain.data.DataBundle(train, val, DataInfo(task=...)) (docs/extending.md)."
+        )
+    return data
 
 
 def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, world: int = 1) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
-    data = build(
-        cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
-    )
+    data = build_data(cfg, allowed)
     task = make_task(data.info.task, data.info.pad_id)
+    task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
-    pin = device.type == "cuda"
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if device.type != "cpu" and keep_on_device(
+        cfg.data.get("device_resident", "auto"), data, device, nw, free
+    ):
+        data = DataBundle(data.train.to(device), data.val.to(device), data.info)  # moved once
+        log.info(
+            f"data.device_resident: {(data.train.nbytes() + data.val.nbytes()) / 2**20:.1f} MB on {device}"
+        )
+    # batches that stay on the host are page-locked so that their copy to the GPU does not block
+    pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
     # data.batch_size is per process: rank r of `world` loads its slice of each global batch
     train_loader = make_loader(
         data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
     )
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
+
+
+def debug_modes(cfg: DictConfig, s: Setup) -> DictConfig:
+    """Lightning's debug switches (trainer.fast_dev_run, overfit_batches, limit_*_batches): returns the
+    config the run uses (fast_dev_run: one step, one val batch) and limits the loaders in place."""
+    tc = cfg.trainer
+    if tc.get("fast_dev_run"):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.trainer.update(max_steps=1, grad_accum_steps=1, log_every=1, eval_every=None, eval_batches=1)
+            cfg.checkpoint.update(every=None, save_top_k=None)
+        log.info("trainer.fast_dev_run: one train batch and one val batch; nothing is written but the log")
+    if tc.get("overfit_batches"):
+        from torch.utils.data import Subset
+
+        bs, n = int(cfg.data.batch_size), int(tc.overfit_batches)
+        subset = Subset(s.data.train, range(min(len(s.data.train), n * bs)))
+        s.train_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)
+        s.val_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)  # scored on what it trains on
+        log.info(f"trainer.overfit_batches={n}: training and validating on the same {len(subset)} examples")
+    limit_batches(s.train_loader, tc.get("limit_train_batches"))
+    limit_batches(s.val_loader, 1 if tc.get("fast_dev_run") else tc.get("limit_val_batches"))
+    return cfg
 
 
 class StopRequest:
@@ -220,6 +281,7 @@ class LoopState:
     global_batch: int = (
         0  # data.batch_size x processes: what `position` counts (resume on another world size)
     )
+    wall_s: float = 0.0  # wall time of this run's processes up to the latest checkpoint (summary.json)
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
     unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
@@ -256,6 +318,8 @@ class BatchStream:
         self.loader, self.device = loader, device
         self.state = state if state is not None else LoopState()
         self._it = None
+        # device-resident data (and any data on the CPU when training there) needs no copy per batch
+        self.move = getattr(getattr(loader, "dataset", None), "device", None) != device
 
     def seek(self, epoch: int, position: int, completed_epochs: int) -> None:
         """Continue at batch `position` of `epoch` (resume). The iterator starts here, so the random draw a
@@ -278,7 +342,7 @@ class BatchStream:
         st.position += 1
         if st.position == len(self.loader):
             st.completed_epochs = st.epoch + 1
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch) if self.move else batch
 
 
 def to_device(batches, device: torch.device):
@@ -324,19 +388,22 @@ class Loop:
     non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
 
     def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path, dist: Dist | None = None):
-        self.cfg, self.s, self.tc, self.run_dir = cfg, s, cfg.trainer, run_dir
+        self.s, self.run_dir = s, run_dir
         self.dist = d = dist or Dist()  # several processes: this rank's place (dgtrain/distributed.py)
         # DDP / FSDP2 wrap the model before the optimizer sees its parameters; s.model stays the user's
         self.model, self.task, self.device = wrap_model(s.model, d, s.device, precision), s.task, s.device
         self.autocast = autocast_for(s.device, "fp32" if d.sharded else precision)  # FSDP: its own policy
         self.state = LoopState(global_batch=s.train_loader.batch_sampler.global_batch)
-        self.accum = int(self.tc.grad_accum_steps)
+        tc = cfg.trainer
+        self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
-        tc = self.tc
         self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
         self.log_every = int(tc.log_every)
+        # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+        self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
-        self.optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(self.model.parameters())
+        self.optimizer = make_optimizer(cfg, self.model, allowed)  # no weight decay on biases and norms
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
             self.optimizer, total_steps=self.max_steps
         )
@@ -356,6 +423,8 @@ class Loop:
         self.history: list[dict[str, Any]] = []
         self.grad_norm: torch.Tensor | None = None
         self.t_log, self.eval_s = time.perf_counter(), 0.0  # wall clock of the log window
+        self.t_start, self.wall_before = time.perf_counter(), 0.0  # this process; earlier processes
+        self.callbacks = CallbackList({})  # their states travel in checkpoints too
 
     def restore(self, resumed: dict[str, Any]) -> None:
         """Continue exactly where the checkpoint left off: the loop's state, objects, data position, RNG."""
@@ -369,6 +438,12 @@ class Loop:
             stream=self.stream,
         )
         self.telemetry.step = self.state.step  # a resumed run continues its sampling schedule
+        self.wall_before = self.state.wall_s
+        self.callbacks.load_state_dict(resumed.get("callbacks") or {})
+
+    def wall_s(self) -> float:
+        """Wall time of the whole run: earlier processes (up to their last checkpoint) and this one."""
+        return self.wall_before + time.perf_counter() - self.t_start
 
     def train_step(self) -> None:
         """One optimizer step: forward and backward for each micro-batch (graphs freed as we go), clip,
@@ -395,9 +470,9 @@ class Loop:
                     st.tokens += units
                 else:  # stays on the device: no copy, no wait
                     st.device_tokens = units if st.device_tokens is None else st.device_tokens + units
-        if self.tc.clip_grad_norm:
+        if self.clip:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, float(self.tc.clip_grad_norm))
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
@@ -422,7 +497,7 @@ class Loop:
         self.scheduler.step()
         tel.after_step()
         st.step += 1
-        if not self.on_device and self.fail and bool(found):  # known on the host already: stop now
+        if not self.on_device and bool(found):  # known on the host already: fail or count it now
             self.read_guard()
 
     def read_guard(self) -> None:
@@ -435,10 +510,9 @@ class Loop:
         flags = torch.stack(st.unread).tolist()
         st.unread = []
         if not self.fail:
-            for i, flag in enumerate(flags):
-                st.skipped_steps += int(flag)
-                if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
-                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
+            st.skipped_steps += int(sum(flags))
+            if st.skipped_steps > self.max_skipped:
+                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
             return
         if not any(flags):
             return
@@ -467,7 +541,7 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.tc.clip_grad_norm:
+        if self.clip:
             metrics["train/grad_norm"] = float(
                 getattr(self.grad_norm, "full_tensor", lambda: self.grad_norm)()
             )
@@ -486,7 +560,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         self.read_guard()  # never score (or report) a run that has already failed
         t_eval = time.perf_counter()
-        metrics = evaluate(self.s, self.autocast, self.tc.eval_batches)
+        metrics = evaluate(self.s, self.autocast, self.eval_batches)
         self.eval_s += time.perf_counter() - t_eval
         self.state.last_eval_epochs = self.state.completed_epochs
         return metrics
@@ -509,8 +583,9 @@ class Loop:
     def checkpoint(self) -> dict[str, Any]:
         """The objects' states, the loop's state and the RNG states: what exact resume needs."""
         self.read_guard()
+        self.state.wall_s = self.wall_s()
         sharded = self.dist.sharded  # FSDP: the model's and optimizer's shards are written apart
-        return ckpt_io.make_state(
+        state = ckpt_io.make_state(
             model=None if sharded else unwrap(self.model),
             optimizer=None if sharded else self.optimizer,
             scheduler=self.scheduler,
@@ -520,6 +595,9 @@ class Loop:
             run_dir=self.run_dir,
             monitor=self.state.best.get(self.task.monitor),
         )
+        if self.callbacks:
+            state["callbacks"] = self.callbacks.state_dict()
+        return state
 
 
 def fit(
@@ -539,38 +617,53 @@ def fit(
     precision = precision_of(cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, device, d.rank, d.world)
+    cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
+    writes = not cfg.trainer.fast_dev_run  # fast_dev_run: nothing but the log is written
+    trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
     loop = Loop(cfg, s, precision, run_dir, d)
+    loop.t_start = t_start
     st, tc, task, max_steps = loop.state, cfg.trainer, s.task, loop.max_steps
     n_params = sum(p.numel() for p in s.model.parameters())
+    # callbacks=[...] and checkpoint.save_top_k (dgtrain/callbacks.py); they see the run through `ctx`
+    loop.callbacks = callbacks = build_callbacks(cfg, checkpointer.dir)
+    ctx = FitContext(
+        run_dir, s.model, loop.optimizer, task.monitor, task.mode, loop.evaluate, loop.checkpoint
+    )
+    ctx.writes_files = writes and d.is_main  # rank 0 writes every file of the run
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
-    if d.is_main:  # rank 0 writes every file of the run
+    if writes and d.is_main:
         ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
     if resumed is not None:
         loop.restore(resumed)
 
     # The sinks open last, right before the try/finally that always closes them (with the run's status).
     resume_step = st.step if resumed is not None else None
-    loop.sinks = sinks = build_loggers(cfg, run_dir, resume_step) if d.is_main else []
+    loop.sinks = sinks = (
+        build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
+    )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
         sink.log_config(resolved)
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(s.model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{type(s.model).__name__} {n_params:,} parameters ({trainable:,} trainable) | "
+        f"{len(s.data.train):,} train / "
         f"{len(s.data.val):,} val examples | {max_steps} steps"
     )
     if console:
-        console.start(max_steps)
-    status, eval_every = "failed", tc.eval_every
+        console.start(max_steps, first_step=st.step)
+    status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
     loop.t_log = time.perf_counter()
     try:
+        callbacks.fit_start(ctx)
         s.model.train()
         while st.step < max_steps:
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
             stop.poll()  # several processes: every rank learns of a signal at the same step
+            callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
             if console:
                 console.advance(st.step)
 
@@ -581,39 +674,56 @@ def fit(
 
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
-            if (eval_every and st.step % int(eval_every) == 0) or (not eval_every and epoch_ended) or last:
+            if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
                 metrics.update(loop.evaluate())
+                callbacks.eval_end(ctx, st.step, metrics)  # may add val_ema/...; may request a stop
+                if ctx.stop_reason and st.losses and "train/loss" not in metrics:
+                    metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
             if metrics:
                 loop.record(metrics)
+                callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
 
             # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
             # the task's monitor metric improved at this step
-            regular = checkpointer.due(st.step) or last or stop.signal is not None
+            regular = checkpointer.due(st.step) or last or stop.signal is not None or bool(ctx.stop_reason)
             new_best = (
                 checkpointer.keeps_best
                 and task.monitor in metrics
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
-            if regular or new_best:  # rank 0's file, or (FSDP) every rank's shards
+            if writes and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
                 d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
+                callbacks.checkpoint(
+                    ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
+                )
+            if ctx.stop_reason:
+                log.info(f"{ctx.stop_reason}: stopped after step {st.step} (checkpoint saved)")
+                break
             if stop.signal:
                 if st.losses or not regular:  # the signal came after this step was logged/saved
                     if st.losses:
                         loop.record(loop.train_metrics())
-                    d.save_checkpoint(checkpointer, st.step, loop, True, False)
+                    if writes:
+                        d.save_checkpoint(checkpointer, st.step, loop, True, False)
                 log.warning(f"{stop.signal} received: stopped after step {st.step} (checkpoint saved)")
                 if stop.signal == "SIGUSR1" and d.is_main:
                     log.warning(f"SLURM job {slurm_requeue(st.step)} requeued")
                 break
         if stop.sync is not None:
             stop.sync.wait()  # the last step's stop flag, still in flight
-        status = "completed" if st.step >= max_steps else "stopped"
-        if status == "completed":  # the final weights, without pickle (FSDP: gathered to rank 0)
-            d.save_weights(loop.model, run_dir / "model.safetensors")
+        status = "early_stopped" if ctx.stop_reason else "completed" if st.step >= max_steps else "stopped"
+        if status in ("completed", "early_stopped") and writes:  # the final weights, without pickle
+            d.save_weights(loop.model, run_dir / "model.safetensors")  # FSDP: gathered to rank 0
     finally:
         stop.__exit__()
+        try:
+            callbacks.fit_end(ctx, status)  # EMA saves model_ema.safetensors here
+        except Exception as e:  # noqa: BLE001 - never hide the error that failed the run
+            if status != "failed":
+                raise
+            log.warning(f"callbacks: on_fit_end failed too ({type(e).__name__}: {e})")
         summary = make_summary(
             status,
             st.step,
@@ -624,15 +734,18 @@ def fit(
             device,
             n_params,
             st.peak_cuda,
-            time.perf_counter() - t_start,
+            loop.wall_s(),  # a resumed run counts its earlier processes too
             run_dir,
         )
         summary["telemetry"] = loop.telemetry.summary()
         summary["run_id"] = checkpointer.run_id
         summary["skipped_steps"] = st.skipped_steps
         summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
+        summary["trainable_parameters"] = trainable
+        summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
+        summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
         summary_text = json.dumps(summary, indent=2) + "\n"
-        if d.is_main:
+        if writes and d.is_main:
             ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
@@ -682,8 +795,12 @@ def make_summary(
     }
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
-    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots."""
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None, files: bool = True) -> list:
+    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots.
+    files=False (trainer.fast_dev_run): the console alone."""
+    if not files:
+        node = (cfg.get("logger") or {}).get("console")
+        return [build(node, allowed=allowed_prefixes(cfg), key="logger.console") if node else ConsoleLogger()]
     sinks: list = [JsonlLogger(run_dir, append=resume_step is not None)]
     for name, node in (cfg.get("logger") or {}).items():
         # Sinks that keep files (wandb, tensorboard) take the run dir.

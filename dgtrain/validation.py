@@ -6,7 +6,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgtrain.config import (
     allowed_prefixes,
@@ -15,7 +15,7 @@ from dgtrain.config import (
     locate,
     unknown_key_problems,
 )
-from dgtrain.data import TASKS
+from dgtrain.data import TASKS, flag
 from dgtrain.errors import DgtrainError
 from dgtrain.losses import TASKS_OF
 from dgtrain.paths import config_dir
@@ -100,13 +100,34 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
+    if tc.get("overfit_batches") is not None and int(tc.overfit_batches) < 1:
+        out.append(f"trainer.overfit_batches={tc.overfit_batches}: must be a positive integer, or null.")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        v = tc.get(key)
+        if v is not None and (float(v) <= 0 or (float(v) >= 1 and float(v) != int(v))):
+            out.append(
+                f"trainer.{key}={v}: give a whole number of batches (>= 1) or a fraction (0 < x < 1), or null."
+            )
     ck = cfg.get("checkpoint") or {}
+    if ck.get("save_top_k") is not None and int(ck.save_top_k) < 1:
+        out.append(f"checkpoint.save_top_k={ck.save_top_k}: must be a positive integer, or null.")
+    if ck.get("mode") not in (None, "min", "max"):
+        out.append(f"checkpoint.mode={ck.mode}: expected min, max or null (the metric's own direction).")
     for key in ("every", "keep_last"):
         if ck.get(key) is not None and int(ck[key]) < 1:
             out.append(f"checkpoint.{key}={ck[key]}: must be a positive integer, or null.")
     resume = cfg.get("resume")
     if resume is not None and str(resume) != "auto" and not Path(str(resume)).exists():
         out.append(f"resume={resume}: no such checkpoint file or run directory (use resume=auto or a path).")
+    init_from = cfg.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().exists():
+        out.append(
+            f"init_from={init_from}: no such run dir, checkpoint or safetensors file (fine-tuning starts "
+            "from an existing file)."
+        )
+    freeze = cfg.model.get("freeze")
+    if freeze is not None and not isinstance(freeze, (list, ListConfig)):
+        out.append(f"model.freeze={freeze}: expected a list of globs, e.g. model.freeze=['net.*'].")
     tel = cfg.get("telemetry")
     if tel is not None and int(tel.graph_every) < 1:
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
@@ -117,6 +138,16 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"data.batch_size={bs}: must be a positive integer.")
     if int(cfg.data.get("num_workers", 0) or 0) < 0:
         out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    resident = flag(cfg.data.get("device_resident", "auto"))
+    if resident not in ("auto", "true", "false"):
+        out.append(f"data.device_resident={resident}: expected auto, true or false.")
+    elif resident == "true" and int(cfg.data.get("num_workers", 0) or 0) > 0:
+        out.append(
+            f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
+            "device-resident batches are drawn in this process. Set one of them differently."
+        )
+    if not isinstance(cfg.data.get("pin_memory", True), bool):
+        out.append(f"data.pin_memory={cfg.data.pin_memory}: expected true or false.")
     lr = cfg.optimizer.get("lr")
     if lr is not None and not (_number(lr) is not None and math.isfinite(_number(lr)) and _number(lr) >= 0):
         out.append(

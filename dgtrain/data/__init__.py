@@ -1,13 +1,17 @@
 """Datasets as in-memory tensors, the epoch-seeded batch sampler, and the loaders built from them.
 
-Every dataset here implements `__getitems__`, so the DataLoader fetches a whole batch with one
-indexing operation instead of one Python call per sample.
+Every dataset here is `InMemory`: a batch is one indexing operation per tensor (`take`), never one
+Python call per sample. With `data.num_workers=0` dgtrain indexes them directly (`DirectLoader`), with
+no DataLoader, in the same order; with workers, a DataLoader fetches the same batches through
+`__getitems__`. `to(device)` moves a dataset's tensors once (`data.device_resident`), after which its
+batches are drawn on the GPU with no per-batch host-to-device copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -44,12 +48,36 @@ def _identity(batch):
     return batch
 
 
-class TensorPairs(Dataset):
+class InMemory(Dataset):
+    """A dataset held as tensors on one device (`device`): a batch is `take(idx, idx_host)`."""
+
+    device = torch.device("cpu")
+
+    def take(self, idx: torch.Tensor, idx_host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch of examples `idx` (a long tensor on `self.device`); `idx_host` holds the same
+        indices on the CPU, for what the host must know about a batch (a padded length)."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> InMemory:
+        """A copy whose tensors live on `device` (made once; batches are then drawn there)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes that `to(device)` puts on the device."""
+        raise NotImplementedError
+
+    def __getitems__(self, idx: Sequence[int]):
+        idx_t = torch.as_tensor(idx)
+        return self.take(idx_t, idx_t)
+
+
+class TensorPairs(InMemory):
     """(inputs, targets) tensors held in memory; a batch is one fancy-index per tensor."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         assert len(x) == len(y), (x.shape, y.shape)
         self.x, self.y = x, y
+        self.device = x.device
 
     def __len__(self) -> int:
         return len(self.x)
@@ -57,9 +85,14 @@ class TensorPairs(Dataset):
     def __getitem__(self, i: int):
         return self.x[i], self.y[i]
 
-    def __getitems__(self, idx: Sequence[int]):
-        idx_t = torch.as_tensor(idx)
-        return self.x[idx_t], self.y[idx_t]
+    def take(self, idx, idx_host):
+        return self.x[idx], self.y[idx]
+
+    def to(self, device):
+        return TensorPairs(self.x.to(device), self.y.to(device))
+
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -73,27 +106,17 @@ class EpochBatchSampler:
 
     The order depends only on (seed, epoch), so resuming at (epoch, batch k) needs no saved RNG.
 
-    With `world` processes, batch k is the k-th *global* batch of `batch_size * world` indices of that one
-    permutation, and rank r takes its r-th contiguous slice: the ranks' shards are disjoint and together
-    are exactly what one process with the global batch would see (docs/distributed.md). A short last
-    global batch is split as evenly as possible; should it hold fewer indices than ranks, the missing
-    ones are taken from the start of the permutation, so that no rank gets an empty batch.
+    Sharded over `world` processes (`shard`), batch k is the k-th *global* batch of `batch_size * world`
+    positions of that one order, and rank r takes its r-th contiguous slice (`span`): the ranks' shards
+    are disjoint and together are exactly what one process with the global batch would see
+    (docs/distributed.md). A short last global batch is split as evenly as possible; should it hold fewer
+    examples than ranks, the missing ones are taken from the start of the order, so no rank gets an
+    empty batch.
     """
 
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool = False,
-        rank: int = 0,
-        world: int = 1,
-    ):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
         if n == 0:
             raise ValueError("empty dataset")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world size {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             n,
             batch_size,
@@ -101,35 +124,132 @@ class EpochBatchSampler:
             seed,
             drop_last,
         )
-        self.rank, self.world = rank, world
-        self.global_batch = batch_size * world
         self.epoch = 0
         self.start_batch = 0
+        self.max_batches: int | None = None  # trainer.limit_*_batches / overfit_batches: batches per epoch
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Serve rank `rank` of `world` processes its slice of each global batch."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.rank, self.world = rank, world
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def span(self, b: int, total: int) -> slice:
+        """The positions of `order` (of length `total`) that batch `b` takes on this rank."""
+        g = self.global_batch
+        start = b * g
+        size = min(g, total - start)
+        if self.world == 1 or size == g:
+            lo = start + self.rank * self.batch_size
+            return slice(lo, lo + self.batch_size if self.world > 1 else start + size)
+        if size >= self.world:  # as torch.tensor_split: the first `rem` ranks take one more
+            q, rem = divmod(size, self.world)
+            lo = start + self.rank * q + min(self.rank, rem)
+            return slice(lo, lo + q + (self.rank < rem))
+        p = start + self.rank if self.rank < size else self.rank - size
+        return slice(p, p + 1)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         g = self.global_batch
-        return self.n // g if self.drop_last else -(-self.n // g)
+        full = self.n // g if self.drop_last else -(-self.n // g)
+        return full if self.max_batches is None else max(1, min(full, self.max_batches))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s order of the examples (on the CPU)."""
+        if self.shuffle:
+            return torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
+        return torch.arange(self.n)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = (
-            torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
-            if self.shuffle
-            else torch.arange(self.n)
-        )
-        g = self.global_batch
+        order = self.order(self.epoch)
         for b in range(self.start_batch, len(self)):
-            chunk = order[b * g : (b + 1) * g]
-            if self.world == 1:
-                yield chunk.tolist()
-            elif len(chunk) == g:
-                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
-            else:
-                if len(chunk) < self.world:
-                    chunk = torch.cat([chunk, order[: self.world - len(chunk)]])
-                yield torch.tensor_split(chunk, self.world)[self.rank].tolist()
+            yield order[self.span(b, len(order))].tolist()
+
+
+class DirectLoader:
+    """What a DataLoader with num_workers=0 does for an `InMemory` dataset, without the DataLoader:
+    the same EpochBatchSampler order, one `take` per batch, wherever the dataset's tensors live.
+
+    Starting an epoch's iterator makes the same draw from torch's global RNG that a DataLoader makes
+    (the base seed of its workers), so the run's random stream, and with it dropout, is the same
+    whichever loader serves the data. The order is computed on the CPU and, for data on the GPU,
+    copied there once per epoch; each batch is then a slice of it and a gather on the device."""
+
+    def __init__(self, ds: InMemory, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False):
+        self.dataset, self.pin_memory = ds, pin_memory and ds.device.type == "cpu"
+        self.batch_sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        torch.empty((), dtype=torch.int64).random_()  # the draw a DataLoader iterator makes when it starts
+        return self._batches(self.batch_sampler.epoch, self.batch_sampler.start_batch)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler, ds = self.batch_sampler, self.dataset
+        order = sampler.order(epoch)
+        # pinned, so the copy is queued without waiting for the device
+        on_device = order if ds.device.type == "cpu" else order.pin_memory().to(ds.device, non_blocking=True)
+        for b in range(start, len(sampler)):
+            span = sampler.span(b, len(order))  # this rank's slice of global batch b
+            batch = ds.take(on_device[span], order[span])
+            # page-locked batches copy to the GPU without blocking the host (`to(non_blocking=True)`)
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+
+
+# data.device_resident=auto moves an in-memory dataset to the GPU when it takes at most this share of
+# the GPU's free memory (train and validation splits together), leaving the rest to the model.
+RESIDENT_SHARE = 0.25
+
+
+def flag(value: Any) -> str:
+    """'auto', 'true' or 'false' from a config value (Hydra reads `true`/`false` as booleans)."""
+    return str(value).lower()
+
+
+def keep_on_device(
+    mode: Any, data: DataBundle, device: torch.device, num_workers: int, free_bytes: int | None
+) -> bool:
+    """`data.device_resident`: whether the datasets' tensors move to `device` once (docs/loop.md).
+    auto: on CUDA, for in-memory data read in this process that fits in RESIDENT_SHARE of `free_bytes`."""
+    mode = flag(mode)
+    in_memory = isinstance(data.train, InMemory) and isinstance(data.val, InMemory)
+    if mode == "false":
+        return False
+    if mode == "true":
+        if not in_memory:
+            raise DgtrainError(
+                f"data.device_resident=true: this dataset ({type(data.train).__name__}) is not held as "
+                "tensors in memory, so it cannot be moved to the device. Use data.device_resident=auto "
+                "or false."
+            )
+        if num_workers:
+            raise DgtrainError(
+                f"data.device_resident=true needs data.num_workers=0 (got {num_workers}): batches of "
+                "device-resident data are drawn on the device, in this process. Set data.num_workers=0 "
+                "or data.device_resident=false."
+            )
+        return True
+    if device.type != "cuda" or not in_memory or num_workers or free_bytes is None:
+        return False
+    return data.train.nbytes() + data.val.nbytes() <= RESIDENT_SHARE * free_bytes
+
+
+def batch_sampler_for(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> EpochBatchSampler:
+    """The epoch-seeded sampler; a dataset may bring its own for training (random LM windows:
+    data/sequences.py)."""
+    if shuffle and hasattr(ds, "batch_sampler"):
+        return ds.batch_sampler(batch_size, seed)
+    return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
 
 
 def make_loader(
@@ -142,9 +262,15 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world: int = 1,
-) -> DataLoader:
-    """`batch_size` is per process; with `world` processes each one loads its shard of a global batch."""
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
+) -> DataLoader | DirectLoader:
+    """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader.
+    `batch_size` is per process; with `world` processes each one loads its shard of a global batch."""
+    if isinstance(ds, InMemory) and num_workers == 0:
+        loader = DirectLoader(ds, batch_size, shuffle=shuffle, seed=seed, pin_memory=pin_memory)
+        loader.batch_sampler.shard(rank, world)
+        return loader
+    sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
+    sampler.shard(rank, world)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,
@@ -154,6 +280,16 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def limit_batches(loader: DataLoader, limit: float | None) -> None:
+    """At most `limit` batches per epoch (a whole number >= 1), or that fraction of them (0 < limit < 1)."""
+    if limit is None:
+        return
+    sampler = loader.batch_sampler
+    sampler.max_batches = None
+    full = len(sampler)
+    sampler.max_batches = int(limit) if limit >= 1 else max(1, int(full * limit))
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,17 +7,24 @@ own shape: the define-by-run case that static-graph tools handle badly.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset
 
-from dgtrain.data import DataBundle, DataInfo, limit, split_indices
+from dgtrain.data import (
+    DataBundle,
+    DataInfo,
+    EpochBatchSampler,
+    InMemory,
+    epoch_generator,
+    limit,
+    split_indices,
+)
 from dgtrain.errors import DgtrainError
 
 PAD, BOS, EOS = 0, 1, 2
@@ -25,11 +32,20 @@ N_SPECIAL = 3
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort")
 
 
-class PaddedPairs(Dataset):
-    """Variable-length (source, target) token sequences; a batch is padded to its own longest member."""
+class PaddedPairs(InMemory):
+    """Variable-length (source, target) token sequences; a batch is padded to its own longest member.
+
+    Held as two matrices padded to the longest example, with each example's lengths on the CPU: a
+    batch gathers its rows and keeps the columns up to its own longest member, exactly what padding
+    the batch's sequences would give, and the host knows that width without asking the device."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD):
         self.pairs, self.pad_id = pairs, pad_id
+        self.src = pad_sequence([s for s, _ in pairs], batch_first=True, padding_value=pad_id)
+        self.tgt = pad_sequence([t for _, t in pairs], batch_first=True, padding_value=pad_id)
+        self.src_len = torch.tensor([len(s) for s, _ in pairs])
+        self.tgt_len = torch.tensor([len(t) for _, t in pairs])
+        self.device = self.src.device
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -37,10 +53,17 @@ class PaddedPairs(Dataset):
     def __getitem__(self, i: int):
         return self.pairs[i]
 
-    def __getitems__(self, idx: Sequence[int]):
-        src = pad_sequence([self.pairs[i][0] for i in idx], batch_first=True, padding_value=self.pad_id)
-        tgt = pad_sequence([self.pairs[i][1] for i in idx], batch_first=True, padding_value=self.pad_id)
-        return src, tgt
+    def take(self, idx, idx_host):
+        width_src, width_tgt = int(self.src_len[idx_host].max()), int(self.tgt_len[idx_host].max())
+        return self.src[idx, :width_src], self.tgt[idx, :width_tgt]
+
+    def to(self, device):
+        moved = copy.copy(self)
+        moved.src, moved.tgt, moved.device = self.src.to(device), self.tgt.to(device), torch.device(device)
+        return moved
+
+    def nbytes(self) -> int:
+        return self.src.nbytes + self.tgt.nbytes
 
 
 def seq2seq_synthetic(
@@ -138,12 +161,14 @@ def _collect_docs(name: str, seen: set[str], parts: list[str]) -> None:
             parts.append(doc)
 
 
-class TokenWindows(Dataset):
+class TokenWindows(InMemory):
     """Consecutive windows of `seq_len + 1` tokens; input is the first seq_len, target the last."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
+        self.device = tokens.device
+        self.offsets = torch.arange(seq_len + 1, device=tokens.device)
 
     def __len__(self) -> int:
         return self.n
@@ -152,10 +177,54 @@ class TokenWindows(Dataset):
         w = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
         return w[:-1], w[1:]
 
-    def __getitems__(self, idx: Sequence[int]):
-        starts = torch.as_tensor(idx) * self.seq_len
-        w = self.tokens[starts.unsqueeze(1) + torch.arange(self.seq_len + 1)]
+    def take(self, idx, idx_host):
+        w = self.tokens[(idx * self.seq_len).unsqueeze(1) + self.offsets]
         return w[:, :-1], w[:, 1:]
+
+    def to(self, device):
+        return type(self)(self.tokens.to(device), self.seq_len)
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes
+
+
+class RandomWindows(TokenWindows):
+    """Training windows that start at any token, drawn afresh each epoch (nanoGPT's `get_batch`). An
+    epoch is as many windows as the fixed split has, in full batches only. Its indices are start
+    positions (from RandomStartSampler), not window numbers."""
+
+    def take(self, idx, idx_host):
+        w = self.tokens[idx.unsqueeze(1) + self.offsets]
+        return w[:, :-1], w[:, 1:]
+
+    def batch_sampler(self, batch_size: int, seed: int) -> RandomStartSampler:
+        return RandomStartSampler(len(self.tokens) - self.seq_len, self.n, batch_size, seed)
+
+
+class RandomStartSampler(EpochBatchSampler):
+    """Batches of random start positions; epoch e draws from `epoch_generator(seed, e)`, so resuming at
+    (epoch, batch k) reproduces the same windows without saved RNG state."""
+
+    def __init__(self, n_starts: int, per_epoch: int, batch_size: int, seed: int):
+        super().__init__(n_starts, batch_size, shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = per_epoch
+
+    @property
+    def batches(self) -> int:
+        """Global batches per epoch (data.batch_size x processes each)."""
+        return max(1, self.per_epoch // self.global_batch)
+
+    def __len__(self) -> int:
+        return self.batches if self.max_batches is None else max(1, min(self.batches, self.max_batches))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s start positions, global batch after global batch (drawn with replacement)."""
+        return torch.randint(
+            self.n, (self.batches * self.global_batch,), generator=epoch_generator(self.seed, epoch)
+        )
+
+
+SAMPLINGS = ("random", "sequential")
 
 
 def text(
@@ -166,9 +235,14 @@ def text(
     seq_len: int = 64,
     val_fraction: float = 0.1,
     max_chars: int | None = None,
+    sampling: str = "random",
 ) -> DataBundle:
     """A language-modelling corpus. The split is contiguous (the last `val_fraction` of the text), since
-    overlapping random windows would leak validation text into training."""
+    overlapping random windows would leak validation text into training. Training windows start at random
+    tokens (`sampling=random`, as nanoGPT) or are the fixed consecutive windows (`sequential`); validation
+    always uses the fixed windows, so every evaluation scores the same text."""
+    if sampling not in SAMPLINGS:
+        raise DgtrainError(f"data.sampling={sampling!r}: expected one of {', '.join(SAMPLINGS)}.")
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -206,7 +280,8 @@ def text(
             f"data=text: the corpus ({len(tokens)} tokens) is too short for data.seq_len={seq_len} "
             f"with data.val_fraction={val_fraction}; use a longer file or a shorter seq_len."
         )
-    train, val = TokenWindows(tokens[:-n_val], seq_len), TokenWindows(tokens[-n_val:], seq_len)
+    windows = RandomWindows if sampling == "random" else TokenWindows
+    train, val = windows(tokens[:-n_val], seq_len), TokenWindows(tokens[-n_val:], seq_len)
     info = DataInfo(task="lm", vocab_size=len(vocab), max_len=seq_len, extra=extra)
     return DataBundle(train, val, info)
 

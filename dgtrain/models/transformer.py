@@ -14,6 +14,7 @@ from dgtrain.data import DataInfo
 from dgtrain.errors import DgtrainError
 
 ARCHS = ("encdec", "decoder")
+INITS = ("default", "gpt2")
 
 
 class MultiHeadAttention(nn.Module):
@@ -104,10 +105,14 @@ class Transformer(nn.Module):
         pad_id: int | None = None,
         bos_id: int | None = None,
         eos_id: int | None = None,
+        tie_weights: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         if arch not in ARCHS:
             raise DgtrainError(f"model.arch={arch!r}: expected one of auto, {', '.join(ARCHS)}.")
+        if init not in INITS:
+            raise DgtrainError(f"model.init={init!r}: expected one of {', '.join(INITS)}.")
         self.arch, self.max_positions = arch, max_positions
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         d_ff = d_ff or 4 * d_model
@@ -124,6 +129,26 @@ class Transformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
+        if init == "gpt2":
+            self._gpt2_init(n_layers)
+        if tie_weights:  # one matrix embeds tokens and scores them (GPT-2, nanoGPT); the head keeps its bias
+            self.head.weight = self.tok_emb.weight
+
+    def _gpt2_init(self, n_layers: int) -> None:
+        """GPT-2's init (as nanoGPT): weights N(0, 0.02), biases 0, and the projections that write into the
+        residual stream (attention output, second feed-forward layer) N(0, 0.02 / sqrt(2 * n_layers)), so
+        the residual's variance does not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        residual_std = 0.02 / (2 * n_layers) ** 0.5
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                nn.init.normal_(m.out_proj.weight, mean=0.0, std=residual_std)
+            elif isinstance(m, FeedForward):
+                nn.init.normal_(m[2].weight, mean=0.0, std=residual_std)
 
     @classmethod
     def from_data(cls, info: DataInfo, arch: str = "auto", **params) -> Transformer:
