@@ -37,7 +37,15 @@ STEP_FILE = re.compile(r"^step_(\d+)\.(pt|dcp)$")  # .dcp: an FSDP checkpoint, a
 WANDB_ID_FILE = "wandb_run_id.txt"  # written into the run dir by the W&B logger, when one is used
 
 # Keys whose change between the checkpoint's config and the resumed run's does not break exactness.
-RESUME_MAY_CHANGE = ("resume", "trainer.max_steps", "trainer.max_epochs", "checkpoint.", "logger.", "device")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.sample_every",  # samples draw from their own generator: the run's state is untouched
+    "checkpoint.",
+    "logger.",
+    "device",
+)
 
 
 _UMASK = os.umask(0)  # read once: mkstemp creates 0600 files, checkpoints get the usual permissions

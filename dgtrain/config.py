@@ -75,6 +75,8 @@ class TrainerConfig:
     eval_every: int | None = None
     # Cap on validation batches per evaluation (null: the whole validation split).
     eval_batches: int | None = None
+    # Language models: log a generated text sample (console, metrics.jsonl, W&B table) every N steps.
+    sample_every: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
@@ -94,6 +96,9 @@ class TrainerConfig:
     strategy: Strategy = Strategy.auto
     # Seconds a collective waits for a silent peer before the process group gives up (then every rank exits).
     dist_timeout_s: float = 300.0
+    # After a completed run, score the data's held-out test set once (test/acc, test/loss in metrics.jsonl
+    # and summary.json); it selects nothing. Only data with a test set (mnist, cifar10, image_folder).
+    test_at_end: bool = False
 
 
 @dataclass
@@ -164,6 +169,10 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     seed: int = 0
+    # torch's intra-op CPU threads (torch.set_num_threads); null: torch's default (one per core).
+    threads: int | None = None
+    # torch.use_deterministic_algorithms(True), cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    deterministic: bool = False
     # Your own packages whose callables `_target_` may name (dgtrain's builders and torch's optimizer,
     # scheduler and nn classes are always allowed, by exact name).
     allowed_targets: list[str] = field(default_factory=list)
@@ -199,6 +208,7 @@ DGTRAIN_TARGETS = frozenset(
         "dgtrain.data.images.digits",
         "dgtrain.data.images.mnist",
         "dgtrain.data.images.cifar10",
+        "dgtrain.data.images.image_folder",
         "dgtrain.data.sequences.seq2seq_synthetic",
         "dgtrain.data.sequences.text",
         "dgtrain.losses.mse",

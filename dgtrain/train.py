@@ -30,6 +30,7 @@ from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, bu
 from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
+from dgtrain.evaluate import evaluate_split
 from dgtrain.faults import (
     nonfinite_check,
     nonfinite_error,
@@ -38,11 +39,13 @@ from dgtrain.faults import (
     slurm_requeue,
     too_many_skipped,
 )
+from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import make_optimizer
+from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -91,6 +94,21 @@ def autocast_for(device: torch.device, precision: str):
         )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built."""
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("deterministic"):
+        import os
+
+        # cuBLAS reads this when it creates its handle (the first matmul on CUDA); without it,
+        # deterministic mode makes CUDA matmuls raise. ":4096:8" is the setting NVIDIA documents.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -157,6 +175,11 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
     data = build_data(cfg, allowed)
+    if cfg.trainer.get("test_at_end") and data.test is None:
+        raise DgtrainError(
+            f"trainer.test_at_end=true: data {cfg.data._target_.rsplit('.', 1)[-1]} has no held-out test set "
+            "(mnist, cifar10 and image_folder with data.test_root have one). Its val split is all there is."
+        )
     task = make_task(data.info.task, data.info.pad_id)
     task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
@@ -278,10 +301,10 @@ class LoopState:
     best: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {"value", "step"}
     final: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
     peak_cuda: float | None = None
+    wall_s: float = 0.0  # wall time of this run's processes up to the latest checkpoint (summary.json)
     global_batch: int = (
         0  # data.batch_size x processes: what `position` counts (resume on another world size)
     )
-    wall_s: float = 0.0  # wall time of this run's processes up to the latest checkpoint (summary.json)
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
     unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
@@ -453,6 +476,8 @@ class Loop:
         step_loss = None
         for micro in range(self.accum):
             batch = next(self.stream)
+            if self.s.data.augment is not None:  # on the device, training batches only (data.augment)
+                batch = self.s.data.augment(batch)
             with sync_context(self.model, micro == self.accum - 1):  # several processes: reduce on the last
                 with tel.forward(batch), self.autocast():
                     loss = self.task.loss(self.model, batch, self.s.loss_fn)
@@ -510,9 +535,10 @@ class Loop:
         flags = torch.stack(st.unread).tolist()
         st.unread = []
         if not self.fail:
-            st.skipped_steps += int(sum(flags))
-            if st.skipped_steps > self.max_skipped:
-                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
+            for i, flag in enumerate(flags):
+                st.skipped_steps += int(flag)
+                if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
+                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
             return
         if not any(flags):
             return
@@ -541,7 +567,7 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.clip:
+        if self.clip:  # FSDP: a DTensor, whose full value every rank holds after the reduction
             metrics["train/grad_norm"] = float(
                 getattr(self.grad_norm, "full_tensor", lambda: self.grad_norm)()
             )
@@ -615,10 +641,12 @@ def fit(
     resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
     device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
+    configure_torch(cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, device, d.rank, d.world)
     cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
-    writes = not cfg.trainer.fast_dev_run  # fast_dev_run: nothing but the log is written
+    fast_dev = bool(cfg.trainer.fast_dev_run)  # nothing but the log is written
+    writes = d.is_main and not fast_dev  # rank 0 writes every file of the run
     trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
     loop = Loop(cfg, s, precision, run_dir, d)
     loop.t_start = t_start
@@ -629,11 +657,12 @@ def fit(
     ctx = FitContext(
         run_dir, s.model, loop.optimizer, task.monitor, task.mode, loop.evaluate, loop.checkpoint
     )
-    ctx.writes_files = writes and d.is_main  # rank 0 writes every file of the run
+    ctx.writes_files = writes
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
-    if writes and d.is_main:
+    if writes:
         ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+        write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
     if resumed is not None:
         loop.restore(resumed)
 
@@ -662,8 +691,8 @@ def fit(
         s.model.train()
         while st.step < max_steps:
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
-            stop.poll()  # several processes: every rank learns of a signal at the same step
             callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
+            stop.poll()  # several processes: every rank learns of a signal at the same step
             if console:
                 console.advance(st.step)
 
@@ -681,6 +710,10 @@ def fit(
                     metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
+            if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
+                metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
+            if tc.test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
+                metrics.update(evaluate_split(s, loop.autocast, "test"))
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
@@ -693,7 +726,7 @@ def fit(
                 and task.monitor in metrics
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
-            if writes and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
+            if not fast_dev and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
                 d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
                 callbacks.checkpoint(
                     ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
@@ -705,7 +738,7 @@ def fit(
                 if st.losses or not regular:  # the signal came after this step was logged/saved
                     if st.losses:
                         loop.record(loop.train_metrics())
-                    if writes:
+                    if not fast_dev:
                         d.save_checkpoint(checkpointer, st.step, loop, True, False)
                 log.warning(f"{stop.signal} received: stopped after step {st.step} (checkpoint saved)")
                 if stop.signal == "SIGUSR1" and d.is_main:
@@ -714,8 +747,9 @@ def fit(
         if stop.sync is not None:
             stop.sync.wait()  # the last step's stop flag, still in flight
         status = "early_stopped" if ctx.stop_reason else "completed" if st.step >= max_steps else "stopped"
-        if status in ("completed", "early_stopped") and writes:  # the final weights, without pickle
-            d.save_weights(loop.model, run_dir / "model.safetensors")  # FSDP: gathered to rank 0
+        if status in ("completed", "early_stopped") and not fast_dev:
+            # the final weights, without pickle (FSDP: gathered to rank 0)
+            d.save_weights(loop.model, run_dir / "model.safetensors")
     finally:
         stop.__exit__()
         try:
@@ -740,12 +774,12 @@ def fit(
         summary["telemetry"] = loop.telemetry.summary()
         summary["run_id"] = checkpointer.run_id
         summary["skipped_steps"] = st.skipped_steps
-        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary["trainable_parameters"] = trainable
         summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
         summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
+        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary_text = json.dumps(summary, indent=2) + "\n"
-        if writes and d.is_main:
+        if writes:
             ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)

@@ -133,6 +133,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
     if tel is not None and tel.peak_tflops is not None and float(tel.peak_tflops) <= 0:
         out.append(f"telemetry.peak_tflops={tel.peak_tflops}: must be positive, or null for the GPU table.")
+    threads = cfg.get("threads")
+    if threads is not None and int(threads) < 1:
+        out.append(
+            f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default."
+        )
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")
@@ -184,7 +189,7 @@ POSITIVE = {
     "model": ("hidden_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions", "channels"),
     "data": (
         "max_examples",
-        "max_val_examples",
+        "max_test_examples",
         "num_examples",
         "seq_len",
         "max_len",

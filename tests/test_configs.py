@@ -31,6 +31,12 @@ def _data_overrides(name: str, tmp_path) -> list[str]:
     if name == "cifar10":
         _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
         return [f"data.root={tmp_path / 'cifar'}"]
+    if name == "image_folder":
+        pytest.importorskip("PIL")
+        from tests.test_data import _write_folder
+
+        _write_folder(tmp_path / "images", n=5)
+        return [f"data.root={tmp_path / 'images'}"]
     if name == "csv":
         f = tmp_path / "d.csv"
         f.write_text("a,b,y\n" + "\n".join(f"{i},{i % 7},{2 * i + 1}" for i in range(40)))

@@ -44,11 +44,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("n", [64 * 3, 64 * 3 + 5, 64 * 3 + 1])
 def test_ranks_take_disjoint_slices_of_the_same_global_batch(n):
     one = list(EpochBatchSampler(n, 64, shuffle=True, seed=3))
-    ranks = []
-    for r in range(2):
-        sampler = EpochBatchSampler(n, 32, shuffle=True, seed=3)
-        sampler.shard(r, 2)
-        ranks.append(list(sampler))
+    ranks = [list(EpochBatchSampler(n, 32, shuffle=True, seed=3, rank=r, world=2)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(one)  # every rank runs the same number of steps
     for b, whole in enumerate(one):
         a, c = ranks[0][b], ranks[1][b]
@@ -64,11 +60,7 @@ def test_random_lm_windows_shard_the_same_way():
     from dgtrain.data.sequences import RandomStartSampler
 
     one = list(RandomStartSampler(1000, 256, 64, seed=5))
-    ranks = []
-    for r in range(2):
-        sampler = RandomStartSampler(1000, 256, 32, seed=5)
-        sampler.shard(r, 2)
-        ranks.append(list(sampler))
+    ranks = [list(RandomStartSampler(1000, 256, 32, seed=5, rank=r, world=2)) for r in range(2)]
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
     assert all(a + c == whole for a, c, whole in zip(ranks[0], ranks[1], one, strict=True))
 

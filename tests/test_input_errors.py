@@ -49,12 +49,12 @@ def test_bad_values_are_reported_before_anything_is_built(compose, overrides, me
         (
             "+model.hiden_size=8",
             "model.hiden_size is not a setting dgtrain knows, so it would be ignored. "
-            "Did you mean model.hidden_size? Valid keys under model: hidden_size.",
+            "Did you mean model.hidden_size? Valid keys under model: hidden_size,",
         ),
         ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
         (
             "+data.val_frac=0.5",
-            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers.",
+            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers,",
         ),
         ("+scheduler.warmup=5", "Did you mean scheduler.warmup_steps?"),
         ("+logger.console.verbose=1", "logger.console.verbose is not a setting dgtrain knows"),

@@ -9,7 +9,7 @@ batches are drawn on the GPU with no per-batch host-to-device copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,13 @@ class DataInfo:
 @dataclass
 class DataBundle:
     train: Dataset
-    val: Dataset
+    val: Dataset  # what the run validates on (best.pt, sweeps): always carved from the training files
     info: DataInfo
+    # The official held-out test set where a dataset has one (MNIST t10k, CIFAR-10 test_batch): scored
+    # only by `dgtrain eval --split test` and `trainer.test_at_end=true`, never to select anything.
+    test: Dataset | None = None
+    # A transform of training batches already on the device (data.augment); never applied to val/test.
+    augment: Callable | None = None
 
 
 def _identity(batch):
@@ -106,17 +111,27 @@ class EpochBatchSampler:
 
     The order depends only on (seed, epoch), so resuming at (epoch, batch k) needs no saved RNG.
 
-    Sharded over `world` processes (`shard`), batch k is the k-th *global* batch of `batch_size * world`
-    positions of that one order, and rank r takes its r-th contiguous slice (`span`): the ranks' shards
-    are disjoint and together are exactly what one process with the global batch would see
-    (docs/distributed.md). A short last global batch is split as evenly as possible; should it hold fewer
-    examples than ranks, the missing ones are taken from the start of the order, so no rank gets an
-    empty batch.
+    With `world` processes, batch k is the k-th *global* batch of `batch_size * world` indices of that one
+    permutation, and rank r takes its r-th contiguous slice: the ranks' shards are disjoint and together
+    are exactly what one process with the global batch would see (docs/distributed.md). A short last
+    global batch is split as evenly as possible; should it hold fewer indices than ranks, the missing
+    ones are taken from the start of the permutation, so that no rank gets an empty batch.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if n == 0:
             raise ValueError("empty dataset")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             n,
             batch_size,
@@ -124,35 +139,11 @@ class EpochBatchSampler:
             seed,
             drop_last,
         )
+        self.rank, self.world = rank, world
+        self.global_batch = batch_size * world
         self.epoch = 0
         self.start_batch = 0
         self.max_batches: int | None = None  # trainer.limit_*_batches / overfit_batches: batches per epoch
-        self.rank, self.world = 0, 1
-
-    def shard(self, rank: int, world: int) -> None:
-        """Serve rank `rank` of `world` processes its slice of each global batch."""
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside world size {world}")
-        self.rank, self.world = rank, world
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world
-
-    def span(self, b: int, total: int) -> slice:
-        """The positions of `order` (of length `total`) that batch `b` takes on this rank."""
-        g = self.global_batch
-        start = b * g
-        size = min(g, total - start)
-        if self.world == 1 or size == g:
-            lo = start + self.rank * self.batch_size
-            return slice(lo, lo + self.batch_size if self.world > 1 else start + size)
-        if size >= self.world:  # as torch.tensor_split: the first `rem` ranks take one more
-            q, rem = divmod(size, self.world)
-            lo = start + self.rank * q + min(self.rank, rem)
-            return slice(lo, lo + q + (self.rank < rem))
-        p = start + self.rank if self.rank < size else self.rank - size
-        return slice(p, p + 1)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -163,15 +154,27 @@ class EpochBatchSampler:
         return full if self.max_batches is None else max(1, min(full, self.max_batches))
 
     def order(self, epoch: int) -> torch.Tensor:
-        """Epoch `epoch`'s order of the examples (on the CPU)."""
+        """Epoch `epoch`'s order of the examples (on the CPU), the same on every rank."""
         if self.shuffle:
             return torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
         return torch.arange(self.n)
 
+    def shard(self, order: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's indices of global batch `b` of `order` (a tensor on any device)."""
+        g = self.global_batch
+        chunk = order[b * g : (b + 1) * g]
+        if self.world == 1:
+            return chunk
+        if len(chunk) == g:
+            return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        if len(chunk) < self.world:
+            chunk = torch.cat([chunk, order[: self.world - len(chunk)]])
+        return torch.tensor_split(chunk, self.world)[self.rank]
+
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order(self.epoch)
         for b in range(self.start_batch, len(self)):
-            yield order[self.span(b, len(order))].tolist()
+            yield self.shard(order, b).tolist()
 
 
 class DirectLoader:
@@ -183,9 +186,9 @@ class DirectLoader:
     whichever loader serves the data. The order is computed on the CPU and, for data on the GPU,
     copied there once per epoch; each batch is then a slice of it and a gather on the device."""
 
-    def __init__(self, ds: InMemory, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False):
+    def __init__(self, ds: InMemory, batch_sampler: EpochBatchSampler, pin_memory: bool = False):
         self.dataset, self.pin_memory = ds, pin_memory and ds.device.type == "cpu"
-        self.batch_sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
+        self.batch_sampler = batch_sampler
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -200,8 +203,7 @@ class DirectLoader:
         # pinned, so the copy is queued without waiting for the device
         on_device = order if ds.device.type == "cpu" else order.pin_memory().to(ds.device, non_blocking=True)
         for b in range(start, len(sampler)):
-            span = sampler.span(b, len(order))  # this rank's slice of global batch b
-            batch = ds.take(on_device[span], order[span])
+            batch = ds.take(sampler.shard(on_device, b), sampler.shard(order, b))
             # page-locked batches copy to the GPU without blocking the host (`to(non_blocking=True)`)
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
@@ -244,12 +246,14 @@ def keep_on_device(
     return data.train.nbytes() + data.val.nbytes() <= RESIDENT_SHARE * free_bytes
 
 
-def batch_sampler_for(ds: Dataset, batch_size: int, *, shuffle: bool, seed: int) -> EpochBatchSampler:
-    """The epoch-seeded sampler; a dataset may bring its own for training (random LM windows:
-    data/sequences.py)."""
+def batch_sampler_for(
+    ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> EpochBatchSampler:
+    """The epoch-seeded sampler (rank `rank`'s shard of each global batch); a dataset may bring its own
+    for training (random LM windows: data/sequences.py)."""
     if shuffle and hasattr(ds, "batch_sampler"):
-        return ds.batch_sampler(batch_size, seed)
-    return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+        return ds.batch_sampler(batch_size, seed, rank=rank, world=world)
+    return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
 
 
 def make_loader(
@@ -265,12 +269,9 @@ def make_loader(
 ) -> DataLoader | DirectLoader:
     """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader.
     `batch_size` is per process; with `world` processes each one loads its shard of a global batch."""
+    sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
     if isinstance(ds, InMemory) and num_workers == 0:
-        loader = DirectLoader(ds, batch_size, shuffle=shuffle, seed=seed, pin_memory=pin_memory)
-        loader.batch_sampler.shard(rank, world)
-        return loader
-    sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed)
-    sampler.shard(rank, world)
+        return DirectLoader(ds, sampler, pin_memory=pin_memory)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,

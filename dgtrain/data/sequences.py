@@ -99,6 +99,7 @@ def seq2seq_synthetic(
         bos_id=BOS,
         eos_id=EOS,
         max_len=max_len + 2,
+        extra={"seq_task": seq_task, "num_symbols": num_symbols, "first_symbol": N_SPECIAL},
     )
     return DataBundle(
         PaddedPairs([pairs[i] for i in train_idx.tolist()]),
@@ -197,31 +198,29 @@ class RandomWindows(TokenWindows):
         w = self.tokens[idx.unsqueeze(1) + self.offsets]
         return w[:, :-1], w[:, 1:]
 
-    def batch_sampler(self, batch_size: int, seed: int) -> RandomStartSampler:
-        return RandomStartSampler(len(self.tokens) - self.seq_len, self.n, batch_size, seed)
+    def batch_sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> RandomStartSampler:
+        return RandomStartSampler(len(self.tokens) - self.seq_len, self.n, batch_size, seed, rank, world)
 
 
 class RandomStartSampler(EpochBatchSampler):
     """Batches of random start positions; epoch e draws from `epoch_generator(seed, e)`, so resuming at
     (epoch, batch k) reproduces the same windows without saved RNG state."""
 
-    def __init__(self, n_starts: int, per_epoch: int, batch_size: int, seed: int):
-        super().__init__(n_starts, batch_size, shuffle=True, seed=seed, drop_last=True)
-        self.per_epoch = per_epoch
-
-    @property
-    def batches(self) -> int:
-        """Global batches per epoch (data.batch_size x processes each)."""
-        return max(1, self.per_epoch // self.global_batch)
+    def __init__(
+        self, n_starts: int, per_epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ):
+        super().__init__(
+            n_starts, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world=world
+        )
+        self.batches = max(1, per_epoch // self.global_batch)  # each rank takes its shard of a global batch
 
     def __len__(self) -> int:
         return self.batches if self.max_batches is None else max(1, min(self.batches, self.max_batches))
 
     def order(self, epoch: int) -> torch.Tensor:
-        """Epoch `epoch`'s start positions, global batch after global batch (drawn with replacement)."""
-        return torch.randint(
-            self.n, (self.batches * self.global_batch,), generator=epoch_generator(self.seed, epoch)
-        )
+        """Epoch `epoch`'s start positions, batch after batch (drawn with replacement)."""
+        g = epoch_generator(self.seed, epoch)
+        return torch.randint(self.n, (self.batches * self.global_batch,), generator=g)
 
 
 SAMPLINGS = ("random", "sequential")
@@ -267,11 +266,11 @@ def text(
         vocab = sorted(set(corpus))
         index = {c: i for i, c in enumerate(vocab)}
         tokens = torch.tensor([index[c] for c in corpus], dtype=torch.long)
-        extra = {"vocab": "".join(vocab)}
+        extra = {"level": "char", "vocab": "".join(vocab)}
     elif level == "byte":
         raw = raw[: limit(len(raw), max_chars)]
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-        vocab, extra = range(256), {}
+        vocab, extra = range(256), {"level": "byte"}
     else:
         raise DgtrainError(f"data.level={level!r}: expected 'char' or 'byte'.")
     n_val = int(len(tokens) * val_fraction)
