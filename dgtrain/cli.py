@@ -14,23 +14,30 @@ from dgtrain.errors import DgtrainError
 log = logging.getLogger("dgtrain")
 
 # name -> ("module:function", one-line description for `dgtrain --help`); each function takes the
-# remaining argv and returns an exit code. `dgtrain --help` lists exactly these.
+# remaining argv and returns an exit code; every subcommand is dgtrain/commands/<name>.py.
+# `dgtrain --help` lists exactly these.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": (
-        "dgtrain.evaluate:main",
+        "dgtrain.commands.eval:main",
         "score a run's weights on the val split or, with --split test, the test set",
     ),
     "explain": ("dgtrain.commands.explain:main", "saliency, attention and feature attributions as PNGs"),
     "export": ("dgtrain.commands.export:main", "export a run's model (pt2, onnx, torchscript), checked"),
-    "graph": ("dgtrain.graph:main", "draw the module diagram and the autograd graph of a real batch"),
+    "graph": (
+        "dgtrain.commands.graph:main",
+        "draw the module diagram and the autograd graph of a real batch",
+    ),
     "ls": ("dgtrain.commands.ls:main", "list config groups, their options and the recipes"),
-    "plot": ("dgtrain.plots:main", "overlay the curves of several runs in one figure"),
+    "plot": ("dgtrain.commands.plot:main", "overlay the curves of several runs in one figure"),
     "predict": ("dgtrain.commands.predict:main", "score new data (CSV, images) with a run's model"),
     "sample": ("dgtrain.commands.sample:main", "generate text (LM) or sequences (seq2seq) from a run"),
     "smoke": ("dgtrain.commands.smoke:main", "run the recipes' smoke contracts (metric bound, time, memory)"),
-    "sweep-summary": ("dgtrain.sweep:summary_main", "rebuild a sweep's results table, CSV, JSON and plot"),
+    "sweep-summary": (
+        "dgtrain.commands.sweep_summary:main",
+        "rebuild a sweep's results table, CSV, JSON and plot",
+    ),
     "validate": ("dgtrain.commands.validate:main", "check configs and recipes without training"),
-    "wandb-sweep": ("dgtrain.wandb_sweep:wandb_sweep_main", "write a W&B sweep YAML for a sweep preset"),
+    "wandb-sweep": ("dgtrain.commands.wandb_sweep:main", "write a W&B sweep YAML for a sweep preset"),
 }
 
 

@@ -99,6 +99,8 @@ class TrainerConfig:
     # After a completed run, score the data's held-out test set once (test/acc, test/loss in metrics.jsonl
     # and summary.json); it selects nothing. Only data with a test set (mnist, cifar10, image_folder).
     test_at_end: bool = False
+    # torch.compile the model's forward: false | true | reduce-overhead | max-autotune (dgtrain/compile.py).
+    compile: Any = False
 
 
 @dataclass
@@ -211,6 +213,7 @@ DGTRAIN_TARGETS = frozenset(
         "dgtrain.data.images.image_folder",
         "dgtrain.data.sequences.seq2seq_synthetic",
         "dgtrain.data.sequences.text",
+        "dgtrain.data.tokens.tokens",
         "dgtrain.losses.mse",
         "dgtrain.losses.cross_entropy",
         "dgtrain.losses.auto",

@@ -6,14 +6,14 @@
   there, then fails its Hydra job, so the sweep goes on and any sweeper sees a failed trial.
 - `summarize` rebuilds the results of a sweep directory from its job directories (.hydra/overrides.yaml
   + summary.json): a rich table, sweep_summary.csv, sweep_summary.json and sweep_objective.png.
-  `SweepSummaryCallback` calls it at the end of every multirun; `dgtrain sweep-summary DIR` at any time.
+  `SweepSummaryCallback` calls it at the end of every multirun; `dgtrain sweep-summary DIR`
+  (dgtrain/commands/sweep_summary.py) at any time.
 
 Nothing here imports torch at module level: `dgtrain sweep-summary` reads files only.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import csv
 import json
@@ -445,10 +445,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     if not groups or not swept:
         path.unlink(missing_ok=True)
         return False
-    import matplotlib
+    from dgtrain.loggers.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(
         len(groups), len(swept), figsize=(4 * len(swept), 3.4 * len(groups)), squeeze=False
@@ -530,19 +529,3 @@ class SweepSummaryCallback(Callback):
             log.info(f"sweep summary: {sweep_dir / 'sweep_summary.csv'} (and .json, sweep_objective.png)")
         except Exception as e:  # the summary must never turn a finished sweep into a crash
             log.warning(f"could not summarise {sweep_dir}: {type(e).__name__}: {e}")
-
-
-def summary_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="dgtrain sweep-summary",
-        description="Rebuild the results table, sweep_summary.csv/.json and sweep_objective.png of a sweep "
-        "directory from its job directories (also for an interrupted sweep).",
-    )
-    p.add_argument("sweep_dir", type=Path)
-    p.add_argument("--no-plot", action="store_true", help="do not write sweep_objective.png")
-    p.add_argument("--json", action="store_true", help="print sweep_summary.json instead of the table")
-    args = p.parse_args(argv)
-    summarize(args.sweep_dir, table=not args.json, png=not args.no_plot)
-    if args.json:
-        print((args.sweep_dir / "sweep_summary.json").read_text(), end="")
-    return 0

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
+from dgtrain.compile import compile_model
 from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
 from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
@@ -441,6 +442,7 @@ class Loop:
         self.stream = BatchStream(s.train_loader, s.device, self.state)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
+        self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
         self.config_plain = ckpt_io.plain_config(cfg)
         self.sinks: list = []
         self.history: list[dict[str, Any]] = []
@@ -578,6 +580,7 @@ class Loop:
             n_tokens = st.tokens + (int(st.device_tokens) if st.device_tokens is not None else 0)
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(self.telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics.update(self.compiled.metrics())  # perf/recompiles, perf/compile_s (trainer.compile only)
         metrics = self.dist.reduce_metrics(metrics)  # throughput summed over ranks, memory max over ranks
         st.losses, st.samples, st.tokens, st.device_tokens = [], 0, 0, None
         self.t_log, self.eval_s = time.perf_counter(), 0.0
@@ -638,7 +641,10 @@ def fit(
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
-    resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
+    # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
+    resumed = (
+        None if cfg.trainer.get("fast_dev_run") else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+    )
     device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
     configure_torch(cfg)

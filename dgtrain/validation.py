@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dgtrain.compile import parse_mode
 from dgtrain.config import (
     allowed_prefixes,
     allowed_targets_problems,
@@ -98,6 +99,10 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
+    try:
+        parse_mode(tc.get("compile", False))
+    except DgtrainError as e:
+        out.append(str(e))
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
     if tc.get("overfit_batches") is not None and int(tc.overfit_batches) < 1:
@@ -233,7 +238,7 @@ def argument_problems(cfg: DictConfig) -> list[str]:
             if k not in node:
                 continue
             v, x = node.get(k), _number(node.get(k))
-            low_ok = x is not None and (x >= 0 if interval.startswith("[") else x > 0)
+            low_ok = x is not None and (x >= 0 if interval.startswith("in [") else x > 0)
             if not (low_ok and x < 1):
                 out.append(f"{group}.{k}={v}: must be a number {interval}.")
     return out

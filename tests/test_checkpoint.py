@@ -279,7 +279,7 @@ def test_config_schema_defaults_and_validation(compose):
 def test_stored_configs_pass_the_allow_list_on_resume_and_eval(compose, tmp_path):
     """A checkpoint whose config names os.system is refused by resume and by `dgtrain eval`, naming the key,
     and a stored `allowed_targets` cannot widen the list."""
-    from dgtrain.evaluate import main as eval_main
+    from dgtrain.commands.eval import main as eval_main
     from dgtrain.train import fit
 
     state = _tiny_state(1)
@@ -560,7 +560,7 @@ def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_p
     final = json.loads((reference / "summary.json").read_text())["final"]
     assert out["weights"].endswith("model.safetensors")
     assert out["metrics"]["val/acc"] == final["val/acc"] and out["metrics"]["val/loss"] == final["val/loss"]
-    from dgtrain.evaluate import main as eval_main
+    from dgtrain.commands.eval import main as eval_main
 
     assert eval_main([str(reference / "checkpoints" / "step_00000015.pt")]) == 0
     printed = capsys.readouterr().out

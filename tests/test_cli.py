@@ -312,3 +312,20 @@ def test_unknown_command_is_named_with_the_commands_and_overrides_still_train(tm
     assert "sweep-summary" in p.stderr and "missing EQUAL" not in p.stderr + p.stdout
     p = _dgtrain("--cfg", "job", "model=linreg", "~telemetry", cwd=tmp_path)  # flags, overrides, deletions
     assert p.returncode == 0 and "synthetic_linear" in p.stdout, p.stderr
+
+
+def test_every_subcommand_lives_in_dgtrain_commands_and_answers_help(tmp_path):
+    """`dgtrain <name>` is dgtrain/commands/<name>.py's `main(argv) -> int`; each answers --help."""
+    import importlib
+
+    from dgtrain.cli import SUBCOMMANDS
+
+    modules = {p.stem for p in (REPO / "dgtrain" / "commands").glob("*.py") if p.stem != "__init__"}
+    assert {name.replace("-", "_") for name in SUBCOMMANDS} == modules
+    for name, (target, _) in SUBCOMMANDS.items():
+        module, func = target.split(":")
+        assert (module, func) == (f"dgtrain.commands.{name.replace('-', '_')}", "main")
+        assert callable(getattr(importlib.import_module(module), func))
+    for name in SUBCOMMANDS:
+        p = run_cli([name, "--help"], cwd=tmp_path)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), (name, p.stdout + p.stderr)

@@ -323,7 +323,7 @@ def test_sweep_jobs_are_separate_wandb_runs_in_one_group(sweep):
 
 @pytest.mark.slow
 def test_plot_command_overlays_runs_in_one_figure(sweep, tmp_path):
-    from dgtrain.plots import figure, panels, read_history
+    from dgtrain.loggers.plots import figure, panels, read_history
 
     out_png = tmp_path / "cmp.png"
     res = run_cli(["plot", str(sweep / "0"), str(sweep / "1"), "-o", str(out_png)], cwd=tmp_path)

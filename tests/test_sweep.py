@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from dgtrain.commands.sweep_summary import main as summary_main
 from dgtrain.errors import DgtrainError
-from dgtrain.sweep import collect, objective_from_history, summary_main
+from dgtrain.sweep import collect, objective_from_history
 from dgtrain.wandb_sweep import parameter_spec, wandb_sweep_config
 from tests.conftest import run_cli
 
@@ -341,16 +342,20 @@ def test_cuda_out_of_memory_fails_one_trial_and_the_next_one_trains(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     sweep_dir = tmp_path / "oom"
-    # 4096-channel convolutions on 256x256 images: a batch of 64 needs ~70 GB per activation (out of
-    # memory on any current GPU), a batch of 2 about 2 GB. The OOM job runs first, in the same process.
+    # The first conv's output alone takes 4096 channels x 256 x 256 x 4 bytes = 1 GiB per example, so a
+    # batch sized from the free memory (plus a margin) cannot fit on any GPU, however big, and fails
+    # before any compute; a batch of 2 needs about 4 GB. conv2 has one channel, so the classifier stays
+    # small and the good trial is quick. The OOM job runs first, in the same process.
+    free, _ = torch.cuda.mem_get_info()
+    too_big = max(64, free // 2**30 + 16)
     args = [
         "-m",
         "model=convnet",
         "data=synthetic_images",
-        "data.num_examples=80",
+        f"data.num_examples={2 * too_big}",
         "data.image_size=256",
-        "model.channels=[4096,4096]",
-        "data.batch_size=64,2",
+        "model.channels=[4096,1]",
+        f"data.batch_size={too_big},2",
         "device=cuda",
         "trainer.max_steps=2",
         "trainer.eval_batches=1",
