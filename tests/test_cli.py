@@ -216,11 +216,13 @@ def test_wheel_install_works_from_any_directory(tmp_path):
     assert (run / "summary.json").is_file()
 
 
-def test_a_fresh_run_into_a_used_directory_starts_a_new_metrics_file(tmp_path):
+def test_a_fresh_run_into_a_used_directory_is_refused_and_mixes_nothing(tmp_path):
     run = tmp_path / "run"
-    for _ in range(2):
-        p = run_cli(
-            ["model=linreg", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run}"], tmp_path
-        )
-        assert p.returncode == 0, p.stdout + p.stderr
+    args = ["model=linreg", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run}"]
+    p = run_cli(args, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    before = (run / "metrics.jsonl").read_text()
+    p = run_cli(args, tmp_path)
+    assert p.returncode == 2 and "already holds a run" in p.stdout + p.stderr
+    assert (run / "metrics.jsonl").read_text() == before
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [5, 10]
