@@ -1,7 +1,7 @@
 """`dgtrain eval RUN_DIR|CHECKPOINT`: rebuild the model from the stored, resolved config and score the
 validation split. The stored config passes the same `_target_` allow-list as a live one, with one
-difference: its own `allowed_targets` are ignored (a file cannot widen the list); add trusted prefixes
-with `--allow-target`."""
+difference: its own `allowed_targets` are ignored (a file cannot widen the list); add your trusted
+packages with `--allow-target`."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-target",
         action="append",
         default=[],
-        metavar="PREFIX",
-        help="a trusted module prefix the stored config may name in `_target_` (repeatable)",
+        metavar="PACKAGE",
+        help="a trusted package of yours whose callables the stored config may name in `_target_` (repeatable)",
     )
     return p
 
