@@ -30,7 +30,7 @@ from dgtrain.errors import DgtrainError
 log = logging.getLogger("dgtrain")
 
 FORMAT = "dgtrain-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the loop state of dgtrain.train.LoopState (pending_losses as a list of floats)
 REQUIRED = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "loop", "config")
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 WANDB_ID_FILE = "wandb_run_id.txt"  # written into the run dir by the W&B logger, when one is used
@@ -616,13 +616,6 @@ def make_state(
     }
 
 
-def pending_losses(loop: dict[str, Any], log_every: int) -> torch.Tensor:
-    """The losses of the log window a save cut in half. A resumed run with a smaller trainer.log_every
-    keeps the newest ones that fit its window (the loop logs before the window fills)."""
-    pending = loop["pending_losses"]
-    return pending[len(pending) - min(len(pending), log_every - 1) :]
-
-
 def restore(
     state: dict[str, Any],
     *,
@@ -633,7 +626,8 @@ def restore(
     stream: Any,
 ) -> dict[str, Any]:
     """Load the objects' states, move the batch stream to the saved position, then (last, because
-    starting a DataLoader iterator draws from torch's RNG) the RNG states. Returns the loop counters."""
+    starting a DataLoader iterator draws from torch's RNG) the RNG states. Returns the loop's state dict
+    (the caller has loaded it into its LoopState already)."""
     path = state.get("path", "checkpoint")
     try:
         model.load_state_dict(state["model"])

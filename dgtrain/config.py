@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from dgtrain.errors import DgtrainError
 
 # Keys of a data node that describe it rather than being arguments of its builder.
-DATA_META_KEYS = ("task", "batch_size", "num_workers")
+DATA_META_KEYS = ("task", "batch_size", "num_workers", "device_resident", "pin_memory")
 
 
 class Precision(str, Enum):

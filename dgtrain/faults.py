@@ -25,6 +25,24 @@ def finite_flag(loss: torch.Tensor, params, check_grads: bool = True) -> torch.T
     return flag
 
 
+def nonfinite_check(loss: torch.Tensor, params, one: torch.Tensor, check_grads: bool = True) -> torch.Tensor:
+    """A 0-d float32 tensor on the loss's device: 1.0 if the loss or (if `check_grads`) any gradient holds
+    a NaN or inf, else 0.0 -- the `found_inf` that fused optimizers take to drop an update on the device.
+
+    AMP's own check (`torch._amp_foreach_non_finite_check_and_unscale_`): one multi-tensor kernel per
+    dtype on CUDA, nothing read back. Its unscale factor here is `one` (a 1.0 tensor), and x * 1.0 is x
+    for every float, so the gradients stay bit-identical."""
+    found = torch.zeros((), device=loss.device)
+    groups: dict[torch.dtype, list[torch.Tensor]] = {loss.dtype: [loss.detach().reshape(1)]}
+    if check_grads:
+        for p in params:
+            if p.grad is not None:
+                groups.setdefault(p.grad.dtype, []).append(p.grad)
+    for tensors in groups.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+    return found
+
+
 def skip_update(scaler: torch.amp.GradScaler) -> None:
     """Drop this step's update. With fp16 the GradScaler must still close its step: back its scale off
     as an overflow would (this also clears its per-step records)."""

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from dgtrain import __version__
 from dgtrain import checkpoint as ckpt_io
-from dgtrain.config import allowed_prefixes, build, locate
-from dgtrain.data import DataBundle, make_loader
+from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, locate
+from dgtrain.data import DataBundle, keep_on_device, make_loader
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import (
-    finite_flag,
+    nonfinite_check,
     nonfinite_error,
     skip_budget,
     skip_update,
@@ -125,16 +125,23 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
 def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
-    data = build(
-        cfg.data, allowed=allowed, key="data", exclude=("task", "batch_size", "num_workers"), seed=cfg.seed
-    )
+    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, seed=cfg.seed)
     task = make_task(data.info.task, data.info.pad_id)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
-    pin = device.type == "cuda"
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if device.type != "cpu" and keep_on_device(
+        cfg.data.get("device_resident", "auto"), data, device, nw, free
+    ):
+        data = DataBundle(data.train.to(device), data.val.to(device), data.info)  # moved once
+        log.info(
+            f"data.device_resident: {(data.train.nbytes() + data.val.nbytes()) / 2**20:.1f} MB on {device}"
+        )
+    # batches that stay on the host are page-locked so that their copy to the GPU does not block
+    pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
     train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
@@ -184,34 +191,85 @@ class StopRequest:
         return self.EXIT_CODES.get(self.signal or "", 1)
 
 
-class BatchStream:
-    """Micro-batches across epoch boundaries, on the device; knows the epoch and position within it."""
+@dataclass
+class LoopState:
+    """The loop's own state, in one place. A checkpoint stores `state_dict()` under "loop" and resume
+    calls `load_state_dict`; the model, optimizer, schedule and scaler keep their own states.
 
-    def __init__(self, loader, device: torch.device, epoch: int = 0):
+    The data position lives here (the batch stream moves it) and so does the log window: what the
+    steps since the last logging step left on the device, brought to the host only on logging steps."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # the epoch the next micro-batch comes from
+    position: int = 0  # micro-batches of that epoch already drawn
+    completed_epochs: int = 0  # epochs whose last micro-batch has been drawn
+    last_eval_epochs: int = 0  # completed_epochs at the last evaluation (for end-of-epoch evaluation)
+    skipped_steps: int = 0  # updates trainer.nonfinite=skip dropped, as of the last read of the guard
+    last_finite: list | None = None  # [step, loss]: the newest finite loss logged (for the fail message)
+    best: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {"value", "step"}
+    final: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
+    peak_cuda: float | None = None
+    # -- the log window
+    losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
+    unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
+    samples: int = 0
+    tokens: int = 0  # token counts the host knows from shapes (language models)
+    device_tokens: torch.Tensor | None = None  # token counts only the device knows (seq2seq: non-pad)
+    counts_tokens: bool = False  # the task counts tokens (perf/tokens_per_s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a weights_only checkpoint. Call after the guard was read (`unread` empty)."""
+        assert not self.unread, "read the non-finite guard before saving"
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        del d["losses"], d["unread"], d["device_tokens"]
+        d["pending_losses"] = torch.stack(self.losses).tolist() if self.losses else []
+        d["tokens"] = self.tokens + (int(self.device_tokens) if self.device_tokens is not None else 0)
+        return d
+
+    def load_state_dict(self, d: dict[str, Any], device: torch.device, log_every: int) -> None:
+        for f in fields(self):
+            if f.name in d and f.name not in ("losses", "unread", "device_tokens"):
+                setattr(self, f.name, d[f.name])
+        pending = d.get("pending_losses", [])
+        pending = pending.tolist() if torch.is_tensor(pending) else list(pending)  # format 1: a tensor
+        # A resumed run with a smaller trainer.log_every keeps the newest losses that fit its window.
+        pending = pending[len(pending) - min(len(pending), log_every - 1) :]
+        self.losses = [torch.tensor(v, dtype=torch.float32, device=device) for v in pending]
+        self.last_finite = list(self.last_finite) if self.last_finite is not None else None
+
+
+class BatchStream:
+    """Micro-batches across epoch boundaries, on the device; moves the data position in a LoopState."""
+
+    def __init__(self, loader, device: torch.device, state: LoopState | None = None):
         self.loader, self.device = loader, device
-        self.epoch, self.position, self.completed_epochs = epoch, 0, epoch
+        self.state = state if state is not None else LoopState()
         self._it = None
+        # device-resident data (and any data on the CPU when training there) needs no copy per batch
+        self.move = getattr(getattr(loader, "dataset", None), "device", None) != device
 
     def seek(self, epoch: int, position: int, completed_epochs: int) -> None:
         """Continue at batch `position` of `epoch` (resume). The iterator starts here, so the random draw a
         DataLoader makes when it starts comes before the caller restores the saved RNG states."""
-        self.epoch, self.position, self.completed_epochs = epoch, position, completed_epochs
+        st = self.state
+        st.epoch, st.position, st.completed_epochs = epoch, position, completed_epochs
         self.loader.batch_sampler.set_epoch(epoch, position)
         self._it = iter(self.loader)
 
     def __next__(self):
+        st = self.state
         if self._it is None:
-            self.loader.batch_sampler.set_epoch(self.epoch, self.position)
+            self.loader.batch_sampler.set_epoch(st.epoch, st.position)
             self._it = iter(self.loader)
         try:
             batch = next(self._it)
         except StopIteration:
-            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+            st.epoch, st.position, self._it = st.epoch + 1, 0, None
             return next(self)
-        self.position += 1
-        if self.position == len(self.loader):
-            self.completed_epochs = self.epoch + 1
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        st.position += 1
+        if st.position == len(self.loader):
+            st.completed_epochs = st.epoch + 1
+        return tuple(t.to(self.device, non_blocking=True) for t in batch) if self.move else batch
 
 
 def to_device(batches, device: torch.device):
@@ -245,6 +303,210 @@ class TrainResult:
         return self.summary["monitor"]["value"]
 
 
+def steps_skip_on_device(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Whether the optimizer drops an update itself when handed `found_inf` (torch's fused Adam, AdamW,
+    SGD and Adagrad, as AMP's GradScaler uses them), so the guard's flag never has to reach the host.
+    With fp16 the GradScaler owns that hand-over, so the loop reads the loss flag on the host instead."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and not scaler.is_enabled()
+
+
+class Loop:
+    """The run's objects, its `LoopState`, and the pieces `fit` calls: one optimizer step, reading the
+    non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
+
+    def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path):
+        self.s, self.run_dir = s, run_dir
+        self.model, self.task, self.device = s.model, s.task, s.device
+        self.autocast = autocast_for(s.device, precision)
+        self.state = LoopState()
+        tc = cfg.trainer
+        self.accum = int(tc.grad_accum_steps)
+        steps_per_epoch = max(1, len(s.train_loader) // self.accum)
+        self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
+        self.log_every = int(tc.log_every)
+        # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+        self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.eval_batches = tc.eval_batches
+        allowed = allowed_prefixes(cfg)
+        self.optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(self.model.parameters())
+        self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
+            self.optimizer, total_steps=self.max_steps
+        )
+        # fp16 needs loss scaling; with enabled=False the scaler passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(s.device.type, enabled=precision == "fp16")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.fail = str(getattr(tc.nonfinite, "value", tc.nonfinite)) == "fail"
+        self.max_skipped = skip_budget(tc.get("max_skipped"), self.max_steps)  # nonfinite=skip: then fail
+        self.on_device = steps_skip_on_device(self.optimizer, self.scaler)
+        self.one = torch.ones((), device=s.device)  # the guard's unscale factor (values stay bit-identical)
+        self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
+        self.stream = BatchStream(s.train_loader, s.device, self.state)
+        # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
+        self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
+        self.config_plain = ckpt_io.plain_config(cfg)
+        self.sinks: list = []
+        self.history: list[dict[str, Any]] = []
+        self.grad_norm: torch.Tensor | None = None
+        self.t_log, self.eval_s = time.perf_counter(), 0.0  # wall clock of the log window
+
+    def restore(self, resumed: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint left off: the loop's state, objects, data position, RNG."""
+        self.state.load_state_dict(resumed["loop"], self.device, self.log_every)
+        ckpt_io.restore(
+            resumed,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            stream=self.stream,
+        )
+        self.telemetry.step = self.state.step  # a resumed run continues its sampling schedule
+
+    def train_step(self) -> None:
+        """One optimizer step: forward and backward for each micro-batch (graphs freed as we go), clip,
+        the non-finite guard, the update, the schedule. Queues device work and reads nothing back,
+        except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`)."""
+        st, tel = self.state, self.telemetry
+        step_loss = None
+        for _ in range(self.accum):
+            batch = next(self.stream)
+            with tel.forward(batch), self.autocast():
+                loss = self.task.loss(self.model, batch, self.s.loss_fn)
+                if self.accum > 1:
+                    loss = loss / self.accum
+            tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
+            self.scaler.scale(loss).backward()
+            tel.after_backward()
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            st.samples += len(batch[0])
+            units = self.task.units(batch)
+            if units is not None:
+                st.counts_tokens = True
+                if isinstance(units, int):
+                    st.tokens += units
+                else:  # stays on the device: no copy, no wait
+                    st.device_tokens = units if st.device_tokens is None else st.device_tokens + units
+        if self.clip:
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
+        # gradients are the GradScaler's to skip, so only the loss is checked.
+        found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
+        if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
+            found_inf = found
+            if self.fail:  # skip every update from the first bad step on; reported at the next read
+                found_inf = torch.maximum(self.halted, found, out=self.halted)
+            self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not found.item():  # other optimizers: the host reads one flag (docs/checkpoints.md)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            skip_update(self.scaler)
+        st.losses.append(step_loss)
+        st.unread.append(found)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        tel.after_step()
+        st.step += 1
+        if not self.on_device and bool(found):  # known on the host already: fail or count it now
+            self.read_guard()
+
+    def read_guard(self) -> None:
+        """Bring the guard's flags since its last read to the host. nonfinite=skip: count the skipped
+        steps. nonfinite=fail: log the window's steps before the first bad one, then raise naming it (no
+        update was applied from that step on)."""
+        st = self.state
+        if not st.unread:
+            return
+        flags = torch.stack(st.unread).tolist()
+        st.unread = []
+        if not self.fail:
+            st.skipped_steps += int(sum(flags))
+            if st.skipped_steps > self.max_skipped:
+                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
+            return
+        if not any(flags):
+            return
+        first = flags.index(1.0)
+        bad_step = st.step - len(flags) + first + 1
+        kept = len(st.losses) - len(flags) + first  # the window's losses before the bad step
+        bad_loss = float(st.losses[kept])
+        st.losses, st.step = st.losses[:kept], bad_step - 1
+        if st.losses:  # the completed steps since the last log are logged first
+            self.record(self.train_metrics())
+        raise nonfinite_error(bad_step, bad_loss, [] if st.last_finite is None else [st.last_finite])
+
+    def train_metrics(self) -> dict[str, Any]:
+        """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""
+        self.read_guard()
+        st = self.state
+        losses = torch.stack(st.losses).tolist()
+        for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
+            if math.isfinite(v):
+                st.last_finite = [st.step - len(losses) + i + 1, v]
+        finite = [v for v in losses if math.isfinite(v)]
+        dt = time.perf_counter() - self.t_log - self.eval_s
+        metrics: dict[str, Any] = {
+            "train/loss": sum(finite) / len(finite) if finite else math.nan,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if not self.fail:
+            metrics["train/skipped_steps"] = st.skipped_steps
+        if self.clip:
+            metrics["train/grad_norm"] = float(self.grad_norm)
+        metrics["perf/step_ms"] = 1000.0 * dt / len(losses)
+        metrics["perf/samples_per_s"] = st.samples / dt
+        n_tokens = None
+        if st.counts_tokens:
+            n_tokens = st.tokens + (int(st.device_tokens) if st.device_tokens is not None else 0)
+            metrics["perf/tokens_per_s"] = n_tokens / dt
+        metrics.update(self.telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        st.losses, st.samples, st.tokens, st.device_tokens = [], 0, 0, None
+        self.t_log, self.eval_s = time.perf_counter(), 0.0
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        self.read_guard()  # never score (or report) a run that has already failed
+        t_eval = time.perf_counter()
+        metrics = evaluate(self.s, self.autocast, self.eval_batches)
+        self.eval_s += time.perf_counter() - t_eval
+        self.state.last_eval_epochs = self.state.completed_epochs
+        return metrics
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        st = self.state
+        metrics = {"epoch": st.epoch, **metrics}
+        for sink in self.sinks:
+            sink.log_metrics(metrics, st.step)
+        self.history.append({"step": st.step, **metrics})
+        st.final.update({k: v for k, v in metrics.items() if k != "epoch"})
+        if "mem/cuda_peak_mb" in metrics:
+            st.peak_cuda = max(st.peak_cuda or 0.0, metrics["mem/cuda_peak_mb"])
+        for k, v in metrics.items():
+            if k in HIGHER_IS_BETTER and math.isfinite(v):
+                better = (lambda a, b: a > b) if HIGHER_IS_BETTER[k] else (lambda a, b: a < b)
+                if k not in st.best or better(v, st.best[k]["value"]):
+                    st.best[k] = {"value": v, "step": st.step}
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The objects' states, the loop's state and the RNG states: what exact resume needs."""
+        self.read_guard()
+        return ckpt_io.make_state(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            loop=self.state.state_dict(),
+            config=self.config_plain,
+            run_dir=self.run_dir,
+            monitor=self.state.best.get(self.task.monitor),
+        )
+
+
 def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> TrainResult:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -256,257 +518,100 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
     resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
     device = resolve_device(cfg.device)
     precision = precision_of(cfg)
-    autocast = autocast_for(device, precision)
     seed_everything(cfg.seed)
     s = setup(cfg, device)
-    model, task, tc = s.model, s.task, cfg.trainer
-
-    accum = int(tc.grad_accum_steps)
-    steps_per_epoch = max(1, len(s.train_loader) // accum)
-    max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
-    optimizer = build(cfg.optimizer, allowed=allowed_prefixes(cfg), key="optimizer")(model.parameters())
-    scheduler = build(cfg.scheduler, allowed=allowed_prefixes(cfg), key="scheduler")(
-        optimizer, total_steps=max_steps
-    )
-    # fp16 needs loss scaling; with enabled=False the scaler passes everything through unchanged.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    n_params = sum(p.numel() for p in model.parameters())
-
+    loop = Loop(cfg, s, precision, run_dir)
+    st, tc, task, max_steps = loop.state, cfg.trainer, s.task, loop.max_steps
+    n_params = sum(p.numel() for p in s.model.parameters())
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
     ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
-    history: list[dict[str, Any]] = []
-    best: dict[str, dict[str, float]] = {}
-    final: dict[str, float] = {}
-    status, step, peak_cuda = "failed", 0, None
-    stream = BatchStream(s.train_loader, device)
-    log_every, eval_every = int(tc.log_every), tc.eval_every
-    loss_buf = torch.zeros(log_every, device=device)  # per-step losses since the last log, on the device
-    tokens = torch.zeros((), dtype=torch.long, device=device)
-    samples, steps_since_log, last_eval_epochs, eval_s = 0, 0, 0, 0.0
-    last_finite: tuple[int, float] | None = None
-    counts_tokens = False
-    skipped = 0  # steps whose update trainer.nonfinite=skip dropped
-    max_skipped = skip_budget(tc.get("max_skipped"), max_steps)
-    if resumed is not None:  # continue exactly where the checkpoint left off: objects, data position, RNG
-        loop = ckpt_io.restore(
-            resumed, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, stream=stream
-        )
-        step, last_eval_epochs, samples = loop["step"], loop["last_eval_epochs"], loop["samples"]
-        best.update(loop["best"])
-        final.update(loop["final"])
-        peak_cuda, last_finite, counts_tokens = loop["peak_cuda"], loop["last_finite"], loop["counts_tokens"]
-        pending = ckpt_io.pending_losses(loop, log_every)  # a log window the save cut in half
-        skipped, steps_since_log = loop["skipped_steps"], len(pending)
-        loss_buf[:steps_since_log] = pending.to(device)
-        tokens.fill_(loop["tokens"])
-    config_plain = ckpt_io.plain_config(cfg)
-
-    def checkpoint_state() -> dict[str, Any]:
-        """The objects' states plus the loop's counters that exact resume needs (restored just above)."""
-        loop = {
-            "step": step,
-            "epoch": stream.epoch,
-            "position": stream.position,
-            "completed_epochs": stream.completed_epochs,
-            "last_eval_epochs": last_eval_epochs,
-            "pending_losses": loss_buf[:steps_since_log].cpu(),
-            "samples": samples,
-            "tokens": int(tokens),
-            "counts_tokens": counts_tokens,
-            "last_finite": last_finite,
-            "skipped_steps": skipped,
-            "best": best,
-            "final": final,
-            "peak_cuda": peak_cuda,
-        }
-        return ckpt_io.make_state(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
-            loop=loop,
-            config=config_plain,
-            run_dir=run_dir,
-            monitor=best.get(task.monitor),
-        )
-
-    # per-batch graph and memory figures; per step it only does host-side bookkeeping (docs/telemetry.md)
-    telemetry = Telemetry(cfg.telemetry, model, device, log_every)
-    telemetry.step = step  # a resumed run continues its sampling schedule
-    t_log = time.perf_counter()
-
-    def record(metrics: dict[str, Any]) -> None:
-        nonlocal peak_cuda
-        metrics = {"epoch": stream.epoch, **metrics}
-        for sink in sinks:
-            sink.log_metrics(metrics, step)
-        history.append({"step": step, **metrics})
-        final.update({k: v for k, v in metrics.items() if k != "epoch"})
-        if "mem/cuda_peak_mb" in metrics:
-            peak_cuda = max(peak_cuda or 0.0, metrics["mem/cuda_peak_mb"])
-        for k, v in metrics.items():
-            if k in HIGHER_IS_BETTER and math.isfinite(v):
-                better = (lambda a, b: a > b) if HIGHER_IS_BETTER[k] else (lambda a, b: a < b)
-                if k not in best or better(v, best[k]["value"]):
-                    best[k] = {"value": v, "step": step}
-
-    def train_metrics() -> dict[str, Any]:
-        """Bring the losses since the last log to the host (the one sync), check them, add speed and memory."""
-        nonlocal samples, steps_since_log, eval_s, t_log, last_finite
-        losses = loss_buf[:steps_since_log].tolist()
-        for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
-            if math.isfinite(v):
-                last_finite = (step - steps_since_log + i + 1, v)
-        finite = [v for v in losses if math.isfinite(v)]
-        dt = time.perf_counter() - t_log - eval_s
-        metrics: dict[str, Any] = {
-            "train/loss": sum(finite) / len(finite) if finite else math.nan,
-            "train/lr": optimizer.param_groups[0]["lr"],
-        }
-        if tc.nonfinite == "skip":
-            metrics["train/skipped_steps"] = skipped
-        if tc.clip_grad_norm:
-            metrics["train/grad_norm"] = float(grad_norm)
-        metrics["perf/step_ms"] = 1000.0 * dt / steps_since_log
-        metrics["perf/samples_per_s"] = samples / dt
-        n_tokens = int(tokens) if counts_tokens else None
-        if n_tokens is not None:
-            metrics["perf/tokens_per_s"] = n_tokens / dt
-        metrics.update(telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
-        samples, steps_since_log, eval_s = 0, 0, 0.0
-        tokens.zero_()
-        t_log = time.perf_counter()
-        return metrics
+    if resumed is not None:
+        loop.restore(resumed)
 
     # The sinks open last, right before the try/finally that always closes them (with the run's status).
-    sinks = build_loggers(cfg, run_dir, resume_step=step if resumed is not None else None)
+    loop.sinks = sinks = build_loggers(cfg, run_dir, resume_step=st.step if resumed is not None else None)
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
         sink.log_config(resolved)
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{type(s.model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
         f"{len(s.data.val):,} val examples | {max_steps} steps"
     )
     if console:
         console.start(max_steps)
+    status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest().__enter__()
+    loop.t_log = time.perf_counter()
     try:
-        model.train()
-        while step < max_steps:
-            # ---- one optimizer step: forward and backward for each micro-batch, graphs freed as we go
-            step_loss = torch.zeros((), device=device)
-            for _ in range(accum):
-                batch = next(stream)
-                with telemetry.forward(batch), autocast():
-                    loss = task.loss(model, batch, s.loss_fn) / accum
-                telemetry.after_forward(loss)  # sampled steps: measure this batch's graph before backward
-                scaler.scale(loss).backward()
-                telemetry.after_backward()
-                step_loss += loss.detach()
-                samples += len(batch[0])
-                units = task.units(batch)
-                if units is not None:
-                    tokens += units  # in place on the device: no copy, no wait
-                    counts_tokens = True
-            if tc.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.clip_grad_norm))
-            # ---- non-finite guard (trainer.nonfinite), before the optimizer step: the loop's one per-step
-            # host sync, a single bool (docs/checkpoints.md measures it). With fp16, overflowing scaled
-            # gradients are the GradScaler's to skip, so only the loss is checked.
-            if bool(finite_flag(step_loss, model.parameters(), check_grads=not scaler.is_enabled())):
-                scaler.step(optimizer)
-                scaler.update()
-            elif tc.nonfinite == "fail":
-                if steps_since_log:  # the completed steps since the last log are logged first
-                    record(train_metrics())
-                pending = [] if last_finite is None else [last_finite]
-                raise nonfinite_error(step + 1, float(step_loss), pending)
-            else:
-                skip_update(scaler)
-                skipped += 1
-                if skipped > max_skipped:
-                    raise too_many_skipped(skipped, step + 1, max_skipped)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            telemetry.after_step()
-            loss_buf[steps_since_log] = step_loss
-            step += 1
-            steps_since_log += 1
+        s.model.train()
+        while st.step < max_steps:
+            loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
             if console:
-                console.advance(step)
+                console.advance(st.step)
 
-            # ---- logging step: losses and metrics come to the host only here (the guard above reads
-            # one bool). A stop signal makes this a logging step too, so no completed step goes unrecorded.
-            metrics: dict[str, Any] = {}
-            if step % log_every == 0 or step == max_steps or stop.signal:
-                metrics = train_metrics()
+            # ---- logging step: losses and metrics come to the host only here. A stop signal makes this
+            # a logging step too, so no completed step goes unrecorded.
+            last = st.step == max_steps
+            metrics = loop.train_metrics() if st.step % loop.log_every == 0 or last or stop.signal else {}
 
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
-            epoch_ended = stream.completed_epochs > last_eval_epochs
-            if (
-                (eval_every and step % int(eval_every) == 0)
-                or (not eval_every and epoch_ended)
-                or step == max_steps
-            ):
-                t_eval = time.perf_counter()
-                metrics.update(evaluate(s, autocast, tc.eval_batches))
-                eval_s += time.perf_counter() - t_eval
-                last_eval_epochs = stream.completed_epochs
-            if stop.signal and steps_since_log:  # the signal came during evaluation
-                metrics.update(train_metrics())
+            epoch_ended = st.completed_epochs > st.last_eval_epochs
+            if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
+                metrics.update(loop.evaluate())
+            if stop.signal and st.losses:  # the signal came during evaluation
+                metrics.update(loop.train_metrics())
             if metrics:
-                record(metrics)
+                loop.record(metrics)
 
             # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
             # the task's monitor metric improved at this step
-            regular = checkpointer.due(step) or step == max_steps or stop.signal is not None
+            regular = checkpointer.due(st.step) or last or stop.signal is not None
             new_best = (
                 checkpointer.keeps_best
                 and task.monitor in metrics
-                and best.get(task.monitor, {}).get("step") == step
+                and st.best.get(task.monitor, {}).get("step") == st.step
             )
             if regular or new_best:
-                checkpointer.save(step, checkpoint_state(), regular=regular, best=new_best)
+                checkpointer.save(st.step, loop.checkpoint(), regular=regular, best=new_best)
             if stop.signal:
-                if steps_since_log or not regular:  # the signal came after this step was logged/saved
-                    if steps_since_log:
-                        record(train_metrics())
-                    checkpointer.save(step, checkpoint_state())
-                log.warning(f"{stop.signal} received: stopped after step {step} (checkpoint saved)")
+                if st.losses or not regular:  # the signal came after this step was logged/saved
+                    if st.losses:
+                        loop.record(loop.train_metrics())
+                    checkpointer.save(st.step, loop.checkpoint())
+                log.warning(f"{stop.signal} received: stopped after step {st.step} (checkpoint saved)")
                 if stop.signal == "SIGUSR1":
-                    log.warning(f"SLURM job {slurm_requeue(step)} requeued")
+                    log.warning(f"SLURM job {slurm_requeue(st.step)} requeued")
                 break
-        status = "completed" if step >= max_steps else "stopped"
+        status = "completed" if st.step >= max_steps else "stopped"
         if status == "completed":
-            ckpt_io.save_weights(model, run_dir / "model.safetensors")  # the final weights, without pickle
+            ckpt_io.save_weights(s.model, run_dir / "model.safetensors")  # the final weights, without pickle
     finally:
         stop.__exit__()
         summary = make_summary(
             status,
-            step,
-            stream.epoch,
-            final,
-            best,
+            st.step,
+            st.epoch,
+            st.final,
+            st.best,
             task,
             device,
             n_params,
-            peak_cuda,
+            st.peak_cuda,
             time.perf_counter() - t_start,
             run_dir,
         )
-        summary["telemetry"] = telemetry.summary()
+        summary["telemetry"] = loop.telemetry.summary()
         summary["run_id"] = checkpointer.run_id
-        summary["skipped_steps"] = skipped
+        summary["skipped_steps"] = st.skipped_steps
         summary_text = json.dumps(summary, indent=2) + "\n"
         ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
         checkpointer.release()
-    return TrainResult(summary, model, s, history, stop.exit_code if stop.signal else 0)
+    return TrainResult(summary, s.model, s, loop.history, stop.exit_code if stop.signal else 0)
 
 
 def _device_name(device: torch.device) -> str:

@@ -15,7 +15,7 @@ from dgtrain.config import (
     locate,
     unknown_key_problems,
 )
-from dgtrain.data import TASKS
+from dgtrain.data import TASKS, flag
 from dgtrain.errors import DgtrainError
 from dgtrain.losses import TASKS_OF
 from dgtrain.paths import config_dir
@@ -117,6 +117,16 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"data.batch_size={bs}: must be a positive integer.")
     if int(cfg.data.get("num_workers", 0) or 0) < 0:
         out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    resident = flag(cfg.data.get("device_resident", "auto"))
+    if resident not in ("auto", "true", "false"):
+        out.append(f"data.device_resident={resident}: expected auto, true or false.")
+    elif resident == "true" and int(cfg.data.get("num_workers", 0) or 0) > 0:
+        out.append(
+            f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
+            "device-resident batches are drawn in this process. Set one of them differently."
+        )
+    if not isinstance(cfg.data.get("pin_memory", True), bool):
+        out.append(f"data.pin_memory={cfg.data.pin_memory}: expected true or false.")
     lr = cfg.optimizer.get("lr")
     if lr is not None and not (_number(lr) is not None and math.isfinite(_number(lr)) and _number(lr) >= 0):
         out.append(

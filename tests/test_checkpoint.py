@@ -405,20 +405,22 @@ def test_sigusr1_under_slurm_checkpoints_and_requeues(tmp_path):
     assert ckpt_io.load(ckpt_io.list_checkpoints(run / "checkpoints")[-1])["step"] == last
 
 
-def _nan_args(tmp_path: Path, mode: str) -> list[str]:
+def _nan_args(tmp_path: Path, mode: str, **over: str) -> list[str]:
     (tmp_path / "nanmodel.py").write_text(NAN_MODEL)
-    return [
-        "model=linreg",
-        "model._target_=nanmodel.NanAt",
-        "+model.nan_at=3",
-        "allowed_targets=[nanmodel.]",
-        "device=cpu",
-        "trainer.max_steps=5",
-        "trainer.log_every=1",
-        "checkpoint.every=1",
-        "checkpoint.keep_last=null",
-        f"trainer.nonfinite={mode}",
-    ]
+    args = {
+        "model": "linreg",
+        "model._target_": "nanmodel.NanAt",
+        "+model.nan_at": "3",
+        "allowed_targets": "[nanmodel.]",
+        "device": "cpu",
+        "trainer.max_steps": "5",
+        "trainer.log_every": "1",
+        "checkpoint.every": "1",
+        "checkpoint.keep_last": "null",
+        "trainer.nonfinite": mode,
+        **over,
+    }
+    return [f"{k}={v}" for k, v in args.items()]
 
 
 @pytest.mark.slow
@@ -437,13 +439,16 @@ def test_nonfinite_fail_stops_before_the_update_naming_the_step(tmp_path):
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
 
 
-def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["host-read", "on-device"])
+def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, tmp_path, monkeypatch, fused):
+    """Either way of skipping: the host reads the flag (plain Adam), or fused Adam drops the update itself."""
     from dgtrain.train import fit
 
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     run.mkdir()
-    assert fit(compose(_nan_args(tmp_path, "skip")), run).summary["status"] == "completed"
+    args = _nan_args(tmp_path, "skip", **{"+optimizer.fused": fused})
+    assert fit(compose(args), run).summary["status"] == "completed"
     s = [ckpt_io.load(run / "checkpoints" / f"step_{i:08d}.pt") for i in (2, 3, 4)]
     for k in s[1]["model"]:
         assert torch.equal(s[1]["model"][k], s[0]["model"][k]), "step 3 (skipped) changed nothing"
@@ -451,6 +456,90 @@ def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, t
     assert s[1]["optimizer"]["state"][0]["step"] == s[0]["optimizer"]["state"][0]["step"] == 2
     rows = {r["step"]: r for r in read_metrics(run)}
     assert [rows[i]["train/skipped_steps"] for i in (2, 3, 5)] == [0, 1, 1]
+
+
+def _fit_keeping_setup(compose, args: list[str], run: Path, monkeypatch, kept: list) -> None:
+    """fit(...) in this process, appending its Setup (model included) to `kept`, also when fit raises."""
+    from dgtrain import train
+
+    setup = train.setup
+    monkeypatch.setattr(train, "setup", lambda cfg, device=None: kept.append(setup(cfg, device)) or kept[-1])
+    run.mkdir()
+    try:
+        train.fit(compose(args), run)
+    finally:
+        monkeypatch.setattr(train, "setup", setup)
+
+
+def test_nonfinite_fail_on_device_is_reported_at_the_next_read_naming_the_first_bad_step(
+    compose, tmp_path, monkeypatch
+):
+    """Fused Adam skips on the device: NaN at step 3, found at step 4 (a log and checkpoint step) before
+    anything is logged or saved for it, and no update applied from step 3 on."""
+    from dgtrain.errors import NonFiniteLossError
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    over = {
+        "+optimizer.fused": "true",
+        "trainer.max_steps": "8",
+        "trainer.log_every": "4",
+        "checkpoint.every": "2",
+    }
+    kept: list = []
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss became nan at step 3 \(last finite loss .* at step 2\)"
+    ):
+        _fit_keeping_setup(compose, _nan_args(tmp_path, "fail", **over), run, monkeypatch, kept)
+    assert [r["step"] for r in read_metrics(run)] == [2], "steps 1-2 are logged, nothing from step 3 on"
+    assert [c.name for c in ckpt_io.list_checkpoints(run / "checkpoints")] == ["step_00000002.pt"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 2
+    saved = ckpt_io.load(run / "checkpoints" / "step_00000002.pt")["model"]
+    for k, v in kept[0].model.state_dict().items():  # step 4's loss was finite: only the halt skipped it
+        assert torch.equal(v, saved[k]), f"{k} changed after the bad step"
+
+
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["host-read", "on-device"])
+def test_a_fused_optimizer_step_reads_nothing_from_the_device(compose, tmp_path, monkeypatch, fused):
+    """Between logging steps the loop never reads a tensor on the host with a fused optimizer (the
+    non-fused fallback reads the guard's flag once per step, which this test must see)."""
+    from dgtrain import train
+
+    reads, inside = [], [False]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **kw):
+            if inside[0]:
+                reads.append(_name)
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    step = train.Loop.train_step
+
+    def watched(self):
+        inside[0] = True
+        try:
+            step(self)
+        finally:
+            inside[0] = False
+
+    def batches(self, _next=train.BatchStream.__next__):  # index tensors of the data order live on the host
+        inside[0] = False
+        try:
+            return _next(self)
+        finally:
+            inside[0] = True
+
+    monkeypatch.setattr(train.Loop, "train_step", watched)
+    monkeypatch.setattr(train.BatchStream, "__next__", batches)
+    cfg = compose(["model=mlp", "device=cpu", "trainer.max_steps=6", f"+optimizer.fused={fused}"])
+    train.fit(cfg, tmp_path)
+    if fused == "true":
+        assert reads == []
+    else:  # the guard's flag (and plain Adam's own step counter on the CPU)
+        assert reads.count("item") >= 6
 
 
 @pytest.mark.slow

@@ -141,14 +141,77 @@ def test_bundled_regression_sets():
 
 
 def test_seq2seq_batches_are_padded_to_their_own_longest():
+    from torch.nn.utils.rnn import pad_sequence
+
     b = seq2seq_synthetic(seed=0, num_examples=200, min_len=2, max_len=20)
     loader = make_loader(b.train, 4, shuffle=True, seed=0)
     widths = set()
-    for src, tgt in loader:
+    for i, (src, tgt) in enumerate(loader):
         assert src.shape[1] == int((src != PAD).sum(1).max()), "a batch is padded beyond its longest source"
         assert tgt.shape[1] == int((tgt != PAD).sum(1).max()), "a batch is padded beyond its longest target"
         widths.add(src.shape[1])
+        idx = loader.batch_sampler.order(0)[4 * i : 4 * i + 4].tolist()
+        pairs = [b.train[j] for j in idx]
+        assert torch.equal(src, pad_sequence([s for s, _ in pairs], batch_first=True, padding_value=PAD))
+        assert torch.equal(tgt, pad_sequence([t for _, t in pairs], batch_first=True, padding_value=PAD))
     assert len(widths) > 3, "batches should have different shapes"
+
+
+def test_in_memory_data_is_indexed_without_a_dataloader_in_the_same_order():
+    """num_workers=0: a DirectLoader; each batch is the sampler's indices, in the sampler's order, and
+    starting an epoch draws from torch's RNG as a DataLoader iterator does (so dropout sees the same stream)."""
+    from torch.utils.data import DataLoader
+
+    from dgtrain.data import DirectLoader
+
+    for b in (digits(seed=0), text(seed=0, seq_len=16), seq2seq_synthetic(seed=0, num_examples=100)):
+        direct = make_loader(b.train, 8, shuffle=True, seed=3)
+        workers = make_loader(b.train, 8, shuffle=True, seed=3, num_workers=1)
+        assert isinstance(direct, DirectLoader) and isinstance(workers, DataLoader)
+        for epoch, start in ((0, 0), (1, 2)):
+            direct.batch_sampler.set_epoch(epoch, start)
+            workers.batch_sampler.set_epoch(epoch, start)
+            torch.manual_seed(0)
+            got = list(direct)
+            after_direct = torch.rand(1)
+            torch.manual_seed(0)
+            want = list(workers)
+            assert torch.equal(torch.rand(1), after_direct), "the same draws from the global RNG"
+            assert len(got) == len(want) == len(direct) - start
+            for g, w in zip(got, want, strict=True):
+                assert all(torch.equal(x, y) for x, y in zip(g, w, strict=True))
+
+
+def test_device_resident_decision():
+    from dgtrain.data import RESIDENT_SHARE, keep_on_device
+
+    b = digits(seed=0)
+    size = b.train.nbytes() + b.val.nbytes()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fits, too_small = int(size / RESIDENT_SHARE) + 1, int(size / RESIDENT_SHARE) - 1
+    assert keep_on_device("auto", b, cuda, 0, fits)
+    assert not keep_on_device("auto", b, cuda, 0, too_small), "auto leaves data that needs too much memory"
+    assert not keep_on_device("auto", b, cuda, 2, fits), "auto leaves data to the DataLoader's workers"
+    assert not keep_on_device("auto", b, cpu, 0, None)
+    assert not keep_on_device(False, b, cuda, 0, fits)
+    assert keep_on_device(True, b, cuda, 0, too_small), "true is the user's call"
+    with pytest.raises(DgtrainError, match=r"data.device_resident=true needs data.num_workers=0"):
+        keep_on_device("true", b, cuda, 2, fits)
+    plain = type(b)(torch.utils.data.TensorDataset(torch.zeros(4)), b.val, b.info)
+    with pytest.raises(DgtrainError, match=r"data.device_resident=true: this dataset \(TensorDataset\)"):
+        keep_on_device("true", plain, cuda, 0, fits)
+    assert not keep_on_device("auto", plain, cuda, 0, fits)
+
+
+def test_device_resident_and_pin_memory_values_are_checked(compose):
+    from dgtrain.validation import problems
+
+    found = problems(compose(["model=mlp", "data.device_resident=sometimes", "data.pin_memory=maybe"]))
+    assert any("data.device_resident=sometimes: expected auto, true or false" in p for p in found)
+    assert any("data.pin_memory=maybe: expected true or false" in p for p in found)
+    found = problems(compose(["model=mlp", "data.device_resident=true", "data.num_workers=2"]))
+    assert any("data.device_resident=true needs data.num_workers=0" in p for p in found)
+    assert problems(compose(["model=mlp", "data.device_resident=false", "data.pin_memory=false"])) == []
 
 
 def test_text_default_corpus_and_file(tmp_path):

@@ -29,7 +29,7 @@ def instantiate(cfg: DictConfig) -> list[str]:
     """Build data, task, model (meta device), loss, optimizer and schedule; push one batch through."""
     import torch
 
-    from dgtrain.config import allowed_prefixes, build
+    from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build
     from dgtrain.data import make_loader
     from dgtrain.tasks import make_task
     from dgtrain.train import build_model
@@ -40,7 +40,7 @@ def instantiate(cfg: DictConfig) -> list[str]:
             cfg.data,
             allowed=allowed,
             key="data",
-            exclude=("task", "batch_size", "num_workers"),
+            exclude=DATA_META_KEYS,
             seed=cfg.seed,
         )
         if data.info.task != str(cfg.data.task):

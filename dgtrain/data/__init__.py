@@ -1,13 +1,17 @@
 """Datasets as in-memory tensors, the epoch-seeded batch sampler, and the loaders built from them.
 
-Every dataset here implements `__getitems__`, so the DataLoader fetches a whole batch with one
-indexing operation instead of one Python call per sample.
+Every dataset here is `InMemory`: a batch is one indexing operation per tensor (`take`), never one
+Python call per sample. With `data.num_workers=0` dgtrain indexes them directly (`DirectLoader`), with
+no DataLoader, in the same order; with workers, a DataLoader fetches the same batches through
+`__getitems__`. `to(device)` moves a dataset's tensors once (`data.device_resident`), after which its
+batches are drawn on the GPU with no per-batch host-to-device copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -44,12 +48,36 @@ def _identity(batch):
     return batch
 
 
-class TensorPairs(Dataset):
+class InMemory(Dataset):
+    """A dataset held as tensors on one device (`device`): a batch is `take(idx, idx_host)`."""
+
+    device = torch.device("cpu")
+
+    def take(self, idx: torch.Tensor, idx_host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch of examples `idx` (a long tensor on `self.device`); `idx_host` holds the same
+        indices on the CPU, for what the host must know about a batch (a padded length)."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> InMemory:
+        """A copy whose tensors live on `device` (made once; batches are then drawn there)."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes that `to(device)` puts on the device."""
+        raise NotImplementedError
+
+    def __getitems__(self, idx: Sequence[int]):
+        idx_t = torch.as_tensor(idx)
+        return self.take(idx_t, idx_t)
+
+
+class TensorPairs(InMemory):
     """(inputs, targets) tensors held in memory; a batch is one fancy-index per tensor."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         assert len(x) == len(y), (x.shape, y.shape)
         self.x, self.y = x, y
+        self.device = x.device
 
     def __len__(self) -> int:
         return len(self.x)
@@ -57,9 +85,14 @@ class TensorPairs(Dataset):
     def __getitem__(self, i: int):
         return self.x[i], self.y[i]
 
-    def __getitems__(self, idx: Sequence[int]):
-        idx_t = torch.as_tensor(idx)
-        return self.x[idx_t], self.y[idx_t]
+    def take(self, idx, idx_host):
+        return self.x[idx], self.y[idx]
+
+    def to(self, device):
+        return TensorPairs(self.x.to(device), self.y.to(device))
+
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -93,19 +126,93 @@ class EpochBatchSampler:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s order of the examples (on the CPU)."""
+        if self.shuffle:
+            return torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
+        return torch.arange(self.n)
+
     def __iter__(self) -> Iterator[list[int]]:
-        order = (
-            torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch))
-            if self.shuffle
-            else torch.arange(self.n)
-        )
+        order = self.order(self.epoch)
         for b in range(self.start_batch, len(self)):
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
+class DirectLoader:
+    """What a DataLoader with num_workers=0 does for an `InMemory` dataset, without the DataLoader:
+    the same EpochBatchSampler order, one `take` per batch, wherever the dataset's tensors live.
+
+    Starting an epoch's iterator makes the same draw from torch's global RNG that a DataLoader makes
+    (the base seed of its workers), so the run's random stream, and with it dropout, is the same
+    whichever loader serves the data. The order is computed on the CPU and, for data on the GPU,
+    copied there once per epoch; each batch is then a slice of it and a gather on the device."""
+
+    def __init__(self, ds: InMemory, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False):
+        self.dataset, self.pin_memory = ds, pin_memory and ds.device.type == "cpu"
+        self.batch_sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        torch.empty((), dtype=torch.int64).random_()  # the draw a DataLoader iterator makes when it starts
+        return self._batches(self.batch_sampler.epoch, self.batch_sampler.start_batch)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler, ds, bs = self.batch_sampler, self.dataset, self.batch_sampler.batch_size
+        order = sampler.order(epoch)
+        # pinned, so the copy is queued without waiting for the device
+        on_device = order if ds.device.type == "cpu" else order.pin_memory().to(ds.device, non_blocking=True)
+        for b in range(start, len(sampler)):
+            batch = ds.take(on_device[b * bs : (b + 1) * bs], order[b * bs : (b + 1) * bs])
+            # page-locked batches copy to the GPU without blocking the host (`to(non_blocking=True)`)
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
+
+
+# data.device_resident=auto moves an in-memory dataset to the GPU when it takes at most this share of
+# the GPU's free memory (train and validation splits together), leaving the rest to the model.
+RESIDENT_SHARE = 0.25
+
+
+def flag(value: Any) -> str:
+    """'auto', 'true' or 'false' from a config value (Hydra reads `true`/`false` as booleans)."""
+    return str(value).lower()
+
+
+def keep_on_device(
+    mode: Any, data: DataBundle, device: torch.device, num_workers: int, free_bytes: int | None
+) -> bool:
+    """`data.device_resident`: whether the datasets' tensors move to `device` once (docs/loop.md).
+    auto: on CUDA, for in-memory data read in this process that fits in RESIDENT_SHARE of `free_bytes`."""
+    mode = flag(mode)
+    in_memory = isinstance(data.train, InMemory) and isinstance(data.val, InMemory)
+    if mode == "false":
+        return False
+    if mode == "true":
+        if not in_memory:
+            raise DgtrainError(
+                f"data.device_resident=true: this dataset ({type(data.train).__name__}) is not held as "
+                "tensors in memory, so it cannot be moved to the device. Use data.device_resident=auto "
+                "or false."
+            )
+        if num_workers:
+            raise DgtrainError(
+                f"data.device_resident=true needs data.num_workers=0 (got {num_workers}): batches of "
+                "device-resident data are drawn on the device, in this process. Set data.num_workers=0 "
+                "or data.device_resident=false."
+            )
+        return True
+    if device.type != "cuda" or not in_memory or num_workers or free_bytes is None:
+        return False
+    return data.train.nbytes() + data.val.nbytes() <= RESIDENT_SHARE * free_bytes
+
+
 def make_loader(
     ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
-) -> DataLoader:
+) -> DataLoader | DirectLoader:
+    """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader."""
+    if isinstance(ds, InMemory) and num_workers == 0:
+        return DirectLoader(ds, batch_size, shuffle=shuffle, seed=seed, pin_memory=pin_memory)
     sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(

@@ -7,17 +7,16 @@ own shape: the define-by-run case that static-graph tools handle badly.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import Dataset
 
-from dgtrain.data import DataBundle, DataInfo, limit, split_indices
+from dgtrain.data import DataBundle, DataInfo, InMemory, limit, split_indices
 from dgtrain.errors import DgtrainError
 
 PAD, BOS, EOS = 0, 1, 2
@@ -25,11 +24,20 @@ N_SPECIAL = 3
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort")
 
 
-class PaddedPairs(Dataset):
-    """Variable-length (source, target) token sequences; a batch is padded to its own longest member."""
+class PaddedPairs(InMemory):
+    """Variable-length (source, target) token sequences; a batch is padded to its own longest member.
+
+    Held as two matrices padded to the longest example, with each example's lengths on the CPU: a
+    batch gathers its rows and keeps the columns up to its own longest member, exactly what padding
+    the batch's sequences would give, and the host knows that width without asking the device."""
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD):
         self.pairs, self.pad_id = pairs, pad_id
+        self.src = pad_sequence([s for s, _ in pairs], batch_first=True, padding_value=pad_id)
+        self.tgt = pad_sequence([t for _, t in pairs], batch_first=True, padding_value=pad_id)
+        self.src_len = torch.tensor([len(s) for s, _ in pairs])
+        self.tgt_len = torch.tensor([len(t) for _, t in pairs])
+        self.device = self.src.device
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -37,10 +45,17 @@ class PaddedPairs(Dataset):
     def __getitem__(self, i: int):
         return self.pairs[i]
 
-    def __getitems__(self, idx: Sequence[int]):
-        src = pad_sequence([self.pairs[i][0] for i in idx], batch_first=True, padding_value=self.pad_id)
-        tgt = pad_sequence([self.pairs[i][1] for i in idx], batch_first=True, padding_value=self.pad_id)
-        return src, tgt
+    def take(self, idx, idx_host):
+        width_src, width_tgt = int(self.src_len[idx_host].max()), int(self.tgt_len[idx_host].max())
+        return self.src[idx, :width_src], self.tgt[idx, :width_tgt]
+
+    def to(self, device):
+        moved = copy.copy(self)
+        moved.src, moved.tgt, moved.device = self.src.to(device), self.tgt.to(device), torch.device(device)
+        return moved
+
+    def nbytes(self) -> int:
+        return self.src.nbytes + self.tgt.nbytes
 
 
 def seq2seq_synthetic(
@@ -138,12 +153,14 @@ def _collect_docs(name: str, seen: set[str], parts: list[str]) -> None:
             parts.append(doc)
 
 
-class TokenWindows(Dataset):
+class TokenWindows(InMemory):
     """Consecutive windows of `seq_len + 1` tokens; input is the first seq_len, target the last."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
+        self.device = tokens.device
+        self.offsets = torch.arange(seq_len + 1, device=tokens.device)
 
     def __len__(self) -> int:
         return self.n
@@ -152,10 +169,15 @@ class TokenWindows(Dataset):
         w = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
         return w[:-1], w[1:]
 
-    def __getitems__(self, idx: Sequence[int]):
-        starts = torch.as_tensor(idx) * self.seq_len
-        w = self.tokens[starts.unsqueeze(1) + torch.arange(self.seq_len + 1)]
+    def take(self, idx, idx_host):
+        w = self.tokens[(idx * self.seq_len).unsqueeze(1) + self.offsets]
         return w[:, :-1], w[:, 1:]
+
+    def to(self, device):
+        return TokenWindows(self.tokens.to(device), self.seq_len)
+
+    def nbytes(self) -> int:
+        return self.tokens.nbytes
 
 
 def text(
