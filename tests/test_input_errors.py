@@ -54,7 +54,7 @@ def test_bad_values_are_reported_before_anything_is_built(compose, overrides, me
         ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
         (
             "+data.val_frac=0.5",
-            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers.",
+            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers",
         ),
         ("+scheduler.warmup=5", "Did you mean scheduler.warmup_steps?"),
         ("+logger.console.verbose=1", "logger.console.verbose is not a setting dgtrain knows"),
