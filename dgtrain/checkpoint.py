@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,11 +33,19 @@ log = logging.getLogger("dgtrain")
 FORMAT = "dgtrain-checkpoint"
 VERSION = 2  # 2: the loop state of dgtrain.train.LoopState (pending_losses as a list of floats)
 REQUIRED = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "loop", "config")
-STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+STEP_FILE = re.compile(r"^step_(\d+)\.(pt|dcp)$")  # .dcp: an FSDP checkpoint, a directory of shards
 WANDB_ID_FILE = "wandb_run_id.txt"  # written into the run dir by the W&B logger, when one is used
 
 # Keys whose change between the checkpoint's config and the resumed run's does not break exactness.
-RESUME_MAY_CHANGE = ("resume", "trainer.max_steps", "trainer.max_epochs", "checkpoint.", "logger.", "device")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.sample_every",  # samples draw from their own generator: the run's state is untouched
+    "checkpoint.",
+    "logger.",
+    "device",
+)
 
 
 _UMASK = os.umask(0)  # read once: mkstemp creates 0600 files, checkpoints get the usual permissions
@@ -110,9 +119,37 @@ def save_weights(model: torch.nn.Module, path: Path | str) -> Path:
     return path
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects."""
+def save_state_weights(state: dict[str, torch.Tensor], path: Path | str) -> Path:
+    """A state dict (FSDP's gathered full weights) as safetensors; shared tensors are stored as copies."""
+    from safetensors.torch import save_file
+
     path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with _atomic(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "dgtrain": __version__})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # save_file creates the file itself (0600)
+    return path
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects.
+
+    An FSDP checkpoint (a `.dcp` directory) loads its small `meta.pt` here; `state["sharded"]` then names the
+    directory whose shards `restore` (or `dgtrain eval`) reads through torch.distributed.checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        from dgtrain.distributed import SHARDED_META, is_complete_sharded
+
+        if not is_complete_sharded(path):
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is incomplete: an FSDP checkpoint directory needs {SHARDED_META} and the "
+                "torch.distributed.checkpoint .metadata file (written last). Resume from an earlier one."
+            )
+        state = load(path / SHARDED_META)
+        state["sharded"] = str(path)
+        return state
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file.")
     try:
@@ -144,7 +181,8 @@ def load(path: Path | str) -> dict[str, Any]:
 
 
 def list_checkpoints(directory: Path | str) -> list[Path]:
-    """The step checkpoints in `directory`, oldest first (best.pt and temporary files excluded)."""
+    """The step checkpoints in `directory` (files, or FSDP directories), oldest first (best and temporary
+    files excluded)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -274,7 +312,7 @@ def newest_valid(
             errors.append(str(e))
             removed = remove_corrupt and isinstance(e, CorruptCheckpointError)
             if removed:
-                p.unlink(missing_ok=True)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             log.warning(f"{why}: {e} {'Removed it; ' if removed else ''}{nxt}.")
             continue
         if run_id is not None and state.get("run_id") not in (None, run_id):
@@ -495,6 +533,28 @@ class Checkpointer:
     def path(self, step: int) -> Path:
         return self.dir / f"step_{step:08d}.pt"
 
+    def save_sharded(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        model,
+        optimizer,
+        dist,
+        *,
+        regular: bool = True,
+        best: bool = False,
+    ) -> None:
+        """An FSDP checkpoint (every rank calls this): `step_N.dcp/` and/or `best.dcp/`, same rules as below."""
+        from dgtrain.distributed import save_sharded
+
+        meta["run_id"] = self.run_id
+        if regular:
+            save_sharded(self.path(step).with_suffix(".dcp"), meta, model, optimizer, dist)
+            if dist.is_main:
+                self.prune(step)
+        if best:
+            save_sharded(self.dir / "best.dcp", meta, model, optimizer, dist)
+
     def save(self, step: int, state: dict[str, Any], *, regular: bool = True, best: bool = False) -> None:
         state["run_id"] = self.run_id
         if regular:
@@ -511,13 +571,19 @@ class Checkpointer:
         if self.keep_last:
             mine = [p for p in list_checkpoints(self.dir) if int(STEP_FILE.match(p.name).group(1)) <= step]
             for old in mine[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+                if old.is_dir():  # an FSDP checkpoint
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
 
     def remove_stale_temp(self) -> None:
         """Temporary files left by a process killed mid-write (never a valid checkpoint)."""
         if self.dir.is_dir():
             for p in self.dir.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
+                if p.is_dir():  # an FSDP save cut short
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
         for p in self.run_dir.glob(".model.safetensors.*.tmp"):  # the final weights' own temp file
             p.unlink(missing_ok=True)
 
@@ -532,7 +598,8 @@ class Checkpointer:
             raise
         if state is not None and state.get("run_id"):
             self.run_id = str(state["run_id"])
-        self.write_run_file()
+        if not cfg.trainer.get("fast_dev_run"):  # a debug run writes nothing but its log
+            self.write_run_file()
         return state
 
     def _load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
@@ -548,11 +615,13 @@ class Checkpointer:
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None
-        elif Path(resume).is_dir():
+        elif (
+            Path(resume).is_dir() and Path(resume).suffix != ".dcp"
+        ):  # a run dir (a .dcp dir is one checkpoint)
             d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
             found = newest_valid(d, f"resume={resume}")
             if found is None:
-                raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt) in {d}.")
+                raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt or step_*.dcp) in {d}.")
         else:
             found = (Path(resume), load(resume))
         path, state = found
@@ -588,8 +657,8 @@ def _release_all(locks: list[DirLock]) -> None:
 
 def make_state(
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     loop: dict[str, Any],
@@ -597,15 +666,16 @@ def make_state(
     run_dir: Path,
     monitor: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything exact resume needs: the objects' states, the loop's counters and the RNG states."""
+    """Everything exact resume needs: the objects' states, the loop's counters and the RNG states.
+    model=None, optimizer=None: an FSDP checkpoint's meta.pt (their shards are written apart)."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "dgtrain": __version__,
         "torch": str(torch.__version__),  # TorchVersion is a class weights_only loading refuses
         "step": int(loop["step"]),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model.state_dict() if model is not None else "sharded",
+        "optimizer": optimizer.state_dict() if optimizer is not None else "sharded",
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": rng_state(),
@@ -630,8 +700,18 @@ def restore(
     (the caller has loaded it into its LoopState already)."""
     path = state.get("path", "checkpoint")
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # an FSDP checkpoint: resharded onto this run's processes (any number)
+            from dgtrain.distributed import load_sharded
+
+            load_sharded(Path(state["sharded"]), model, optimizer)
+        elif type(model).__name__ == "FSDPModule" or hasattr(model, "set_requires_gradient_sync"):
+            raise CheckpointError(
+                f"{path} is a single-process/DDP checkpoint; resume it with trainer.strategy=ddp "
+                "(FSDP resumes from FSDP checkpoints, on any number of processes)."
+            )
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{path} does not fit this run's model/optimizer ({str(e).splitlines()[0][:200]}). "
@@ -641,6 +721,17 @@ def restore(
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     loop = state["loop"]
-    stream.seek(int(loop["epoch"]), int(loop["position"]), int(loop["completed_epochs"]))
+    position = int(loop["position"])
+    # Resuming on another number of processes: the position counts global batches (data.batch_size x
+    # processes). Keep the global batch (e.g. 2 x 32 -> 1 x 64) and the data position is exact.
+    saved_gb, gb = loop.get("global_batch"), getattr(stream.loader.batch_sampler, "global_batch", None)
+    if saved_gb and gb and int(saved_gb) != gb:
+        position = position * int(saved_gb) // gb
+        log.warning(
+            f"{path}: saved with a global batch of {saved_gb}, resumed with {gb} (data.batch_size x processes): "
+            f"continuing at batch {position} of epoch {loop['epoch']}, which is not an exact resume. "
+            "Keep data.batch_size x processes unchanged for that."
+        )
+    stream.seek(int(loop["epoch"]), position, int(loop["completed_epochs"]))
     set_rng_state(state["rng"])
     return loop

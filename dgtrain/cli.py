@@ -16,9 +16,13 @@ log = logging.getLogger("dgtrain")
 # name -> "module:function"; each function takes the remaining argv and returns an exit code.
 SUBCOMMANDS: dict[str, str] = {
     "eval": "dgtrain.evaluate:main",
+    "explain": "dgtrain.commands.explain:main",
+    "export": "dgtrain.commands.export:main",
     "graph": "dgtrain.graph:main",
     "ls": "dgtrain.commands.ls:main",
     "plot": "dgtrain.plots:main",
+    "predict": "dgtrain.commands.predict:main",
+    "sample": "dgtrain.commands.sample:main",
     "smoke": "dgtrain.commands.smoke:main",
     "sweep-summary": "dgtrain.sweep:summary_main",
     "validate": "dgtrain.commands.validate:main",
@@ -34,15 +38,20 @@ def _train_task(cfg):
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    if "submitit" in str(hc.launcher.get("_target_", "")):
+        from dgtrain.distributed import adopt_submitit_tasks
+
+        adopt_submitit_tasks()  # a job of several SLURM tasks: each becomes one rank
     if hc.mode == RunMode.MULTIRUN:
         from dgtrain.sweep import run_trial
 
         return run_trial(cfg, hc)  # records a failed trial in its run dir, then re-raises
     run_dir = Path(hc.runtime.output_dir)
     try:
-        from dgtrain.train import fit
+        from dgtrain.distributed import run
 
-        result = fit(cfg, run_dir, choices=dict(hc.runtime.choices))
+        # alone, or as one worker of torchrun / trainer.devices=N, or launching those workers
+        result = run(cfg, run_dir, hc)
         if result.exit_code:
             sys.exit(result.exit_code)
         return result.objective

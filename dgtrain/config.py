@@ -21,6 +21,11 @@ from dgtrain.errors import DgtrainError
 
 # Keys of a data node that describe it rather than being arguments of its builder.
 DATA_META_KEYS = ("task", "batch_size", "num_workers", "device_resident", "pin_memory")
+# Keys of the model node dgtrain reads itself (dgtrain/finetune.py), and of the optimizer node
+# (dgtrain/optim.py: parameter groups): never arguments of the `_target_`.
+MODEL_META_KEYS = ("freeze",)
+OPTIMIZER_META_KEYS = ("group_decay", "lr_groups")
+META_KEYS = {"data": DATA_META_KEYS, "model": MODEL_META_KEYS, "optimizer": OPTIMIZER_META_KEYS}
 
 
 class Precision(str, Enum):
@@ -49,6 +54,12 @@ class NonFinite(str, Enum):
     skip = "skip"  # leave the parameters unchanged for that step, count it (train/skipped_steps)
 
 
+class Strategy(str, Enum):
+    auto = "auto"  # ddp when there is more than one process
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model
+    fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded over ranks
+
+
 @dataclass
 class TrainerConfig:
     # Optimizer steps to run; when null, max_epochs decides.
@@ -64,11 +75,27 @@ class TrainerConfig:
     eval_every: int | None = None
     # Cap on validation batches per evaluation (null: the whole validation split).
     eval_batches: int | None = None
+    # Language models: log a generated text sample (console, metrics.jsonl, W&B table) every N steps.
+    sample_every: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
     # them all "completes" with untrained weights. null: 10% of the run's steps (at least 1).
     max_skipped: int | None = None
+    # Debug modes, as in Lightning. fast_dev_run: one train and one val batch, nothing written but the log.
+    fast_dev_run: bool = False
+    # Train (and validate) on the same first N training batches, unshuffled: can the model fit them?
+    overfit_batches: int | None = None
+    # Batches per epoch: a whole number >= 1, or a fraction (0 < x < 1) of them; null: all.
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    # Processes on this node: N starts N workers through torch.distributed.run's API; auto: one per visible
+    # GPU (1 on CPU); null: this one process (or whatever torchrun started). docs/distributed.md
+    devices: Any = None
+    # With more than one process: auto (= ddp) | ddp | fsdp (FSDP2, mixed precision from `precision`).
+    strategy: Strategy = Strategy.auto
+    # Seconds a collective waits for a silent peer before the process group gives up (then every rank exits).
+    dist_timeout_s: float = 300.0
 
 
 @dataclass
@@ -81,6 +108,11 @@ class CheckpointConfig:
     best: bool = True
     # Where checkpoints go (null: <run dir>/checkpoints).
     dir: str | None = None
+    # Keep the K checkpoints with the best monitored value in <dir>/top_k/ (null: off).
+    save_top_k: int | None = None
+    # The metric save_top_k ranks by (null: the task's monitor) and its direction (null: the metric's own).
+    monitor: str | None = None
+    mode: str | None = None
 
 
 @dataclass
@@ -119,11 +151,16 @@ class TrainConfig:
     optimizer: Any = None
     scheduler: Any = None
     logger: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # null: start fresh | auto: the newest valid checkpoint of the run dir (fresh if none) | PATH: that file.
     resume: str | None = None
+    # Start from these weights (a run dir, a .pt checkpoint or a .safetensors file): weights only, by name.
+    init_from: str | None = None
+    # false: tensors whose name or shape does not fit are skipped (and listed) instead of failing.
+    init_from_strict: bool = True
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # auto | cpu | cuda | cuda:N
     device: str = "auto"
@@ -133,6 +170,8 @@ class TrainConfig:
     # scheduler and nn classes are always allowed, by exact name).
     allowed_targets: list[str] = field(default_factory=list)
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
+    # Extra classification metrics (torchmetrics, on the device): top<k>, f1 (macro), confusion (a PNG).
+    metrics: list[str] = field(default_factory=list)
 
 
 def register_schema() -> None:
@@ -173,6 +212,10 @@ DGTRAIN_TARGETS = frozenset(
         "dgtrain.loggers.console.ConsoleLogger",
         "dgtrain.loggers.tensorboard.TensorBoardLogger",
         "dgtrain.loggers.wandb.WandbLogger",
+        "dgtrain.loggers.csv.CsvLogger",
+        "dgtrain.loggers.mlflow.MlflowLogger",
+        "dgtrain.callbacks.EarlyStopping",
+        "dgtrain.callbacks.EMA",
     }
 )
 
@@ -304,29 +347,109 @@ def allowed_prefixes(cfg: DictConfig) -> tuple[str, ...]:
     return user_packages(cfg.get("allowed_targets"))
 
 
+# Hydra's special keys. dgtrain follows `hydra.utils.instantiate` (1.3) with two differences: every
+# `_target_`, nested ones included, must pass `locate`'s allow-list, and arguments arrive as plain dicts
+# and lists unless a node says `_convert_: none` (Hydra's default passes OmegaConf containers).
+SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_convert_", "_recursive_")
+CONVERT_MODES = ("none", "partial", "object", "all")
+
+
+def _convert_mode(params: dict, key: str, inherited: str) -> str:
+    mode = str(params.pop("_convert_", inherited)).lower()
+    if mode not in CONVERT_MODES:
+        raise DgtrainError(f"{key}._convert_={mode!r}: expected one of {', '.join(CONVERT_MODES)}.")
+    return mode
+
+
+def _instantiate(value: Any, allowed: tuple[str, ...], key: str, convert: str, recursive: bool) -> Any:
+    """Build every `_target_` node inside `value` (children before parents, as Hydra does)."""
+    if not recursive:  # `_recursive_: false`: nested nodes reach the callable as config
+        return OmegaConf.create(value) if convert == "none" and isinstance(value, (dict, list)) else value
+    if isinstance(value, dict):
+        value = dict(value)
+        convert = _convert_mode(value, key, convert)
+        if "_target_" in value:
+            return _call(value, (), {}, allowed, key, convert, recursive)
+        value = {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in value.items()}
+        return OmegaConf.create(value) if convert == "none" else value
+    if isinstance(value, list):
+        value = [_instantiate(v, allowed, f"{key}[{i}]", convert, recursive) for i, v in enumerate(value)]
+        return OmegaConf.create(value) if convert == "none" and _plain(value) else value
+    return value
+
+
+def _plain(value: Any) -> bool:
+    """OmegaConf can wrap only plain data; a list holding built objects stays a list."""
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _call(
+    params: dict,
+    args: tuple,
+    kwargs: dict,
+    allowed: tuple[str, ...],
+    key: str,
+    convert: str,
+    recursive: bool,
+    exclude: tuple[str, ...] = (),
+) -> Any:
+    target = params.pop("_target_", None)
+    partial = bool(params.pop("_partial_", False))
+    recursive = bool(params.pop("_recursive_", recursive))
+    convert = _convert_mode(params, key, convert)
+    pos = params.pop("_args_", [])
+    for k in exclude:
+        params.pop(k, None)
+    fn = locate(target, allowed, key=f"{key}._target_")
+    if not isinstance(pos, list):
+        raise DgtrainError(f"{key}._args_ must be a list of positional arguments, got {pos!r}.")
+    pos = [_instantiate(v, allowed, f"{key}._args_[{i}]", convert, recursive) for i, v in enumerate(pos)]
+    params = {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in params.items()}
+    params.update(kwargs)
+    if partial:
+        return functools.partial(fn, *args, *pos, **params)
+    try:
+        return fn(*args, *pos, **params)
+    except TypeError as e:
+        raise DgtrainError(f"{key}: calling {target} failed: {e}. Check the keys under `{key}`.") from e
+
+
 def build(
-    node: DictConfig,
+    node: DictConfig | dict,
     *args: Any,
     allowed: tuple[str, ...],
     key: str,
     exclude: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
-    """Call `node._target_` with the node's other keys; `_partial_: true` returns a partial."""
-    params = OmegaConf.to_container(node, resolve=True)
+    """Call `node._target_` with the node's other keys, as Hydra's `instantiate` would: nested `_target_`
+    nodes are built first (`_recursive_: false` passes them as config), `_args_` are positional,
+    `_partial_: true` returns a `functools.partial`, and `_convert_` picks the container type."""
+    params = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    assert isinstance(params, dict)
+    return _call(params, args, kwargs, allowed, key, "all", True, exclude)
+
+
+def build_children(
+    node: DictConfig | dict, allowed: tuple[str, ...], key: str, exclude: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The located `_target_` of `node` and its arguments with nested `_target_` nodes built, for callers
+    that choose how to call the target (models: `from_data` or the constructor)."""
+    params = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     assert isinstance(params, dict)
     target = params.pop("_target_", None)
-    partial = bool(params.pop("_partial_", False))
     for k in exclude:
         params.pop(k, None)
+    recursive = bool(params.pop("_recursive_", True))
+    convert = _convert_mode(params, key, "all")
+    if params.pop("_partial_", False) or params.pop("_args_", None):
+        raise DgtrainError(f"{key}: `_partial_` and `_args_` are not supported at the top of `{key}`.")
     fn = locate(target, allowed, key=f"{key}._target_")
-    params.update(kwargs)
-    if partial:
-        return functools.partial(fn, *args, **params)
-    try:
-        return fn(*args, **params)
-    except TypeError as e:
-        raise DgtrainError(f"{key}: calling {target} failed: {e}. Check the keys under `{key}`.") from e
+    return fn, {k: _instantiate(v, allowed, f"{key}.{k}", convert, recursive) for k, v in params.items()}
 
 
 def find_targets(node: Any, path: str = "") -> list[tuple[str, str]]:
@@ -426,10 +549,10 @@ def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str
             return
         names, _ = found
         valid = [n for n in names if n not in INJECTED.get(group, ()) and n != "self"]
-        skip = ("_target_", "_partial_") + (DATA_META_KEYS if group == "data" else ())
+        meta = META_KEYS.get(group, ())
         for k in node:
-            if k not in skip and k not in valid:
-                out.append(_unknown(key, str(k), [*valid, *(DATA_META_KEYS if group == "data" else ())]))
+            if k not in SPECIAL_KEYS and k not in meta and k not in valid:
+                out.append(_unknown(key, str(k), [*valid, *meta]))
 
     for group in ("model", "data", "loss", "optimizer", "scheduler"):
         check_node(group, cfg.get(group), group)

@@ -35,9 +35,10 @@ def nonfinite_check(loss: torch.Tensor, params, one: torch.Tensor, check_grads: 
     found = torch.zeros((), device=loss.device)
     groups: dict[torch.dtype, list[torch.Tensor]] = {loss.dtype: [loss.detach().reshape(1)]}
     if check_grads:
-        for p in params:
-            if p.grad is not None:
-                groups.setdefault(p.grad.dtype, []).append(p.grad)
+        from dgtrain.distributed import local_grads
+
+        for g in local_grads(params):  # FSDP: this rank's shards (the ranks then agree, Dist.any_)
+            groups.setdefault(g.dtype, []).append(g)
     for tensors in groups.values():
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found

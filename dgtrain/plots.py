@@ -120,7 +120,42 @@ def write_run_plots(run_dir: Path | str) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         files.append(path)
+    summary = run_dir / "summary.json"
+    matrix = json.loads(summary.read_text()).get("confusion_matrix") if summary.is_file() else None
+    if matrix:
+        files.append(confusion_png(matrix, out_dir / "confusion_matrix.png"))
     return files
+
+
+def confusion_png(matrix: list[list[int]], path: Path | str) -> Path:
+    """The confusion matrix of the last evaluation (rows: true class, columns: predicted), counts shown."""
+    plt = _pyplot()
+    n = len(matrix)
+    size = min(12.0, 2.0 + 0.5 * n)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    if n <= 30:
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize="small",
+                    color="white" if v > top / 2 else "black",
+                )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("validation confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def labels_for(run_dirs: list[Path]) -> list[str]:

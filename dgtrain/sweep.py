@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -35,7 +36,9 @@ log = logging.getLogger("dgtrain")
 
 SUMMARY_FILES = ("sweep_summary.csv", "sweep_summary.json", "sweep_objective.png")
 # Order of the statuses below the ranked (completed) trials in the table.
-STATUS_ORDER = {"completed": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
+# A trial that early stopping ended finished as planned: it is ranked like a completed one.
+FINISHED = ("completed", "early_stopped")
+STATUS_ORDER = {"completed": 0, "early_stopped": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
 
 
 class TrialFailed(CompactHydraException):
@@ -81,6 +84,8 @@ def _read_summary(job_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_summary(job_dir: Path, summary: dict[str, Any]) -> None:
+    if os.environ.get("RANK", "0") != "0":  # a job of several processes: rank 0 writes
+        return
     tmp = job_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(job_dir / "summary.json")
@@ -96,7 +101,7 @@ def finished_objective(job_dir: Path, overrides: list[str], cfg: DictConfig) -> 
     settings, or None when the job must (re)run."""
     summary = _read_summary(job_dir)
     sweep = (summary or {}).get("sweep") or {}
-    if not summary or summary.get("status") != "completed":
+    if not summary or summary.get("status") not in FINISHED:
         return None
     if _trial_key(sweep.get("overrides") or []) != _trial_key(overrides):
         return None
@@ -116,8 +121,10 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
             log.info(f"sweep.resume: {job_dir} already completed ({' '.join(overrides)}); objective {done}")
             return done
     # A re-run job (sweep.resume, a reused sweep dir): the earlier attempt's files must not describe this one.
-    (job_dir / "summary.json").unlink(missing_ok=True)
-    if (job_dir / "metrics.jsonl").exists():
+    # (A job of several processes, one per SLURM task: rank 0 owns the files.)
+    if os.environ.get("RANK", "0") == "0":
+        (job_dir / "summary.json").unlink(missing_ok=True)
+    if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists():
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
     if (job_dir / "checkpoints").is_dir():  # a fresh run refuses another run's checkpoints (issue 10)
         import shutil
@@ -128,9 +135,9 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     t0 = time.perf_counter()
     error: str | None = None
     try:
-        from dgtrain.train import fit
+        from dgtrain.distributed import run
 
-        result = fit(cfg, job_dir, choices=dict(hc.runtime.choices))
+        result = run(cfg, job_dir, hc)  # trainer.devices=N: this job's N workers train it
         metric = str(cfg.sweep.metric or result.summary["monitor"]["metric"])
         direction = _direction_of(cfg, metric)
         summary = result.summary
@@ -250,7 +257,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
         s = summary or {}
         sweep = s.get("sweep") or {}
         objective = sweep.get("objective")
-        if objective is None and not sweep and s.get("status") == "completed":
+        if objective is None and not sweep and s.get("status") in FINISHED:
             objective = (s.get("monitor") or {}).get("value")  # a run from before sweep.* existed
         rows.append(
             {
@@ -285,7 +292,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
     sign = -1.0 if direction == "maximize" else 1.0
 
     def order(r: dict[str, Any]) -> tuple:
-        ranked = r["status"] == "completed" and isinstance(r["objective"], (int, float))
+        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
         return (
             0 if ranked else 1,
             sign * r["objective"] if ranked else 0.0,
@@ -295,7 +302,7 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
     rows.sort(key=order)
     rank = 0
     for r in rows:
-        ranked = r["status"] == "completed" and isinstance(r["objective"], (int, float))
+        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
         rank += ranked
         r["rank"] = rank if ranked else None
     counts: dict[str, int] = {}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +29,20 @@ class Task:
 
     def evaluate(self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast) -> dict[str, float]:
         raise NotImplementedError
+
+    def configure_metrics(self, names: list[str], num_classes: int) -> None:
+        """Extra validation metrics (`metrics=[...]`); only classification has any."""
+        if names:
+            from dgtrain.errors import DgtrainError
+
+            raise DgtrainError(
+                f"metrics={list(names)}: extra metrics exist for classification data only "
+                f"(this is {self.name} data); use metrics=[]."
+            )
+
+    def summary(self) -> dict[str, Any]:
+        """What the task adds to summary.json at the end of a run."""
+        return {}
 
 
 class _InputTarget(Task):
@@ -59,19 +75,82 @@ class Regression(_InputTarget):
         }
 
 
+METRIC_NAMES = "top<k> (top-k accuracy, e.g. top5), f1 (macro F1), confusion (confusion matrix PNG)"
+
+
 class Classification(_InputTarget):
     name, monitor, mode = "classification", "val/acc", "max"
+
+    def __init__(self):
+        self.metric_names: list[str] = []
+        self.num_classes = 0
+        self.confusion: list[list[int]] | None = None  # of the latest evaluation
+
+    def configure_metrics(self, names: list[str], num_classes: int) -> None:
+        from dgtrain.errors import DgtrainError
+
+        for n in names:
+            k = re.fullmatch(r"top(\d+)", n)
+            if not (n in ("f1", "confusion") or k):
+                raise DgtrainError(f"metrics: unknown metric {n!r}; the choices are {METRIC_NAMES}.")
+            if k and not 2 <= int(k.group(1)) <= num_classes:
+                raise DgtrainError(
+                    f"metrics: {n} needs 2 <= k <= the number of classes ({num_classes}); top1 is val/acc."
+                )
+        if names:
+            try:
+                import torchmetrics  # noqa: F401
+            except ImportError as e:
+                raise DgtrainError(
+                    f"metrics={list(names)} needs torchmetrics, which is not installed ({e}): "
+                    "pip install 'dgtrain[metrics]' (or use metrics=[])."
+                ) from e
+        self.metric_names, self.num_classes = list(names), num_classes
+
+    def _metrics(self, device: torch.device) -> dict[str, Any]:
+        """torchmetrics objects on the logits' device; `validate_args=False` keeps `update` free of the
+        checks that would bring values to the host, so each batch only queues device work."""
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+        )
+
+        c, out = self.num_classes, {}
+        for n in self.metric_names:
+            if n == "f1":
+                out["val/f1_macro"] = MulticlassF1Score(c, average="macro", validate_args=False)
+            elif n == "confusion":
+                out["confusion"] = MulticlassConfusionMatrix(c, validate_args=False)
+            else:
+                k = int(n[3:])
+                out[f"val/acc_top{k}"] = MulticlassAccuracy(c, top_k=k, average="micro", validate_args=False)
+        return {k: m.to(device) for k, m in out.items()}
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
         n, loss_sum, correct = 0, 0.0, 0
+        extra: dict[str, Any] | None = None
         for x, y in batches:
             with autocast():
                 logits = model(x).float()
             loss_sum = loss_sum + loss_fn(logits, y) * len(y)
             correct = correct + (logits.argmax(-1) == y).sum()
             n += len(y)
-        return {"val/loss": float(loss_sum) / n, "val/acc": float(correct) / n}
+            if self.metric_names:
+                extra = extra if extra is not None else self._metrics(logits.device)
+                for m in extra.values():
+                    m.update(logits, y)
+        out = {"val/loss": float(loss_sum) / n, "val/acc": float(correct) / n}
+        for name, m in (extra or {}).items():  # computed once, at the end: one transfer each
+            if name == "confusion":
+                self.confusion = m.compute().cpu().tolist()
+            else:
+                out[name] = float(m.compute())
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"confusion_matrix": self.confusion} if self.confusion is not None else {}
 
 
 class Seq2Seq(Task):
@@ -154,4 +233,6 @@ HIGHER_IS_BETTER = {
     "val/loss": False,
     "val/mse": False,
     "val/ppl": False,
+    "val/f1_macro": True,
+    **{f"val/acc_top{k}": True for k in range(2, 101)},
 }

@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dgtrain import __version__
+from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
-from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build, locate
-from dgtrain.data import DataBundle, keep_on_device, make_loader
+from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
+from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
+from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
+from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
 from dgtrain.faults import (
     nonfinite_check,
@@ -36,10 +38,13 @@ from dgtrain.faults import (
     slurm_requeue,
     too_many_skipped,
 )
+from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
+from dgtrain.optim import make_optimizer
+from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
 from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
@@ -110,23 +115,52 @@ class Setup:
 
 
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
-    """`model._target_` names a class; dgtrain models size themselves from the data (`from_data`)."""
-    params = OmegaConf.to_container(cfg.model, resolve=True)
-    cls = locate(params.pop("_target_"), allowed, key="model._target_")
+    """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
+    from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
+    plain `nn.Module` takes its sizes from the config. Nested `_target_` nodes (a backbone under
+    `model.net`, as in lightning-hydra-template) are built first, as Hydra's `instantiate` does."""
+    cls, params = build_children(cfg.model, allowed, key="model", exclude=MODEL_META_KEYS)
     factory = getattr(cls, "from_data", None)
     try:
-        return factory(info, **params) if factory else cls(**params)
+        model = factory(info, **params) if factory else cls(**params)
     except TypeError as e:
         raise DgtrainError(
-            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options)."
+            f"model: {e}. Check the keys under `model` (dgtrain ls shows each model's options; a model "
+            "without `from_data` gets every size from the config)."
         ) from e
+    if not isinstance(model, torch.nn.Module):
+        raise DgtrainError(
+            f"model._target_={cfg.model._target_} returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
 
 
-def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
+def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
+    """`data._target_` returns a DataBundle; it gets the run's `seed` if it takes one."""
+    import inspect
+
+    fn = locate(cfg.data.get("_target_"), allowed, key="data._target_")
+    try:
+        takes = inspect.signature(fn).parameters
+        wants_seed = "seed" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())
+    except (TypeError, ValueError):
+        wants_seed = True
+    extra = {"seed": cfg.seed} if wants_seed else {}
+    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, **extra)
+    if not isinstance(data, DataBundle):
+        raise DgtrainError(
+            f"data._target_={cfg.data._target_} returned {type(data).__name__}; a data function returns "
+            "dgtrain.data.DataBundle(train, val, DataInfo(task=...)) (docs/extending.md)."
+        )
+    return data
+
+
+def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, world: int = 1) -> Setup:
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
-    data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, seed=cfg.seed)
+    data = build_data(cfg, allowed)
     task = make_task(data.info.task, data.info.pad_id)
+    task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
@@ -142,9 +176,35 @@ def setup(cfg: DictConfig, device: torch.device | None = None) -> Setup:
         )
     # batches that stay on the host are page-locked so that their copy to the GPU does not block
     pin = device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
-    train_loader = make_loader(data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    # data.batch_size is per process: rank r of `world` loads its slice of each global batch
+    train_loader = make_loader(
+        data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
+    )
     val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
+
+
+def debug_modes(cfg: DictConfig, s: Setup) -> DictConfig:
+    """Lightning's debug switches (trainer.fast_dev_run, overfit_batches, limit_*_batches): returns the
+    config the run uses (fast_dev_run: one step, one val batch) and limits the loaders in place."""
+    tc = cfg.trainer
+    if tc.get("fast_dev_run"):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.trainer.update(max_steps=1, grad_accum_steps=1, log_every=1, eval_every=None, eval_batches=1)
+            cfg.checkpoint.update(every=None, save_top_k=None)
+        log.info("trainer.fast_dev_run: one train batch and one val batch; nothing is written but the log")
+    if tc.get("overfit_batches"):
+        from torch.utils.data import Subset
+
+        bs, n = int(cfg.data.batch_size), int(tc.overfit_batches)
+        subset = Subset(s.data.train, range(min(len(s.data.train), n * bs)))
+        s.train_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)
+        s.val_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)  # scored on what it trains on
+        log.info(f"trainer.overfit_batches={n}: training and validating on the same {len(subset)} examples")
+    limit_batches(s.train_loader, tc.get("limit_train_batches"))
+    limit_batches(s.val_loader, 1 if tc.get("fast_dev_run") else tc.get("limit_val_batches"))
+    return cfg
 
 
 class StopRequest:
@@ -155,9 +215,10 @@ class StopRequest:
 
     EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130, "SIGUSR1": 138}  # 128 + signal number (Linux)
 
-    def __init__(self):
+    def __init__(self, sync: StopSync | None = None):
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
+        self.sync, self._local = sync, None  # several processes: the ranks agree at a step boundary (poll)
 
     def __enter__(self) -> StopRequest:
         import signal
@@ -176,7 +237,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         import signal
 
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.sync is None:
+            self.signal = name
+        else:
+            self._local = self._local or name
         for sig, handler in self._previous.items():  # a second Ctrl-C / SIGTERM is not ignored
             signal.signal(sig, handler)
 
@@ -185,6 +250,12 @@ class StopRequest:
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def poll(self) -> None:
+        """Step boundary: with several processes, `signal` becomes the signal some rank received (the same
+        on every rank, at the same step); alone, the handler has already set it."""
+        if self.sync is not None and self.signal is None:
+            self.signal = self.sync(self._local)
 
     @property
     def exit_code(self) -> int:
@@ -209,6 +280,10 @@ class LoopState:
     best: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {"value", "step"}
     final: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
     peak_cuda: float | None = None
+    wall_s: float = 0.0  # wall time of this run's processes up to the latest checkpoint (summary.json)
+    global_batch: int = (
+        0  # data.batch_size x processes: what `position` counts (resume on another world size)
+    )
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
     unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
@@ -314,11 +389,13 @@ class Loop:
     """The run's objects, its `LoopState`, and the pieces `fit` calls: one optimizer step, reading the
     non-finite guard, the train metrics of a log window, evaluation, recording, checkpoint state."""
 
-    def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path):
+    def __init__(self, cfg: DictConfig, s: Setup, precision: str, run_dir: Path, dist: Dist | None = None):
         self.s, self.run_dir = s, run_dir
-        self.model, self.task, self.device = s.model, s.task, s.device
-        self.autocast = autocast_for(s.device, precision)
-        self.state = LoopState()
+        self.dist = d = dist or Dist()  # several processes: this rank's place (dgtrain/distributed.py)
+        # DDP / FSDP2 wrap the model before the optimizer sees its parameters; s.model stays the user's
+        self.model, self.task, self.device = wrap_model(s.model, d, s.device, precision), s.task, s.device
+        self.autocast = autocast_for(s.device, "fp32" if d.sharded else precision)  # FSDP: its own policy
+        self.state = LoopState(global_batch=s.train_loader.batch_sampler.global_batch)
         tc = cfg.trainer
         self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
@@ -328,7 +405,7 @@ class Loop:
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
-        self.optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(self.model.parameters())
+        self.optimizer = make_optimizer(cfg, self.model, allowed)  # no weight decay on biases and norms
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
             self.optimizer, total_steps=self.max_steps
         )
@@ -348,19 +425,27 @@ class Loop:
         self.history: list[dict[str, Any]] = []
         self.grad_norm: torch.Tensor | None = None
         self.t_log, self.eval_s = time.perf_counter(), 0.0  # wall clock of the log window
+        self.t_start, self.wall_before = time.perf_counter(), 0.0  # this process; earlier processes
+        self.callbacks = CallbackList({})  # their states travel in checkpoints too
 
     def restore(self, resumed: dict[str, Any]) -> None:
         """Continue exactly where the checkpoint left off: the loop's state, objects, data position, RNG."""
         self.state.load_state_dict(resumed["loop"], self.device, self.log_every)
         ckpt_io.restore(
             resumed,
-            model=self.model,
+            model=unwrap(self.model),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,
             stream=self.stream,
         )
         self.telemetry.step = self.state.step  # a resumed run continues its sampling schedule
+        self.wall_before = self.state.wall_s
+        self.callbacks.load_state_dict(resumed.get("callbacks") or {})
+
+    def wall_s(self) -> float:
+        """Wall time of the whole run: earlier processes (up to their last checkpoint) and this one."""
+        return self.wall_before + time.perf_counter() - self.t_start
 
     def train_step(self) -> None:
         """One optimizer step: forward and backward for each micro-batch (graphs freed as we go), clip,
@@ -368,15 +453,16 @@ class Loop:
         except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`)."""
         st, tel = self.state, self.telemetry
         step_loss = None
-        for _ in range(self.accum):
+        for micro in range(self.accum):
             batch = next(self.stream)
-            with tel.forward(batch), self.autocast():
-                loss = self.task.loss(self.model, batch, self.s.loss_fn)
-                if self.accum > 1:
-                    loss = loss / self.accum
-            tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
-            self.scaler.scale(loss).backward()
-            tel.after_backward()
+            with sync_context(self.model, micro == self.accum - 1):  # several processes: reduce on the last
+                with tel.forward(batch), self.autocast():
+                    loss = self.task.loss(self.model, batch, self.s.loss_fn)
+                    if self.accum > 1:
+                        loss = loss / self.accum
+                tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
+                self.scaler.scale(loss).backward()
+                tel.after_backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             st.samples += len(batch[0])
             units = self.task.units(batch)
@@ -392,6 +478,7 @@ class Loop:
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
+        found = self.dist.any_(found)  # several processes: every rank steps, or none (on the device)
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
             found_inf = found
             if self.fail:  # skip every update from the first bad step on; reported at the next read
@@ -425,9 +512,10 @@ class Loop:
         flags = torch.stack(st.unread).tolist()
         st.unread = []
         if not self.fail:
-            st.skipped_steps += int(sum(flags))
-            if st.skipped_steps > self.max_skipped:
-                raise too_many_skipped(st.skipped_steps, st.step, self.max_skipped)
+            for i, flag in enumerate(flags):
+                st.skipped_steps += int(flag)
+                if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
+                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
             return
         if not any(flags):
             return
@@ -444,7 +532,7 @@ class Loop:
         """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""
         self.read_guard()
         st = self.state
-        losses = torch.stack(st.losses).tolist()
+        losses = self.dist.mean_(torch.stack(st.losses)).tolist()  # the job's loss: the mean over ranks
         for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
             if math.isfinite(v):
                 st.last_finite = [st.step - len(losses) + i + 1, v]
@@ -456,8 +544,10 @@ class Loop:
         }
         if not self.fail:
             metrics["train/skipped_steps"] = st.skipped_steps
-        if self.clip:
-            metrics["train/grad_norm"] = float(self.grad_norm)
+        if self.clip:  # FSDP: a DTensor, whose full value every rank holds after the reduction
+            metrics["train/grad_norm"] = float(
+                getattr(self.grad_norm, "full_tensor", lambda: self.grad_norm)()
+            )
         metrics["perf/step_ms"] = 1000.0 * dt / len(losses)
         metrics["perf/samples_per_s"] = st.samples / dt
         n_tokens = None
@@ -465,6 +555,7 @@ class Loop:
             n_tokens = st.tokens + (int(st.device_tokens) if st.device_tokens is not None else 0)
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(self.telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics = self.dist.reduce_metrics(metrics)  # throughput summed over ranks, memory max over ranks
         st.losses, st.samples, st.tokens, st.device_tokens = [], 0, 0, None
         self.t_log, self.eval_s = time.perf_counter(), 0.0
         return metrics
@@ -495,9 +586,11 @@ class Loop:
     def checkpoint(self) -> dict[str, Any]:
         """The objects' states, the loop's state and the RNG states: what exact resume needs."""
         self.read_guard()
-        return ckpt_io.make_state(
-            model=self.model,
-            optimizer=self.optimizer,
+        self.state.wall_s = self.wall_s()
+        sharded = self.dist.sharded  # FSDP: the model's and optimizer's shards are written apart
+        state = ckpt_io.make_state(
+            model=None if sharded else unwrap(self.model),
+            optimizer=None if sharded else self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,
             loop=self.state.state_dict(),
@@ -505,50 +598,77 @@ class Loop:
             run_dir=self.run_dir,
             monitor=self.state.best.get(self.task.monitor),
         )
+        if self.callbacks:
+            state["callbacks"] = self.callbacks.state_dict()
+        return state
 
 
-def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None) -> TrainResult:
+def fit(
+    cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None, dist: Dist | None = None
+) -> TrainResult:
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
+    d = dist or Dist()  # several processes (torchrun, trainer.devices): dgtrain/distributed.py; alone: no-ops
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
-    checkpointer.claim(cfg.get("resume"))  # one dir, one run: lock, run id, writable (docs/checkpoints.md)
-    resumed = checkpointer.load_for_resume(cfg, allowed_prefixes(cfg))
-    device = resolve_device(cfg.device)
+    if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
+        checkpointer.claim(cfg.get("resume"))
+    resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
+    device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
     seed_everything(cfg.seed)
-    s = setup(cfg, device)
-    loop = Loop(cfg, s, precision, run_dir)
+    s = setup(cfg, device, d.rank, d.world)
+    cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
+    fast_dev = bool(cfg.trainer.fast_dev_run)  # nothing but the log is written
+    writes = d.is_main and not fast_dev  # rank 0 writes every file of the run
+    trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
+    loop = Loop(cfg, s, precision, run_dir, d)
+    loop.t_start = t_start
     st, tc, task, max_steps = loop.state, cfg.trainer, s.task, loop.max_steps
     n_params = sum(p.numel() for p in s.model.parameters())
+    # callbacks=[...] and checkpoint.save_top_k (dgtrain/callbacks.py); they see the run through `ctx`
+    loop.callbacks = callbacks = build_callbacks(cfg, checkpointer.dir)
+    ctx = FitContext(
+        run_dir, s.model, loop.optimizer, task.monitor, task.mode, loop.evaluate, loop.checkpoint
+    )
+    ctx.writes_files = writes
     # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
     yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
-    ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+    if writes:
+        ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+        write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
     if resumed is not None:
         loop.restore(resumed)
 
     # The sinks open last, right before the try/finally that always closes them (with the run's status).
-    loop.sinks = sinks = build_loggers(cfg, run_dir, resume_step=st.step if resumed is not None else None)
+    resume_step = st.step if resumed is not None else None
+    loop.sinks = sinks = (
+        build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
+    )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
         sink.log_config(resolved)
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
-        f"{type(s.model).__name__} {n_params:,} parameters | {len(s.data.train):,} train / "
+        f"{type(s.model).__name__} {n_params:,} parameters ({trainable:,} trainable) | "
+        f"{len(s.data.train):,} train / "
         f"{len(s.data.val):,} val examples | {max_steps} steps"
     )
     if console:
-        console.start(max_steps)
+        console.start(max_steps, first_step=st.step)
     status, eval_every = "failed", int(tc.eval_every or 0)
-    stop = StopRequest().__enter__()
+    stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
     loop.t_log = time.perf_counter()
     try:
+        callbacks.fit_start(ctx)
         s.model.train()
         while st.step < max_steps:
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
+            callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
+            stop.poll()  # several processes: every rank learns of a signal at the same step
             if console:
                 console.advance(st.step)
 
@@ -561,35 +681,57 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             epoch_ended = st.completed_epochs > st.last_eval_epochs
             if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
                 metrics.update(loop.evaluate())
+                callbacks.eval_end(ctx, st.step, metrics)  # may add val_ema/...; may request a stop
+                if ctx.stop_reason and st.losses and "train/loss" not in metrics:
+                    metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
+            if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
+                metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
             if metrics:
                 loop.record(metrics)
+                callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
 
             # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
             # the task's monitor metric improved at this step
-            regular = checkpointer.due(st.step) or last or stop.signal is not None
+            regular = checkpointer.due(st.step) or last or stop.signal is not None or bool(ctx.stop_reason)
             new_best = (
                 checkpointer.keeps_best
                 and task.monitor in metrics
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
-            if regular or new_best:
-                checkpointer.save(st.step, loop.checkpoint(), regular=regular, best=new_best)
+            if not fast_dev and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
+                d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
+                callbacks.checkpoint(
+                    ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
+                )
+            if ctx.stop_reason:
+                log.info(f"{ctx.stop_reason}: stopped after step {st.step} (checkpoint saved)")
+                break
             if stop.signal:
                 if st.losses or not regular:  # the signal came after this step was logged/saved
                     if st.losses:
                         loop.record(loop.train_metrics())
-                    checkpointer.save(st.step, loop.checkpoint())
+                    if not fast_dev:
+                        d.save_checkpoint(checkpointer, st.step, loop, True, False)
                 log.warning(f"{stop.signal} received: stopped after step {st.step} (checkpoint saved)")
-                if stop.signal == "SIGUSR1":
+                if stop.signal == "SIGUSR1" and d.is_main:
                     log.warning(f"SLURM job {slurm_requeue(st.step)} requeued")
                 break
-        status = "completed" if st.step >= max_steps else "stopped"
-        if status == "completed":
-            ckpt_io.save_weights(s.model, run_dir / "model.safetensors")  # the final weights, without pickle
+        if stop.sync is not None:
+            stop.sync.wait()  # the last step's stop flag, still in flight
+        status = "early_stopped" if ctx.stop_reason else "completed" if st.step >= max_steps else "stopped"
+        if status in ("completed", "early_stopped") and not fast_dev:
+            # the final weights, without pickle (FSDP: gathered to rank 0)
+            d.save_weights(loop.model, run_dir / "model.safetensors")
     finally:
         stop.__exit__()
+        try:
+            callbacks.fit_end(ctx, status)  # EMA saves model_ema.safetensors here
+        except Exception as e:  # noqa: BLE001 - never hide the error that failed the run
+            if status != "failed":
+                raise
+            log.warning(f"callbacks: on_fit_end failed too ({type(e).__name__}: {e})")
         summary = make_summary(
             status,
             st.step,
@@ -600,14 +742,19 @@ def fit(cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = N
             device,
             n_params,
             st.peak_cuda,
-            time.perf_counter() - t_start,
+            loop.wall_s(),  # a resumed run counts its earlier processes too
             run_dir,
         )
         summary["telemetry"] = loop.telemetry.summary()
         summary["run_id"] = checkpointer.run_id
         summary["skipped_steps"] = st.skipped_steps
+        summary["trainable_parameters"] = trainable
+        summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
+        summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
+        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
         summary_text = json.dumps(summary, indent=2) + "\n"
-        ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
+        if writes:
+            ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
         for sink in sinks:
             sink.close(summary, status)
         checkpointer.release()
@@ -656,8 +803,12 @@ def make_summary(
     }
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
-    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots."""
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None, files: bool = True) -> list:
+    """metrics.jsonl always; the sinks under `logger`; a console unless one was configured; plots.
+    files=False (trainer.fast_dev_run): the console alone."""
+    if not files:
+        node = (cfg.get("logger") or {}).get("console")
+        return [build(node, allowed=allowed_prefixes(cfg), key="logger.console") if node else ConsoleLogger()]
     sinks: list = [JsonlLogger(run_dir, append=resume_step is not None)]
     for name, node in (cfg.get("logger") or {}).items():
         # Sinks that keep files (wandb, tensorboard) take the run dir.

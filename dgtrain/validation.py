@@ -6,7 +6,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgtrain.config import (
     allowed_prefixes,
@@ -100,13 +100,34 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
+    if tc.get("overfit_batches") is not None and int(tc.overfit_batches) < 1:
+        out.append(f"trainer.overfit_batches={tc.overfit_batches}: must be a positive integer, or null.")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        v = tc.get(key)
+        if v is not None and (float(v) <= 0 or (float(v) >= 1 and float(v) != int(v))):
+            out.append(
+                f"trainer.{key}={v}: give a whole number of batches (>= 1) or a fraction (0 < x < 1), or null."
+            )
     ck = cfg.get("checkpoint") or {}
+    if ck.get("save_top_k") is not None and int(ck.save_top_k) < 1:
+        out.append(f"checkpoint.save_top_k={ck.save_top_k}: must be a positive integer, or null.")
+    if ck.get("mode") not in (None, "min", "max"):
+        out.append(f"checkpoint.mode={ck.mode}: expected min, max or null (the metric's own direction).")
     for key in ("every", "keep_last"):
         if ck.get(key) is not None and int(ck[key]) < 1:
             out.append(f"checkpoint.{key}={ck[key]}: must be a positive integer, or null.")
     resume = cfg.get("resume")
     if resume is not None and str(resume) != "auto" and not Path(str(resume)).exists():
         out.append(f"resume={resume}: no such checkpoint file or run directory (use resume=auto or a path).")
+    init_from = cfg.get("init_from")
+    if init_from is not None and not Path(str(init_from)).expanduser().exists():
+        out.append(
+            f"init_from={init_from}: no such run dir, checkpoint or safetensors file (fine-tuning starts "
+            "from an existing file)."
+        )
+    freeze = cfg.model.get("freeze")
+    if freeze is not None and not isinstance(freeze, (list, ListConfig)):
+        out.append(f"model.freeze={freeze}: expected a list of globs, e.g. model.freeze=['net.*'].")
     tel = cfg.get("telemetry")
     if tel is not None and int(tel.graph_every) < 1:
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
@@ -136,6 +157,24 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         out.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N.")
+    out.extend(_distributed_problems(cfg))
+    return out
+
+
+def _distributed_problems(cfg: DictConfig) -> list[str]:
+    tc, out = cfg.trainer, []
+    devices = tc.get("devices")
+    if devices is not None and str(devices) != "auto" and not (str(devices).isdigit() and int(devices) >= 1):
+        out.append(f"trainer.devices={devices!r}: expected a positive integer, auto or null (one process).")
+    strategy = str(getattr(tc.get("strategy"), "value", tc.get("strategy")))
+    precision = str(getattr(cfg.precision, "value", cfg.precision))
+    if strategy == "fsdp" and precision == "fp16":
+        out.append(
+            "trainer.strategy=fsdp with precision=fp16: FSDP's mixed precision here is bf16 (no loss scaling "
+            "of sharded gradients); use precision=bf16, or trainer.strategy=ddp for fp16."
+        )
+    if tc.get("dist_timeout_s") is not None and float(tc.dist_timeout_s) <= 0:
+        out.append(f"trainer.dist_timeout_s={tc.dist_timeout_s}: must be a positive number of seconds.")
     return out
 
 

@@ -463,7 +463,7 @@ def _fit_keeping_setup(compose, args: list[str], run: Path, monkeypatch, kept: l
     from dgtrain import train
 
     setup = train.setup
-    monkeypatch.setattr(train, "setup", lambda cfg, device=None: kept.append(setup(cfg, device)) or kept[-1])
+    monkeypatch.setattr(train, "setup", lambda *a, **k: kept.append(setup(*a, **k)) or kept[-1])
     run.mkdir()
     try:
         train.fit(compose(args), run)

@@ -77,7 +77,13 @@ def test_every_admitted_name_is_a_builder_or_an_exact_torch_class():
         obj = getattr(importlib.import_module(module_name), attr)
         assert obj.__module__ == module_name, name  # defined there, not re-exported
         if inspect.isclass(obj):
-            assert issubclass(obj, torch.nn.Module) or module_name.startswith("dgtrain.loggers."), name
+            from dgtrain.callbacks import Callback
+
+            assert (
+                issubclass(obj, torch.nn.Module)
+                or issubclass(obj, Callback)
+                or module_name.startswith("dgtrain.loggers.")
+            ), name
         else:
             assert inspect.isfunction(obj), name
         assert locate(name) is obj

@@ -29,27 +29,22 @@ def instantiate(cfg: DictConfig) -> list[str]:
     """Build data, task, model (meta device), loss, optimizer and schedule; push one batch through."""
     import torch
 
-    from dgtrain.config import DATA_META_KEYS, allowed_prefixes, build
+    from dgtrain.config import allowed_prefixes, build
     from dgtrain.data import make_loader
+    from dgtrain.optim import make_optimizer
     from dgtrain.tasks import make_task
-    from dgtrain.train import build_model
+    from dgtrain.train import build_data, build_model
 
     allowed = allowed_prefixes(cfg)
     try:
-        data = build(
-            cfg.data,
-            allowed=allowed,
-            key="data",
-            exclude=DATA_META_KEYS,
-            seed=cfg.seed,
-        )
+        data = build_data(cfg, allowed)
         if data.info.task != str(cfg.data.task):
             return [f"data.task={cfg.data.task} but the data builder returned {data.info.task} data."]
         task = make_task(data.info.task, data.info.pad_id)
         with torch.device("meta"):
             model = build_model(cfg, data.info, allowed)
         loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
-        optimizer = build(cfg.optimizer, allowed=allowed, key="optimizer")(model.parameters())
+        optimizer = make_optimizer(cfg, model, allowed)
         build(cfg.scheduler, allowed=allowed, key="scheduler")(optimizer, total_steps=1)
         loader = make_loader(
             data.train, int(cfg.data.batch_size), shuffle=False, seed=cfg.seed, num_workers=0

@@ -105,11 +105,28 @@ class EpochBatchSampler:
     """Yields index batches; epoch e is `torch.randperm(n, generator=epoch_generator(seed, e))`.
 
     The order depends only on (seed, epoch), so resuming at (epoch, batch k) needs no saved RNG.
+
+    With `world` processes, batch k is the k-th *global* batch of `batch_size * world` indices of that one
+    permutation, and rank r takes its r-th contiguous slice: the ranks' shards are disjoint and together
+    are exactly what one process with the global batch would see (docs/distributed.md). A short last
+    global batch is split as evenly as possible; should it hold fewer indices than ranks, the missing
+    ones are taken from the start of the permutation, so that no rank gets an empty batch.
     """
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if n == 0:
             raise ValueError("empty dataset")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             n,
             batch_size,
@@ -117,25 +134,42 @@ class EpochBatchSampler:
             seed,
             drop_last,
         )
+        self.rank, self.world = rank, world
+        self.global_batch = batch_size * world
         self.epoch = 0
         self.start_batch = 0
+        self.max_batches: int | None = None  # trainer.limit_*_batches / overfit_batches: batches per epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        g = self.global_batch
+        full = self.n // g if self.drop_last else -(-self.n // g)
+        return full if self.max_batches is None else max(1, min(full, self.max_batches))
 
     def order(self, epoch: int) -> torch.Tensor:
-        """Epoch `epoch`'s order of the examples (on the CPU)."""
+        """Epoch `epoch`'s order of the examples (on the CPU), the same on every rank."""
         if self.shuffle:
             return torch.randperm(self.n, generator=epoch_generator(self.seed, epoch))
         return torch.arange(self.n)
 
+    def shard(self, order: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's indices of global batch `b` of `order` (a tensor on any device)."""
+        g = self.global_batch
+        chunk = order[b * g : (b + 1) * g]
+        if self.world == 1:
+            return chunk
+        if len(chunk) == g:
+            return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        if len(chunk) < self.world:
+            chunk = torch.cat([chunk, order[: self.world - len(chunk)]])
+        return torch.tensor_split(chunk, self.world)[self.rank]
+
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order(self.epoch)
         for b in range(self.start_batch, len(self)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            yield self.shard(order, b).tolist()
 
 
 class DirectLoader:
@@ -147,9 +181,9 @@ class DirectLoader:
     whichever loader serves the data. The order is computed on the CPU and, for data on the GPU,
     copied there once per epoch; each batch is then a slice of it and a gather on the device."""
 
-    def __init__(self, ds: InMemory, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False):
+    def __init__(self, ds: InMemory, batch_sampler: EpochBatchSampler, pin_memory: bool = False):
         self.dataset, self.pin_memory = ds, pin_memory and ds.device.type == "cpu"
-        self.batch_sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+        self.batch_sampler = batch_sampler
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -159,12 +193,12 @@ class DirectLoader:
         return self._batches(self.batch_sampler.epoch, self.batch_sampler.start_batch)
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        sampler, ds, bs = self.batch_sampler, self.dataset, self.batch_sampler.batch_size
+        sampler, ds = self.batch_sampler, self.dataset
         order = sampler.order(epoch)
         # pinned, so the copy is queued without waiting for the device
         on_device = order if ds.device.type == "cpu" else order.pin_memory().to(ds.device, non_blocking=True)
         for b in range(start, len(sampler)):
-            batch = ds.take(on_device[b * bs : (b + 1) * bs], order[b * bs : (b + 1) * bs])
+            batch = ds.take(sampler.shard(on_device, b), sampler.shard(order, b))
             # page-locked batches copy to the GPU without blocking the host (`to(non_blocking=True)`)
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
@@ -207,13 +241,32 @@ def keep_on_device(
     return data.train.nbytes() + data.val.nbytes() <= RESIDENT_SHARE * free_bytes
 
 
+def batch_sampler_for(
+    ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> EpochBatchSampler:
+    """The epoch-seeded sampler (rank `rank`'s shard of each global batch); a dataset may bring its own
+    for training (random LM windows: data/sequences.py)."""
+    if shuffle and hasattr(ds, "batch_sampler"):
+        return ds.batch_sampler(batch_size, seed, rank=rank, world=world)
+    return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
+
+
 def make_loader(
-    ds: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0, pin_memory: bool = False
+    ds: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader | DirectLoader:
-    """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader."""
+    """A `DirectLoader` for in-memory data read in this process (num_workers=0), else a DataLoader.
+    `batch_size` is per process; with `world` processes each one loads its shard of a global batch."""
+    sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
     if isinstance(ds, InMemory) and num_workers == 0:
-        return DirectLoader(ds, batch_size, shuffle=shuffle, seed=seed, pin_memory=pin_memory)
-    sampler = EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed)
+        return DirectLoader(ds, sampler, pin_memory=pin_memory)
     collate = getattr(ds, "collate", _identity)
     return DataLoader(
         ds,
@@ -223,6 +276,16 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def limit_batches(loader: DataLoader, limit: float | None) -> None:
+    """At most `limit` batches per epoch (a whole number >= 1), or that fraction of them (0 < limit < 1)."""
+    if limit is None:
+        return
+    sampler = loader.batch_sampler
+    sampler.max_batches = None
+    full = len(sampler)
+    sampler.max_batches = int(limit) if limit >= 1 else max(1, int(full * limit))
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

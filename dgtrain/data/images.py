@@ -15,9 +15,24 @@ import torch
 from dgtrain.data import DataBundle, DataInfo, TensorPairs, limit, split_indices
 from dgtrain.errors import DgtrainError
 
+DIGIT_NAMES = [str(i) for i in range(10)]
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
-def _classification(x_train, y_train, x_val, y_val, num_classes: int) -> DataBundle:
-    info = DataInfo(task="classification", in_shape=tuple(x_train.shape[1:]), num_classes=num_classes)
+
+def _classification(
+    x_train, y_train, x_val, y_val, num_classes: int, class_names=None, mean=None, std=None, pixels=None
+) -> DataBundle:
+    """`pixels` names the pixel files the data came from (idx, cifar, or null for tensors that are not
+    images of a file format); an image file's pixel p in [0, 255] becomes ((p / 255) - mean) / std."""
+    c = x_train.shape[1]
+    extra = {
+        "class_names": class_names or [str(i) for i in range(num_classes)],
+        "pixels": pixels,
+        "normalise": {"mean": mean or [0.0] * c, "std": std or [1.0] * c},
+    }
+    info = DataInfo(
+        task="classification", in_shape=tuple(x_train.shape[1:]), num_classes=num_classes, extra=extra
+    )
     return DataBundle(TensorPairs(x_train, y_train), TensorPairs(x_val, y_val), info)
 
 
@@ -28,10 +43,11 @@ def _split(
     val_fraction: float,
     max_examples: int | None,
     num_classes: int,
+    **meta,
 ):
     n = limit(len(x), max_examples)
     train_idx, val_idx = split_indices(n, val_fraction, seed)
-    return _classification(x[train_idx], y[train_idx], x[val_idx], y[val_idx], num_classes)
+    return _classification(x[train_idx], y[train_idx], x[val_idx], y[val_idx], num_classes, **meta)
 
 
 def synthetic_images(
@@ -63,11 +79,12 @@ def digits(*, seed: int, val_fraction: float = 0.2, max_examples: int | None = N
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
-    return _split(x, y, seed, val_fraction, max_examples, 10)
+    return _split(x, y, seed, val_fraction, max_examples, 10, class_names=DIGIT_NAMES, pixels="digits")
 
 
 # ---------------------------------------------------------------------------------------------- MNIST
 
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -145,12 +162,12 @@ def mnist(
                 "the labels file is not MNIST's or is corrupt."
             )
         n = limit(len(images), cap)
-        x = (torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0 - 0.1307) / 0.3081
+        x = (torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD
         return x, torch.from_numpy(labels[:n].astype(np.int64))
 
     x_tr, y_tr = prep(arrays["train_images"], arrays["train_labels"], max_examples, "training")
     x_va, y_va = prep(arrays["val_images"], arrays["val_labels"], max_val_examples, "test")
-    return _classification(x_tr, y_tr, x_va, y_va, 10)
+    return _classification(x_tr, y_tr, x_va, y_va, 10, DIGIT_NAMES, [MNIST_MEAN], [MNIST_STD], pixels="idx")
 
 
 # -------------------------------------------------------------------------------------------- CIFAR-10
@@ -227,4 +244,14 @@ def cifar10(
 
     x_tr, y_tr = load(CIFAR_TRAIN, max_examples)
     x_va, y_va = load(CIFAR_VAL, max_val_examples)
-    return _classification(x_tr, y_tr, x_va, y_va, 10)
+    return _classification(
+        x_tr,
+        y_tr,
+        x_va,
+        y_va,
+        10,
+        CIFAR10_NAMES,
+        _CIFAR_MEAN.flatten().tolist(),
+        _CIFAR_STD.flatten().tolist(),
+        pixels="cifar",
+    )

@@ -15,10 +15,11 @@ from dgtrain.data import DataBundle, DataInfo, TensorPairs, limit, split_indices
 from dgtrain.errors import DgtrainError
 
 
-def _standardise(x: torch.Tensor, train_idx: torch.Tensor) -> torch.Tensor:
+def _standardise(x: torch.Tensor, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(standardised x, mean, std): the statistics are stored with the run (`dgtrain predict` reuses them)."""
     mean = x[train_idx].mean(0, keepdim=True)
     std = x[train_idx].std(0, keepdim=True).clamp_min(1e-8)
-    return (x - mean) / std
+    return (x - mean) / std, mean[0], std[0]
 
 
 def _bundle(
@@ -30,12 +31,18 @@ def _bundle(
     max_examples: int | None,
     standardise: bool,
     extra: dict | None = None,
+    feature_names: list[str] | None = None,
+    target_names: list[str] | None = None,
 ) -> DataBundle:
     n = limit(len(x), max_examples)
     x, y = x[:n], y[:n]
     train_idx, val_idx = split_indices(n, val_fraction, seed)
+    extra = dict(extra or {})
+    extra["feature_names"] = feature_names or [f"x{i}" for i in range(x.shape[1])]
+    extra["target_names"] = target_names or [f"y{i}" for i in range(y.shape[1])]
     if standardise:
-        x, y = _standardise(x, train_idx), _standardise(y, train_idx)
+        x, extra["x_mean"], extra["x_std"] = _standardise(x, train_idx)
+        y, extra["y_mean"], extra["y_std"] = _standardise(y, train_idx)
     info = DataInfo(task="regression", in_shape=tuple(x.shape[1:]), out_dim=y.shape[1], extra=extra or {})
     return DataBundle(TensorPairs(x[train_idx], y[train_idx]), TensorPairs(x[val_idx], y[val_idx]), info)
 
@@ -73,10 +80,19 @@ def diabetes(*, seed: int, val_fraction: float = 0.2, max_examples: int | None =
     """scikit-learn's bundled diabetes data (442 patients, 10 features); target standardised."""
     from sklearn.datasets import load_diabetes
 
-    x, y = load_diabetes(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
-    return _bundle(x, y, seed=seed, val_fraction=val_fraction, max_examples=max_examples, standardise=True)
+    d = load_diabetes()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.float32).unsqueeze(1)
+    return _bundle(
+        x,
+        y,
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        standardise=True,
+        feature_names=list(d.feature_names),
+        target_names=["target"],
+    )
 
 
 def _field(v: str, width: int = 40) -> str:
@@ -176,4 +192,13 @@ def csv(
     data = torch.from_numpy(values)
     x = torch.cat([data[:, :t], data[:, t + 1 :]], dim=1)
     y = data[:, t : t + 1]
-    return _bundle(x, y, seed=seed, val_fraction=val_fraction, max_examples=max_examples, standardise=True)
+    return _bundle(
+        x,
+        y,
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        standardise=True,
+        feature_names=header[:t] + header[t + 1 :],
+        target_names=[target],
+    )

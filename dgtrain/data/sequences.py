@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from dgtrain.data import DataBundle, DataInfo, InMemory, limit, split_indices
+from dgtrain.data import (
+    DataBundle,
+    DataInfo,
+    EpochBatchSampler,
+    InMemory,
+    epoch_generator,
+    limit,
+    split_indices,
+)
 from dgtrain.errors import DgtrainError
 
 PAD, BOS, EOS = 0, 1, 2
@@ -91,6 +99,7 @@ def seq2seq_synthetic(
         bos_id=BOS,
         eos_id=EOS,
         max_len=max_len + 2,
+        extra={"seq_task": seq_task, "num_symbols": num_symbols, "first_symbol": N_SPECIAL},
     )
     return DataBundle(
         PaddedPairs([pairs[i] for i in train_idx.tolist()]),
@@ -174,10 +183,47 @@ class TokenWindows(InMemory):
         return w[:, :-1], w[:, 1:]
 
     def to(self, device):
-        return TokenWindows(self.tokens.to(device), self.seq_len)
+        return type(self)(self.tokens.to(device), self.seq_len)
 
     def nbytes(self) -> int:
         return self.tokens.nbytes
+
+
+class RandomWindows(TokenWindows):
+    """Training windows that start at any token, drawn afresh each epoch (nanoGPT's `get_batch`). An
+    epoch is as many windows as the fixed split has, in full batches only. Its indices are start
+    positions (from RandomStartSampler), not window numbers."""
+
+    def take(self, idx, idx_host):
+        w = self.tokens[idx.unsqueeze(1) + self.offsets]
+        return w[:, :-1], w[:, 1:]
+
+    def batch_sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> RandomStartSampler:
+        return RandomStartSampler(len(self.tokens) - self.seq_len, self.n, batch_size, seed, rank, world)
+
+
+class RandomStartSampler(EpochBatchSampler):
+    """Batches of random start positions; epoch e draws from `epoch_generator(seed, e)`, so resuming at
+    (epoch, batch k) reproduces the same windows without saved RNG state."""
+
+    def __init__(
+        self, n_starts: int, per_epoch: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ):
+        super().__init__(
+            n_starts, batch_size, shuffle=True, seed=seed, drop_last=True, rank=rank, world=world
+        )
+        self.batches = max(1, per_epoch // self.global_batch)  # each rank takes its shard of a global batch
+
+    def __len__(self) -> int:
+        return self.batches if self.max_batches is None else max(1, min(self.batches, self.max_batches))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s start positions, batch after batch (drawn with replacement)."""
+        g = epoch_generator(self.seed, epoch)
+        return torch.randint(self.n, (self.batches * self.global_batch,), generator=g)
+
+
+SAMPLINGS = ("random", "sequential")
 
 
 def text(
@@ -188,9 +234,14 @@ def text(
     seq_len: int = 64,
     val_fraction: float = 0.1,
     max_chars: int | None = None,
+    sampling: str = "random",
 ) -> DataBundle:
     """A language-modelling corpus. The split is contiguous (the last `val_fraction` of the text), since
-    overlapping random windows would leak validation text into training."""
+    overlapping random windows would leak validation text into training. Training windows start at random
+    tokens (`sampling=random`, as nanoGPT) or are the fixed consecutive windows (`sequential`); validation
+    always uses the fixed windows, so every evaluation scores the same text."""
+    if sampling not in SAMPLINGS:
+        raise DgtrainError(f"data.sampling={sampling!r}: expected one of {', '.join(SAMPLINGS)}.")
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -215,11 +266,11 @@ def text(
         vocab = sorted(set(corpus))
         index = {c: i for i, c in enumerate(vocab)}
         tokens = torch.tensor([index[c] for c in corpus], dtype=torch.long)
-        extra = {"vocab": "".join(vocab)}
+        extra = {"level": "char", "vocab": "".join(vocab)}
     elif level == "byte":
         raw = raw[: limit(len(raw), max_chars)]
         tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
-        vocab, extra = range(256), {}
+        vocab, extra = range(256), {"level": "byte"}
     else:
         raise DgtrainError(f"data.level={level!r}: expected 'char' or 'byte'.")
     n_val = int(len(tokens) * val_fraction)
@@ -228,7 +279,8 @@ def text(
             f"data=text: the corpus ({len(tokens)} tokens) is too short for data.seq_len={seq_len} "
             f"with data.val_fraction={val_fraction}; use a longer file or a shorter seq_len."
         )
-    train, val = TokenWindows(tokens[:-n_val], seq_len), TokenWindows(tokens[-n_val:], seq_len)
+    windows = RandomWindows if sampling == "random" else TokenWindows
+    train, val = windows(tokens[:-n_val], seq_len), TokenWindows(tokens[-n_val:], seq_len)
     info = DataInfo(task="lm", vocab_size=len(vocab), max_len=seq_len, extra=extra)
     return DataBundle(train, val, info)
 

@@ -51,12 +51,14 @@ class ConsoleLogger:
         self._swapped: list[tuple[logging.Logger, logging.Handler]] = []
         self.total = 0
         self._t0 = time.perf_counter()
+        self._first = 0
         self._graph = ""  # the latest graph sample, kept between the logging steps that carry one
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, total_steps: int, description: str = "train") -> None:
-        self.total, self._t0 = total_steps, time.perf_counter()
+    def start(self, total_steps: int, description: str = "train", first_step: int = 0) -> None:
+        """`first_step`: where a resumed run starts, so the ETA comes from this process's own pace."""
+        self.total, self._t0, self._first = total_steps, time.perf_counter(), first_step
         if not self.interactive:
             return
         self._progress = Progress(
@@ -73,7 +75,7 @@ class ConsoleLogger:
             refresh_per_second=4,
         )
         self._task = self._progress.add_task(
-            description, total=total_steps, loss="-", lr="-", speed="-", mem="-"
+            description, total=total_steps, completed=first_step, loss="-", lr="-", speed="-", mem="-"
         )
         self._progress.start()
         # Route log records through rich while the live display runs, so lines print above the bar.
@@ -125,9 +127,13 @@ class ConsoleLogger:
                 self._progress.console.log(
                     f"step {step}: " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in val.items())
                 )
+            for k, v in metrics.items():
+                if isinstance(v, str):  # a text sample (trainer.sample_every)
+                    self._progress.console.log(f"step {step} {k}:\n{v}")
             return
         elapsed = time.perf_counter() - self._t0
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        done = step - self._first  # steps this process ran (a resumed run started at _first)
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         pct = f" ({100 * step // self.total}%)" if self.total else ""
         parts = [f"step {step}/{self.total}{pct}"]
         parts += [f"{k} {_fmt(k, v)}" for k, v in metrics.items()]

@@ -170,7 +170,11 @@ class WandbLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run is None:
             self._start(None)
-        self.run.log(dict(metrics), step=step)
+        row = dict(metrics)
+        for k, v in metrics.items():
+            if isinstance(v, str):  # a text sample (trainer.sample_every): a table W&B shows as text
+                row[k] = self._wandb.Table(columns=["step", "text"], data=[[step, v]])
+        self.run.log(row, step=step)
 
     def close(self, summary: dict[str, Any], status: str) -> None:
         if self.run is None:

@@ -2,9 +2,15 @@
 
 Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash or
 memory-efficient on CUDA) when the masks allow it. Blocks are pre-norm for stable training.
+
+Two opt-in paths leave training untouched: a KV cache for generation (`decode(..., cache=[])` keeps
+each decoder layer's keys and values, so a new token attends to the prefix without recomputing it),
+and `attention_maps`, which computes attention explicitly to return its weights (`dgtrain explain`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +20,7 @@ from dgtrain.data import DataInfo
 from dgtrain.errors import DgtrainError
 
 ARCHS = ("encdec", "decoder")
+INITS = ("default", "gpt2")
 
 
 class MultiHeadAttention(nn.Module):
@@ -36,15 +43,50 @@ class MultiHeadAttention(nn.Module):
         context: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         causal: bool = False,
+        cache: dict | None = None,
+        weights: list | None = None,
     ) -> torch.Tensor:
-        """key_mask: (B, S) bool, True where the key is a real token (False = padding)."""
+        """key_mask: (B, S) bool, True where the key is a real token (False = padding).
+
+        cache (self-attention only): a dict holding this layer's keys and values of the tokens seen so far;
+        the new keys and values are appended, and the queries (the new tokens) attend to all of them.
+        weights: a list that receives the (B, H, T, S) attention weights (computed explicitly, not fused)."""
         context = x if context is None else context
         q = self._heads(self.q_proj(x))
         k, v = (self._heads(t) for t in self.kv_proj(context).chunk(2, dim=-1))
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        if causal and past:
+            # queries sit at positions past..past+T-1: each sees the cache and the new tokens up to itself
+            t = q.shape[2]
+            attn_mask = (
+                None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(past)
+            )
+            causal = False
+        if weights is not None:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if causal:
+                t, s_len = scores.shape[-2:]
+                attn_mask = torch.ones(t, s_len, dtype=torch.bool, device=q.device).tril(s_len - t)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            w = scores.softmax(-1)
+            weights.append(w)
+            out = w @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -62,8 +104,10 @@ class EncoderBlock(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask))
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, weights: list | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_mask=key_mask, weights=weights))
         return x + self.ff(self.ln2(x))
 
 
@@ -78,11 +122,16 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: dict | None = None,
+        weights: list | None = None,
     ) -> torch.Tensor:
         # The causal mask alone suffices for target padding: padding only ever follows real tokens,
         # so no real query can see it, and outputs at padded positions are ignored by the loss.
-        x = x + self.drop(self.self_attn(self.ln1(x), causal=True))
+        x = x + self.drop(self.self_attn(self.ln1(x), causal=True, cache=cache, weights=weights))
         if self.cross_attn is not None:
             x = x + self.drop(self.cross_attn(self.ln2(x), context=memory, key_mask=memory_mask))
         return x + self.ff(self.ln3(x))
@@ -104,10 +153,14 @@ class Transformer(nn.Module):
         pad_id: int | None = None,
         bos_id: int | None = None,
         eos_id: int | None = None,
+        tie_weights: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         if arch not in ARCHS:
             raise DgtrainError(f"model.arch={arch!r}: expected one of auto, {', '.join(ARCHS)}.")
+        if init not in INITS:
+            raise DgtrainError(f"model.init={init!r}: expected one of {', '.join(INITS)}.")
         self.arch, self.max_positions = arch, max_positions
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         d_ff = d_ff or 4 * d_model
@@ -124,6 +177,26 @@ class Transformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
+        if init == "gpt2":
+            self._gpt2_init(n_layers)
+        if tie_weights:  # one matrix embeds tokens and scores them (GPT-2, nanoGPT); the head keeps its bias
+            self.head.weight = self.tok_emb.weight
+
+    def _gpt2_init(self, n_layers: int) -> None:
+        """GPT-2's init (as nanoGPT): weights N(0, 0.02), biases 0, and the projections that write into the
+        residual stream (attention output, second feed-forward layer) N(0, 0.02 / sqrt(2 * n_layers)), so
+        the residual's variance does not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        residual_std = 0.02 / (2 * n_layers) ** 0.5
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                nn.init.normal_(m.out_proj.weight, mean=0.0, std=residual_std)
+            elif isinstance(m, FeedForward):
+                nn.init.normal_(m[2].weight, mean=0.0, std=residual_std)
 
     @classmethod
     def from_data(cls, info: DataInfo, arch: str = "auto", **params) -> Transformer:
@@ -145,18 +218,20 @@ class Transformer(nn.Module):
             info.vocab_size, arch=arch, pad_id=info.pad_id, bos_id=info.bos_id, eos_id=info.eos_id, **params
         )
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
+    def _embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = offset + tokens.shape[1]
         if t > self.max_positions:
             raise ValueError(f"sequence of {t} tokens exceeds model.max_positions={self.max_positions}")
-        pos = torch.arange(t, device=tokens.device)
+        pos = torch.arange(offset, t, device=tokens.device)
         return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
 
-    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(
+        self, src: torch.Tensor, weights: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         src_mask = None if self.pad_id is None else src != self.pad_id
         x = self._embed(src)
         for block in self.encoder:
-            x = block(x, src_mask)
+            x = block(x, src_mask, weights)
         return self.enc_ln(x), src_mask
 
     def decode(
@@ -164,11 +239,34 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        cache: list[dict] | None = None,
+        weights: list | None = None,
     ) -> torch.Tensor:
-        x = self._embed(tokens)
-        for block in self.decoder:
-            x = block(x, memory, memory_mask)
+        """Logits for each of `tokens`. With `cache` (a list, empty at first, one dict per layer once
+        used), `tokens` continue the tokens already cached: pass only the new ones."""
+        if cache is not None and not cache:
+            cache.extend({} for _ in self.decoder)
+        offset = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        x = self._embed(tokens, offset)
+        for i, block in enumerate(self.decoder):
+            x = block(x, memory, memory_mask, None if cache is None else cache[i], weights)
         return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def attention_maps(
+        self, src: torch.Tensor, tgt_in: torch.Tensor | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        """Attention weights per layer, each (B, heads, queries, keys): decoder self-attention, and for
+        encdec the encoder self-attention too. Computed explicitly, outside the fused training path."""
+        maps: dict[str, list[torch.Tensor]] = {}
+        if self.arch == "decoder":
+            maps["decoder"] = []
+            self.decode(src, weights=maps["decoder"])
+            return maps
+        maps["encoder"], maps["decoder"] = [], []
+        memory, src_mask = self.encode(src, weights=maps["encoder"])
+        self.decode(tgt_in, memory, src_mask, weights=maps["decoder"])
+        return maps
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> torch.Tensor:
         """encdec: logits for each position of `tgt_in` (teacher forcing). decoder: next-token logits of `src`."""

@@ -1,0 +1,55 @@
+"""Callables that the `_target_` tests build (allowed through `allowed_targets=[tests.]`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Backbone(nn.Module):
+    def __init__(self, in_features: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, hidden)
+
+
+class Classifier(nn.Module):
+    """A lightning-hydra-template style wrapper: the network arrives built, from `model.net`."""
+
+    def __init__(self, net: nn.Module, num_classes: int, extras: list | None = None):
+        super().__init__()
+        self.net, self.head = net, nn.Linear(net.fc.out_features, num_classes)
+        self.extras = extras
+
+
+def record(*args, **kwargs):
+    return args, kwargs
+
+
+class StepRecorder:
+    """A user callback (through `_target_`): records which hooks ran at which steps."""
+
+    def __init__(self, tag: str = "rec"):
+        self.tag, self.calls = tag, []
+
+    def on_fit_start(self, ctx):
+        self.calls.append(("fit_start", None))
+
+    def on_train_step(self, ctx, step):
+        pass
+
+    def on_step_end(self, ctx, step, metrics):
+        self.calls.append(("step_end", step, sorted(metrics)))
+
+    def on_eval_end(self, ctx, step, metrics):
+        self.calls.append(("eval_end", step))
+
+    def on_checkpoint(self, ctx, step, path):
+        self.calls.append(("checkpoint", step, path.name))
+
+    def on_fit_end(self, ctx, status):
+        ctx.extra_summary[self.tag] = {"calls": self.calls, "status": status}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = list(state["calls"])

@@ -1,0 +1,100 @@
+"""metrics=[...] (torchmetrics on the device), the confusion-matrix PNG, logger=csv and logger=mlflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dgtrain.errors import DgtrainError
+from dgtrain.loggers.csv import CsvLogger
+from dgtrain.tasks import Classification
+from tests.conftest import run_cli
+
+
+def test_topk_f1_and_confusion_match_a_hand_count():
+    pytest.importorskip("torchmetrics")
+    task = Classification()
+    task.configure_metrics(["top2", "f1", "confusion"], num_classes=3)
+    logits = torch.tensor([[3.0, 2.0, 0.0], [0.0, 1.0, 3.0], [2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    y = torch.tensor([1, 2, 2, 1])
+    model = torch.nn.Identity()
+    batches = [(logits[:2], y[:2]), (logits[2:], y[2:])]
+    out = task.evaluate(model, batches, torch.nn.CrossEntropyLoss())
+    assert out["val/acc"] == 0.5  # rows 1 and 3 right
+    assert out["val/acc_top2"] == 1.0  # every true class is in its row's top 2
+    # per class F1: class 0: p=0 (2 predicted, 0 right) -> 0; class 1: p=1, r=1/2 -> 2/3; class 2: p=1, r=1/2 -> 2/3
+    assert out["val/f1_macro"] == pytest.approx((0 + 2 / 3 + 2 / 3) / 3)
+    assert task.summary()["confusion_matrix"] == [[0, 0, 0], [1, 1, 0], [1, 0, 1]]
+
+
+def test_unknown_metric_and_too_large_k_are_refused():
+    with pytest.raises(DgtrainError, match="unknown metric 'auroc'"):
+        Classification().configure_metrics(["auroc"], 10)
+    with pytest.raises(DgtrainError, match="top12 needs 2 <= k <= the number of classes"):
+        Classification().configure_metrics(["top12"], 10)
+
+
+def test_csv_logger_widens_its_header_and_resumes(tmp_path):
+    log = CsvLogger(tmp_path)
+    log.log_metrics({"train/loss": 1.0, "epoch": 0}, 5)
+    log.log_metrics({"train/loss": 0.5, "val/acc": 0.7, "epoch": 0}, 10)
+    log.log_metrics({"train/loss": 0.25, "epoch": 1}, 15)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["step"] for r in rows] == ["5", "10", "15"]
+    assert rows[0]["val/acc"] == "" and rows[1]["val/acc"] == "0.7" and rows[2]["train/loss"] == "0.25"
+    CsvLogger(tmp_path, resume_step=10).log_metrics({"train/loss": 0.3}, 15)  # resumed after step 10
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("5", "1.0"), ("10", "0.5"), ("15", "0.3")]
+
+
+@pytest.mark.slow
+def test_metrics_and_csv_logger_in_a_run(tmp_path):
+    pytest.importorskip("torchmetrics")
+    run = tmp_path / "run"
+    p = run_cli(
+        [
+            "model=mlp",
+            "device=cpu",
+            "trainer.max_steps=20",
+            "trainer.eval_every=10",
+            "metrics=[top3,f1,confusion]",
+            "logger=[console,csv]",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r["val/acc_top3"]] == ["10", "20"]
+    assert float(rows[-1]["val/acc_top3"]) >= float(rows[-1]["val/acc"])
+    summary = json.loads((run / "summary.json").read_text())
+    matrix = summary["confusion_matrix"]
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 359  # every digits validation image once
+    assert (run / "plots" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_mlflow_logger(tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="logger=mlflow needs the optional mlflow extra")
+    from dgtrain.loggers.mlflow import MlflowLogger
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    log = MlflowLogger(tmp_path, tracking_uri=uri, experiment="t")
+    log.log_config({"optimizer": {"lr": 0.1}})
+    log.log_metrics({"train/loss": 1.5, "epoch": 0}, 10)
+    log.close({}, "completed")
+    run = mlflow.tracking.MlflowClient(uri).get_run((tmp_path / "mlflow_run_id.txt").read_text().strip())
+    assert run.data.params["optimizer.lr"] == "0.1" and run.data.metrics["train/loss"] == 1.5
+    assert run.info.status == "FINISHED"
+
+
+def test_mlflow_absent_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    from dgtrain.loggers.mlflow import MlflowLogger
+
+    with pytest.raises(DgtrainError, match=r"pip install 'dgtrain\[mlflow\]'"):
+        MlflowLogger(tmp_path)
