@@ -49,7 +49,7 @@ def test_bad_values_are_reported_before_anything_is_built(compose, overrides, me
         (
             "+model.hiden_size=8",
             "model.hiden_size is not a setting dgtrain knows, so it would be ignored. "
-            "Did you mean model.hidden_size? Valid keys under model: hidden_size.",
+            "Did you mean model.hidden_size? Valid keys under model: hidden_size",
         ),
         ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
         (
