@@ -1,7 +1,7 @@
 """`dgtrain [overrides]` trains (Hydra); `dgtrain <subcommand> ...` runs one of the tools below.
 
-Heavy imports (torch, the training code) happen only once a command needs them, so `--help` and
-`--cfg job` answer quickly.
+Heavy imports (torch, the training code) happen only once a command needs them. `--help`, `--version`
+and the unknown-command message import neither torch nor Hydra: they answer in well under a second.
 """
 
 from __future__ import annotations
@@ -13,21 +13,102 @@ from dgtrain.errors import DgtrainError
 
 log = logging.getLogger("dgtrain")
 
-# name -> "module:function"; each function takes the remaining argv and returns an exit code.
-SUBCOMMANDS: dict[str, str] = {
-    "eval": "dgtrain.evaluate:main",
-    "explain": "dgtrain.commands.explain:main",
-    "export": "dgtrain.commands.export:main",
-    "graph": "dgtrain.graph:main",
-    "ls": "dgtrain.commands.ls:main",
-    "plot": "dgtrain.plots:main",
-    "predict": "dgtrain.commands.predict:main",
-    "sample": "dgtrain.commands.sample:main",
-    "smoke": "dgtrain.commands.smoke:main",
-    "sweep-summary": "dgtrain.sweep:summary_main",
-    "validate": "dgtrain.commands.validate:main",
-    "wandb-sweep": "dgtrain.wandb_sweep:wandb_sweep_main",
+# name -> ("module:function", one-line description for `dgtrain --help`); each function takes the
+# remaining argv and returns an exit code; every subcommand is dgtrain/commands/<name>.py.
+# `dgtrain --help` lists exactly these.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "eval": (
+        "dgtrain.commands.eval:main",
+        "score a run's weights on the val split or, with --split test, the test set",
+    ),
+    "explain": ("dgtrain.commands.explain:main", "saliency, attention and feature attributions as PNGs"),
+    "export": ("dgtrain.commands.export:main", "export a run's model (pt2, onnx, torchscript), checked"),
+    "graph": (
+        "dgtrain.commands.graph:main",
+        "draw the module diagram and the autograd graph of a real batch",
+    ),
+    "ls": ("dgtrain.commands.ls:main", "list config groups, their options and the recipes"),
+    "plot": ("dgtrain.commands.plot:main", "overlay the curves of several runs in one figure"),
+    "predict": ("dgtrain.commands.predict:main", "score new data (CSV, images) with a run's model"),
+    "sample": ("dgtrain.commands.sample:main", "generate text (LM) or sequences (seq2seq) from a run"),
+    "smoke": ("dgtrain.commands.smoke:main", "run the recipes' smoke contracts (metric bound, time, memory)"),
+    "sweep-summary": (
+        "dgtrain.commands.sweep_summary:main",
+        "rebuild a sweep's results table, CSV, JSON and plot",
+    ),
+    "validate": ("dgtrain.commands.validate:main", "check configs and recipes without training"),
+    "wandb-sweep": ("dgtrain.commands.wandb_sweep:main", "write a W&B sweep YAML for a sweep preset"),
 }
+
+
+def _entry(name: str) -> tuple[str, str]:
+    """(target, description) of a subcommand; a bare "module:function" entry has no description."""
+    value = SUBCOMMANDS[name]
+    return (value, "") if isinstance(value, str) else value
+
+
+def _config_groups() -> dict[str, list[str]]:
+    """configs/<group>/<option>.yaml, read from disk (no Hydra import)."""
+    from dgtrain.paths import config_dir, recipes_dir
+
+    root = config_dir()
+    groups = {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name != "hydra"
+    }
+    groups["recipe"] = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    return groups
+
+
+def help_text() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    commands = "\n".join(f"  dgtrain {n:<{width}}  {_entry(n)[1]}".rstrip() for n in SUBCOMMANDS)
+    groups = "\n".join(f"  {g}: {', '.join(opts)}" for g, opts in _config_groups().items())
+    return f"""usage: dgtrain [group=option ...] [key=value ...]     train one model (Hydra overrides)
+       dgtrain -m key=a,b ...                         sweep (Hydra multirun)
+       dgtrain COMMAND [args]                         one of the commands below (COMMAND --help)
+
+Commands:
+{commands}
+
+Config groups (group=option; `dgtrain ls` describes each option):
+{groups}
+
+Common overrides: device=auto|cpu|cuda precision=fp32|bf16|fp16 seed=N threads=N deterministic=true
+  trainer.max_steps=N trainer.test_at_end=true optimizer.lr=X data.batch_size=N resume=auto
+
+Options:
+  --help, -h        this help
+  --version         dgtrain's version
+  --cfg job         print the composed config (with overrides) and exit
+  --hydra-help      Hydra's own flags (--multirun, --config-dir, --info, ...)
+
+Examples:
+  dgtrain                                   convnet on scikit-learn's digits
+  dgtrain model=linreg data=diabetes optimizer.lr=0.05
+  dgtrain -m optimizer.lr=1e-3,1e-2 model=linreg,convnet
+  dgtrain eval outputs/DATE/TIME_convnet --split test
+"""
+
+
+def _unknown_command(word: str) -> int:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(SUBCOMMANDS), n=1)
+    hint = f" Did you mean `dgtrain {close[0]}`?" if close else ""
+    print(
+        f"dgtrain: unknown command {word!r}.{hint} Commands: {', '.join(SUBCOMMANDS)}. Training takes "
+        "group=option and key=value overrides (dgtrain model=mlp trainer.max_steps=100); dgtrain --help "
+        "shows more.",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _is_override_or_flag(word: str) -> bool:
+    """Hydra's command line: flags (-m, --cfg), overrides (a=b, +a=b, ++a=b) and deletions (~a)."""
+    return word.startswith(("-", "+", "~")) or "=" in word
 
 
 def _train_task(cfg):
@@ -183,15 +264,26 @@ def train_main() -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    first = sys.argv[1] if len(sys.argv) > 1 else None
+    if first in ("--help", "-h"):
+        print(help_text(), end="")
+        sys.exit(0)
+    if first in ("--version", "-V"):
+        from dgtrain import __version__
+
+        print(f"dgtrain {__version__}")
+        sys.exit(0)
+    if first is not None and first in SUBCOMMANDS:
         import importlib
 
-        name = sys.argv[1]
-        module, func = SUBCOMMANDS[name].split(":")
+        name = first
+        module, func = _entry(name)[0].split(":")
         try:
             code = getattr(importlib.import_module(module), func)(sys.argv[2:])
         except DgtrainError as e:
             print(f"dgtrain {name}: error: {e}", file=sys.stderr)
             code = e.exit_code
         sys.exit(code)
+    if first is not None and not _is_override_or_flag(first):
+        sys.exit(_unknown_command(first))
     train_main()

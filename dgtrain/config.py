@@ -96,6 +96,11 @@ class TrainerConfig:
     strategy: Strategy = Strategy.auto
     # Seconds a collective waits for a silent peer before the process group gives up (then every rank exits).
     dist_timeout_s: float = 300.0
+    # After a completed run, score the data's held-out test set once (test/acc, test/loss in metrics.jsonl
+    # and summary.json); it selects nothing. Only data with a test set (mnist, cifar10, image_folder).
+    test_at_end: bool = False
+    # torch.compile the model's forward: false | true | reduce-overhead | max-autotune (dgtrain/compile.py).
+    compile: Any = False
 
 
 @dataclass
@@ -166,6 +171,10 @@ class TrainConfig:
     device: str = "auto"
     precision: Precision = Precision.fp32
     seed: int = 0
+    # torch's intra-op CPU threads (torch.set_num_threads); null: torch's default (one per core).
+    threads: int | None = None
+    # torch.use_deterministic_algorithms(True), cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    deterministic: bool = False
     # Your own packages whose callables `_target_` may name (dgtrain's builders and torch's optimizer,
     # scheduler and nn classes are always allowed, by exact name).
     allowed_targets: list[str] = field(default_factory=list)
@@ -201,8 +210,10 @@ DGTRAIN_TARGETS = frozenset(
         "dgtrain.data.images.digits",
         "dgtrain.data.images.mnist",
         "dgtrain.data.images.cifar10",
+        "dgtrain.data.images.image_folder",
         "dgtrain.data.sequences.seq2seq_synthetic",
         "dgtrain.data.sequences.text",
+        "dgtrain.data.tokens.tokens",
         "dgtrain.losses.mse",
         "dgtrain.losses.cross_entropy",
         "dgtrain.losses.auto",

@@ -125,7 +125,9 @@ def generate_lm(
             logits = model.decode(tokens[:, start:], cache=cache)  # prefill the cache with the context
         else:
             logits = model.decode(tokens[:, -1:], cache=cache)  # one new token against the cached prefix
-        nxt = next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        nxt = next_token(
+            logits[:, -1, : model.vocab_size], temperature, top_k, top_p, generator
+        )  # no padding ids
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if on_token is not None:
             on_token(nxt)
@@ -145,7 +147,7 @@ def beam_search(model, src: torch.Tensor, beam: int, max_len: int) -> list[tuple
         ys = torch.tensor([h[0] for h in alive], device=src.device)
         n = len(alive)
         logp = model.decode(ys, memory.expand(n, -1, -1), None if mask is None else mask.expand(n, -1))
-        logp = logp[:, -1].float().log_softmax(-1)
+        logp = logp[:, -1, : model.vocab_size].float().log_softmax(-1)  # never a padding id
         top = logp.topk(beam, dim=-1)
         candidates = [h for h in hyps if h[2]]
         for i, (seq, score, _) in enumerate(alive):

@@ -1,7 +1,6 @@
-"""`dgtrain graph model=X [data=...] [overrides] [graph.out=DIR] [graph.batches=N] [graph.depth=D]`:
-the graph that one real batch builds, as pictures.
+"""The graph that one real batch builds, as pictures (`dgtrain graph`, dgtrain/commands/graph.py).
 
-Writes into `graph.out` (default `./graph_<model>/`):
+`draw` writes into `out` (default `./graph_<model>/`):
 - `modules.md` / `modules.dot`: the module-level data flow (Input -> fc1 -> sigmoid -> fc2 -> Output),
   traced from a real forward pass; modules nested deeper than `graph.depth` are drawn as one box;
 - `autograd_<i>.md` / `.dot` for batch i: every autograd node of the loss's graph with the shape it
@@ -19,7 +18,6 @@ import inspect
 import json
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,18 +38,6 @@ from dgtrain.telemetry import (
     storage_nbytes,
 )
 
-USAGE = """usage: dgtrain graph model=NAME [data=NAME] [key=value ...] [graph.out=DIR] [graph.batches=N] [graph.depth=D]
-
-Draw the graph one real batch builds: the module-level data flow and the op-level autograd graph
-(shapes, bytes saved for backward), as Mermaid (.md) and Graphviz (.dot; .svg/.png when `dot` is
-installed), and print a compact tree. Any training override (data=..., model.d_model=...) applies.
-
-  graph.out=DIR      output folder (default ./graph_<model>)
-  graph.batches=N    graph N batches, of different shapes where the data has them (default 1)
-  graph.depth=D      module-level diagram: draw modules D levels deep as one box (default 2)
-"""
-
-GRAPH_KEYS = {"out": str, "batches": int, "depth": int}
 MERMAID_EDGE_LIMIT = 500  # GitHub's Mermaid renders at most this many edges
 
 
@@ -356,29 +342,7 @@ def op_graph(ag: dict[str, Any]) -> Graph:
     return g
 
 
-# ------------------------------------------------------------------------------------------ the CLI
-
-
-def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
-    opts: dict[str, Any] = {"out": None, "batches": 1, "depth": 2}
-    overrides = []
-    for arg in argv:
-        if arg.startswith("graph."):
-            key, eq, value = arg[len("graph.") :].partition("=")
-            if key not in GRAPH_KEYS or not eq:
-                raise DgtrainError(
-                    f"{arg!r}: dgtrain graph takes graph.out=DIR, graph.batches=N and graph.depth=D."
-                )
-            try:
-                opts[key] = GRAPH_KEYS[key](value)
-            except ValueError:
-                raise DgtrainError(f"{arg!r}: graph.{key} must be an integer.") from None
-        else:
-            overrides.append(arg)
-    for key in ("batches", "depth"):
-        if opts[key] < 1:
-            raise DgtrainError(f"graph.{key}={opts[key]}: must be at least 1.")
-    return opts, overrides
+# ------------------------------------------------------------------- drawing one config's graphs
 
 
 def compose_config(overrides: list[str]):
@@ -472,24 +436,30 @@ def module_tree(model: nn.Module, shapes: dict[str, str], max_depth: int) -> lis
     return lines
 
 
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    opts, overrides = parse_args(argv)
-    cfg, choices = compose_config(overrides)
+@dataclass
+class Drawing:
+    """What `draw` made: the model, each module's output shape, the autograd graph of each batch, what
+    changed between consecutive batches, and the files written."""
 
+    model: nn.Module
+    shapes: dict[str, str]
+    graphs: list[dict[str, Any]]
+    changes: list[dict[str, Any]]
+    written: list[Path]
+
+
+def draw(cfg, choices: dict[str, str], out: str | None = None, batches: int = 1, depth: int = 2) -> Drawing:
+    """Build the model and data of `cfg`, run `batches` real batches and write the module diagram, each
+    batch's autograd graph and graph.json into `out` (default ./graph_<model>)."""
     from dgtrain.train import autocast_for, precision_of, seed_everything, setup
-    from dgtrain.validation import check_config
 
-    check_config(cfg, choices)
     seed_everything(cfg.seed)
     s = setup(cfg)
     autocast = autocast_for(s.device, precision_of(cfg))
     model_name = choices.get("model") or type(s.model).__name__.lower()
-    out = Path(opts["out"] or f"graph_{model_name}")
-    out.mkdir(parents=True, exist_ok=True)
-    batches = [tuple(t.to(s.device) for t in b) for b in pick_batches(s.train_loader, opts["batches"])]
+    folder = Path(out or f"graph_{model_name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    picked = [tuple(t.to(s.device) for t in b) for b in pick_batches(s.train_loader, batches)]
     s.model.train()  # the graph a training step builds (dropout included)
 
     def forward(batch):
@@ -497,19 +467,19 @@ def main(argv: list[str]) -> int:
             return s.task.loss(s.model, batch, s.loss_fn)
 
     written: list[Path] = []
-    tracer = ModuleTracer(s.model, opts["depth"])
-    mod_graph = tracer.trace(lambda: forward(batches[0]))
-    written += write_pair(out / "modules", mod_graph, f"{model_name}: modules", "LR", batches[0])
+    tracer = ModuleTracer(s.model, depth)
+    mod_graph = tracer.trace(lambda: forward(picked[0]))
+    written += write_pair(folder / "modules", mod_graph, f"{model_name}: modules", "LR", picked[0])
 
     graphs = []
-    for i, batch in enumerate(batches, 1):
+    for i, batch in enumerate(picked, 1):
         with SavedTensors(parameter_storages(s.model)) as counted:
             loss = forward(batch)
         ag = autograd_graph(s.model, loss, counted)
         ag["shapes"] = shape_signature(batch)
         graphs.append(ag)
         written += write_pair(
-            out / f"autograd_{i}", op_graph(ag), f"{model_name}: autograd, batch {i}", "TB", batch
+            folder / f"autograd_{i}", op_graph(ag), f"{model_name}: autograd, batch {i}", "TB", batch
         )
         del loss
 
@@ -544,10 +514,9 @@ def main(argv: list[str]) -> int:
         },
         "changes": changes,
     }
-    (out / "graph.json").write_text(json.dumps(report, indent=1) + "\n")
-    written.append(out / "graph.json")
-    print_report(s.model, tracer.shapes, opts["depth"], graphs, changes, written)
-    return 0
+    (folder / "graph.json").write_text(json.dumps(report, indent=1) + "\n")
+    written.append(folder / "graph.json")
+    return Drawing(s.model, tracer.shapes, graphs, changes, written)
 
 
 def write_pair(stem: Path, g: Graph, title: str, direction: str, batch) -> list[Path]:
@@ -566,30 +535,3 @@ def write_pair(stem: Path, g: Graph, title: str, direction: str, batch) -> list[
     dot = stem.with_suffix(".dot")
     dot.write_text(to_dot(g, title, "LR" if direction == "LR" else "TB"))
     return [md, dot, *render(dot)]
-
-
-def print_report(model, shapes, depth, graphs, changes, written) -> None:
-    print("\n".join(module_tree(model, shapes, depth)))
-    print()
-    for i, g in enumerate(graphs, 1):
-        top = sorted((o for o in g["ops"] if o.saved_bytes), key=lambda o: -o.saved_bytes)[:5]
-        print(
-            f"batch {i}: shapes {g['shapes']} | {g['nodes']} autograd nodes | "
-            f"saved for backward {fmt_bytes(g['saved_bytes'])} in {g['saved_tensors']} tensors"
-        )
-        for o in top:
-            print(f"    {o.name:<28} {o.shape:<14} saved {fmt_bytes(o.saved_bytes)}")
-    for i, c in enumerate(changes, 2):
-        (n0, n1), (b0, b1) = c["nodes"], c["saved_bytes"]
-        line = f"batch {i - 1} → {i}: nodes {n0} → {n1}, saved {fmt_bytes(b0)} → {fmt_bytes(b1)}"
-        if c["same_structure"]:
-            line += f"; same ops, {c['shape_changes']} changed shape"
-            line += "".join(f"\n    {e}" for e in c["examples"])
-        else:
-            line += "; op counts changed: " + ", ".join(
-                f"{k} {a}→{b}" for k, (a, b) in c["op_count_changes"].items()
-            )
-        print(line)
-    if shutil.which("dot") is None:
-        print("(Graphviz `dot` not found: wrote .dot files but no .svg/.png)", file=sys.stderr)
-    print("wrote " + ", ".join(str(p) for p in written))

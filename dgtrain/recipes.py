@@ -42,11 +42,20 @@ def header_lines(path: Path) -> list[str]:
 
 
 def describe(path: Path) -> str:
-    """A config file's one-line description: its first comment line that is not a directive or a command."""
+    """A config file's description: its first paragraph of comment lines that are not a directive or a
+    command, joined into one line (`dgtrain ls` wraps it)."""
+    words: list[str] = []
     for line in header_lines(path):
-        if line and not line.startswith("@package") and not line.startswith("dgtrain "):
-            return line
-    return ""
+        if line.startswith("@package") or line.startswith("dgtrain "):
+            if words:
+                break
+            continue
+        if not line:
+            if words:
+                break
+            continue
+        words.append(line)
+    return " ".join(words)
 
 
 def list_recipes(root: Path | None = None) -> list[Recipe]:
@@ -139,11 +148,11 @@ def missing_data_files(cfg: DictConfig) -> str | None:
         if absent:
             return f"MNIST files not found under data.root={root.resolve()} ({', '.join(absent)})"
     elif target == "dgtrain.data.images.cifar10":
-        from dgtrain.data.images import CIFAR_TRAIN, CIFAR_VAL
+        from dgtrain.data.images import CIFAR_TEST, CIFAR_TRAIN
 
         root = Path(str(data.root)).expanduser()
         folders = (root / "cifar-10-batches-py", root)
-        if not any(all((d / n).is_file() for n in CIFAR_TRAIN + CIFAR_VAL) for d in folders):
+        if not any(all((d / n).is_file() for n in CIFAR_TRAIN + CIFAR_TEST) for d in folders):
             return f"CIFAR-10 batches not found under data.root={root.resolve()} (cifar-10-batches-py/)"
     elif data.get("path") and not OmegaConf.is_missing(data, "path"):
         path = Path(str(data.path)).expanduser()

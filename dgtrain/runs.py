@@ -153,6 +153,7 @@ def load_run(
     cfg = OmegaConf.create(config)
     cfg.allowed_targets = list(allow)  # the stored list is not trusted
     cfg.device = device
+    cfg.init_from = None  # the run's own weights are loaded; its fine-tuning source may be gone
     try:
         check_config(cfg)
     except DgtrainError as e:

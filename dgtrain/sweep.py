@@ -6,14 +6,14 @@
   there, then fails its Hydra job, so the sweep goes on and any sweeper sees a failed trial.
 - `summarize` rebuilds the results of a sweep directory from its job directories (.hydra/overrides.yaml
   + summary.json): a rich table, sweep_summary.csv, sweep_summary.json and sweep_objective.png.
-  `SweepSummaryCallback` calls it at the end of every multirun; `dgtrain sweep-summary DIR` at any time.
+  `SweepSummaryCallback` calls it at the end of every multirun; `dgtrain sweep-summary DIR`
+  (dgtrain/commands/sweep_summary.py) at any time.
 
 Nothing here imports torch at module level: `dgtrain sweep-summary` reads files only.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import csv
 import json
@@ -281,44 +281,70 @@ def collect(sweep_dir: Path | str) -> dict[str, Any]:
             if sorted(job) not in seen:
                 rows.append({"job": None, "status": "missing", "objective": None, "overrides": job})
 
-    metric, direction = _sweep_settings(sweep_dir)
-    metric = next((r["metric"] for r in rows if r.get("metric")), metric)
-    direction = next((r["direction"] for r in rows if r.get("direction")), direction)
-    if direction is None:
-        direction = natural_direction(metric) if metric else "minimize"
+    default_metric, default_direction = _sweep_settings(sweep_dir)
     for r in rows:
         r["params"] = dict(_split(o) for o in r["overrides"])
-
-    sign = -1.0 if direction == "maximize" else 1.0
-
-    def order(r: dict[str, Any]) -> tuple:
-        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
-        return (
-            0 if ranked else 1,
-            sign * r["objective"] if ranked else 0.0,
-            STATUS_ORDER.get(r["status"], 5),
-        )
-
-    rows.sort(key=order)
-    rank = 0
-    for r in rows:
-        ranked = r["status"] in FINISHED and isinstance(r["objective"], (int, float))
-        rank += ranked
-        r["rank"] = rank if ranked else None
+        # Each trial is judged by its own objective: the metric it monitored, in that metric's direction.
+        # Trials of different tasks (linreg: val/mse, convnet: val/acc) never share one ranking.
+        if r.get("metric") is None and r["status"] in FINISHED:
+            r["metric"] = default_metric
+        if r.get("metric") and not r.get("direction"):
+            r["direction"] = default_direction or natural_direction(r["metric"])
+    groups = rank_groups(rows)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     swept = [k for k in keys if len({r["params"].get(k) for r in rows}) > 1]
+    single = groups[0] if len(groups) == 1 else None
+    metric = single["metric"] if single else (default_metric if not groups else None)
+    direction = single["direction"] if single else (default_direction if not groups else None)
     return {
         "sweep_dir": str(sweep_dir),
+        # One metric for the whole sweep, or None when its trials monitor different metrics: then
+        # `groups` holds one ranking per (metric, direction) and `best` is None (no common scale).
         "metric": metric,
         "direction": direction,
+        "groups": groups,
+        "mixed": len(groups) > 1,
         "counts": counts,
         "swept": swept,
-        "best": rows[0] if rows and rows[0]["rank"] == 1 else None,
+        "best": single["best"] if single else None,
         "trials": rows,
     }
+
+
+def _is_ranked(r: dict[str, Any]) -> bool:
+    return r["status"] in FINISHED and isinstance(r.get("objective"), (int, float)) and bool(r.get("metric"))
+
+
+def rank_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rank completed trials within their (metric, direction) group; sort `rows` in place: each group's
+    ranked trials in turn (in order of first appearance), then every unranked trial by status.
+
+    A value of val/mse and one of val/acc are not comparable, so a sweep mixing tasks gets one ranking
+    per metric; `rank` restarts at 1 in each group."""
+    keys = list(dict.fromkeys((r["metric"], r["direction"]) for r in rows if _is_ranked(r)))
+    groups = []
+    for metric, direction in keys:
+        sign = -1.0 if direction == "maximize" else 1.0
+        members = [r for r in rows if _is_ranked(r) and (r["metric"], r["direction"]) == (metric, direction)]
+        members.sort(key=lambda r: sign * r["objective"])
+        for i, r in enumerate(members, start=1):
+            r["rank"] = i
+        groups.append({"metric": metric, "direction": direction, "trials": len(members), "best": members[0]})
+    group_of = {k: i for i, k in enumerate(keys)}
+
+    def order(r: dict[str, Any]) -> tuple:
+        if _is_ranked(r):
+            return (0, group_of[(r["metric"], r["direction"])], r["rank"], 0)
+        return (1, 0, 0, STATUS_ORDER.get(r["status"], 5))
+
+    for r in rows:
+        if not _is_ranked(r):
+            r["rank"] = None
+    rows.sort(key=order)
+    return groups
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -331,7 +357,19 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 def write_csv(result: dict[str, Any], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in result["trials"] for k in r["params"]))
-    cols = ["rank", "job", "status", "objective", *keys, "wall_s", "peak_rss_mb", "peak_cuda_mb", "steps"]
+    cols = [
+        "rank",
+        "job",
+        "status",
+        "metric",
+        "direction",
+        "objective",
+        *keys,
+        "wall_s",
+        "peak_rss_mb",
+        "peak_cuda_mb",
+        "steps",
+    ]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*cols, "error", "overrides"])
@@ -342,36 +380,56 @@ def write_csv(result: dict[str, Any], path: Path) -> None:
             )
 
 
+def _arrow(direction: str | None) -> str:
+    return "max" if direction == "maximize" else "min"
+
+
 def print_table(result: dict[str, Any], file=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     swept = result["swept"]
-    metric = result["metric"] or "objective"
-    arrow = "max" if result["direction"] == "maximize" else "min"
-    table = Table(
-        title=f"sweep {result['sweep_dir']}: {metric} ({arrow}), "
-        + ", ".join(f"{n} {s}" for s, n in result["counts"].items()),
-        title_justify="left",
-    )
-    for name, justify in [("#", "right"), ("job", "left"), ("overrides", "left"), (metric, "right")]:
-        table.add_column(name, justify=justify)
+    mixed = result.get("mixed", False)
+    counts = ", ".join(f"{n} {s}" for s, n in result["counts"].items())
+    if mixed:
+        # No common scale: one ranking per metric, each starting at #1 (a rule between the groups).
+        heading = "trials monitor different metrics, ranked within each: " + "; ".join(
+            f"{g['metric']} ({_arrow(g['direction'])}): {g['trials']} trials" for g in result["groups"]
+        )
+    else:
+        heading = f"{result['metric'] or 'objective'} ({_arrow(result['direction'])})"
+    # Everything from files or the command line is escaped: `logger=[console,wandb]` is not rich markup.
+    table = Table(title=escape(f"sweep {result['sweep_dir']}: {heading} | {counts}"), title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("job")
+    table.add_column("overrides")
+    if mixed:
+        table.add_column("metric")
+    table.add_column("objective" if mixed else escape(result["metric"] or "objective"), justify="right")
     for name in ("status", "wall s", "peak MB", "error"):
         table.add_column(name, justify="right" if name in ("wall s", "peak MB") else "left")
+    previous = None
     for r in result["trials"]:
+        group = (r.get("metric"), r.get("direction")) if r["rank"] is not None else None
+        if mixed and previous is not None and group != previous:
+            table.add_section()
+        previous = group
         shown = [_short(o) for o in r["overrides"] if not swept or _split(o)[0] in swept]
         peak = r.get("peak_cuda_mb") or r.get("peak_rss_mb")
         error = (r.get("error") or "")[:80]
         style = "bold green" if r["rank"] == 1 else ("red" if r["status"] == "failed" else None)
+        metric_cell = [f"{r['metric']} ({_arrow(r['direction'])})" if r["rank"] is not None else ""]
         table.add_row(
             _fmt(r["rank"]),
-            r["job"] or "-",
-            " ".join(shown),
+            escape(r["job"] or "-"),
+            escape(" ".join(shown)),
+            *([escape(metric_cell[0])] if mixed else []),
             _fmt(r["objective"], 6),
             r["status"],
             _fmt(r.get("wall_s"), 3),
             _fmt(peak, 5),
-            error,
+            escape(error),
             style=style,
         )
     out = file or sys.stdout
@@ -380,43 +438,51 @@ def print_table(result: dict[str, Any], file=None) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
-    """The objective against each swept parameter (numbers on a log axis when they span >= 100x)."""
-    rows = [r for r in result["trials"] if r["rank"] is not None]
+    """The objective against each swept parameter (numbers on a log axis when they span >= 100x); one
+    row of panels per metric group, each with its own metric on the y axis."""
+    groups = result.get("groups") or []
     swept = result["swept"]
-    if not rows or not swept:
+    if not groups or not swept:
         path.unlink(missing_ok=True)
         return False
-    import matplotlib
+    from dgtrain.loggers.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], swept, strict=True):
-        raw = [r["params"].get(key, "") for r in rows]
-        nums = [_number(v) for v in raw]
-        y = [r["objective"] for r in rows]
-        if all(n is not None for n in nums):
-            ax.scatter(nums, y)
-            if min(nums) > 0 and max(nums) / min(nums) >= 100:
-                ax.set_xscale("log")
-        else:
+    fig, axes = plt.subplots(
+        len(groups), len(swept), figsize=(4 * len(swept), 3.4 * len(groups)), squeeze=False
+    )
+    for g, group in enumerate(groups):
+        rows = [
+            r
+            for r in result["trials"]
+            if r["rank"] is not None
+            and (r["metric"], r["direction"]) == (group["metric"], group["direction"])
+        ]
+        for ax, key in zip(axes[g], swept, strict=True):
+            raw = [r["params"].get(key, "") for r in rows]
+            nums = [_number(v) for v in raw]
+            numeric = all(n is not None for n in nums)
             cats = list(dict.fromkeys(raw))
-            ax.scatter([cats.index(v) for v in raw], y)
-            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        best = result["best"]
-        if best and key in best["params"]:
-            bx = _number(best["params"][key])
-            bx = (
-                bx
-                if all(n is not None for n in nums)
-                else list(dict.fromkeys(raw)).index(best["params"][key])
-            )
+            x = nums if numeric else [cats.index(v) for v in raw]
+            ax.scatter(x, [r["objective"] for r in rows])
+            if numeric and min(nums) > 0 and max(nums) / min(nums) >= 100:
+                ax.set_xscale("log")
+            if not numeric:
+                ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+            best = group["best"]
+            bx = x[rows.index(best)]
             ax.scatter([bx], [best["objective"]], marker="*", s=160, color="tab:red", label="best")
-        ax.set_xlabel(key)
-        ax.set_ylabel(result["metric"] or "objective")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['metric']} ({result['direction']}) over {len(rows)} completed trials")
+            ax.set_xlabel(key)
+            ax.set_ylabel(f"{group['metric']} ({_arrow(group['direction'])})")
+            ax.grid(alpha=0.3)
+    n = sum(g["trials"] for g in groups)
+    title = (
+        f"{result['metric']} ({result['direction']})"
+        if len(groups) == 1
+        else "ranked per metric: " + ", ".join(g["metric"] for g in groups)
+    )
+    fig.suptitle(f"{title} over {n} completed trials")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -463,19 +529,3 @@ class SweepSummaryCallback(Callback):
             log.info(f"sweep summary: {sweep_dir / 'sweep_summary.csv'} (and .json, sweep_objective.png)")
         except Exception as e:  # the summary must never turn a finished sweep into a crash
             log.warning(f"could not summarise {sweep_dir}: {type(e).__name__}: {e}")
-
-
-def summary_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="dgtrain sweep-summary",
-        description="Rebuild the results table, sweep_summary.csv/.json and sweep_objective.png of a sweep "
-        "directory from its job directories (also for an interrupted sweep).",
-    )
-    p.add_argument("sweep_dir", type=Path)
-    p.add_argument("--no-plot", action="store_true", help="do not write sweep_objective.png")
-    p.add_argument("--json", action="store_true", help="print sweep_summary.json instead of the table")
-    args = p.parse_args(argv)
-    summarize(args.sweep_dir, table=not args.json, png=not args.no_plot)
-    if args.json:
-        print((args.sweep_dir / "sweep_summary.json").read_text(), end="")
-    return 0

@@ -26,10 +26,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dgtrain import __version__, finetune
 from dgtrain import checkpoint as ckpt_io
 from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
+from dgtrain.compile import compile_model
 from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
 from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
+from dgtrain.evaluate import evaluate_split
 from dgtrain.faults import (
     nonfinite_check,
     nonfinite_error,
@@ -93,6 +95,21 @@ def autocast_for(device: torch.device, precision: str):
         )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built."""
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("deterministic"):
+        import os
+
+        # cuBLAS reads this when it creates its handle (the first matmul on CUDA); without it,
+        # deterministic mode makes CUDA matmuls raise. ":4096:8" is the setting NVIDIA documents.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:
@@ -159,6 +176,11 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     allowed = allowed_prefixes(cfg)
     device = device or resolve_device(cfg.device)
     data = build_data(cfg, allowed)
+    if cfg.trainer.get("test_at_end") and data.test is None:
+        raise DgtrainError(
+            f"trainer.test_at_end=true: data {cfg.data._target_.rsplit('.', 1)[-1]} has no held-out test set "
+            "(mnist, cifar10 and image_folder with data.test_root have one). Its val split is all there is."
+        )
     task = make_task(data.info.task, data.info.pad_id)
     task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
@@ -420,6 +442,7 @@ class Loop:
         self.stream = BatchStream(s.train_loader, s.device, self.state)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
+        self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
         self.config_plain = ckpt_io.plain_config(cfg)
         self.sinks: list = []
         self.history: list[dict[str, Any]] = []
@@ -455,6 +478,8 @@ class Loop:
         step_loss = None
         for micro in range(self.accum):
             batch = next(self.stream)
+            if self.s.data.augment is not None:  # on the device, training batches only (data.augment)
+                batch = self.s.data.augment(batch)
             with sync_context(self.model, micro == self.accum - 1):  # several processes: reduce on the last
                 with tel.forward(batch), self.autocast():
                     loss = self.task.loss(self.model, batch, self.s.loss_fn)
@@ -555,6 +580,7 @@ class Loop:
             n_tokens = st.tokens + (int(st.device_tokens) if st.device_tokens is not None else 0)
             metrics["perf/tokens_per_s"] = n_tokens / dt
         metrics.update(self.telemetry.metrics(dt, n_tokens))  # memory (peaks reset), graph, FLOPs, MFU
+        metrics.update(self.compiled.metrics())  # perf/recompiles, perf/compile_s (trainer.compile only)
         metrics = self.dist.reduce_metrics(metrics)  # throughput summed over ranks, memory max over ranks
         st.losses, st.samples, st.tokens, st.device_tokens = [], 0, 0, None
         self.t_log, self.eval_s = time.perf_counter(), 0.0
@@ -615,9 +641,13 @@ def fit(
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
-    resumed = d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))  # rank 0 picks, every rank loads
+    # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
+    resumed = (
+        None if cfg.trainer.get("fast_dev_run") else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+    )
     device = d.device or resolve_device(cfg.device)
     precision = precision_of(cfg)
+    configure_torch(cfg)
     seed_everything(cfg.seed)
     s = setup(cfg, device, d.rank, d.world)
     cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
@@ -688,6 +718,8 @@ def fit(
                 metrics.update(loop.train_metrics())
             if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
+            if tc.test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
+                metrics.update(evaluate_split(s, loop.autocast, "test"))
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values

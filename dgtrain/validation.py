@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dgtrain.compile import parse_mode
 from dgtrain.config import (
     allowed_prefixes,
     allowed_targets_problems,
@@ -98,6 +99,10 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
+    try:
+        parse_mode(tc.get("compile", False))
+    except DgtrainError as e:
+        out.append(str(e))
     if tc.clip_grad_norm is not None and float(tc.clip_grad_norm) <= 0:
         out.append(f"trainer.clip_grad_norm={tc.clip_grad_norm}: must be positive, or null for no clipping.")
     if tc.get("overfit_batches") is not None and int(tc.overfit_batches) < 1:
@@ -133,6 +138,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
     if tel is not None and tel.peak_tflops is not None and float(tel.peak_tflops) <= 0:
         out.append(f"telemetry.peak_tflops={tel.peak_tflops}: must be positive, or null for the GPU table.")
+    threads = cfg.get("threads")
+    if threads is not None and int(threads) < 1:
+        out.append(
+            f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default."
+        )
     bs = cfg.data.get("batch_size")
     if bs is None or int(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")
@@ -184,7 +194,7 @@ POSITIVE = {
     "model": ("hidden_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions", "channels"),
     "data": (
         "max_examples",
-        "max_val_examples",
+        "max_test_examples",
         "num_examples",
         "seq_len",
         "max_len",
@@ -228,7 +238,7 @@ def argument_problems(cfg: DictConfig) -> list[str]:
             if k not in node:
                 continue
             v, x = node.get(k), _number(node.get(k))
-            low_ok = x is not None and (x >= 0 if interval.startswith("[") else x > 0)
+            low_ok = x is not None and (x >= 0 if interval.startswith("in [") else x > 0)
             if not (low_ok and x < 1):
                 out.append(f"{group}.{k}={v}: must be a number {interval}.")
     return out

@@ -1,4 +1,5 @@
-"""`dgtrain wandb-sweep PRESET`: a W&B sweep config from a sweep preset (configs/sweep/PRESET.yaml).
+"""A W&B sweep config from a sweep preset (configs/sweep/PRESET.yaml); `dgtrain wandb-sweep PRESET`
+(dgtrain/commands/wandb_sweep.py) writes it.
 
 The W&B agent starts one ordinary dgtrain run per trial. Its command line is
     ${env} ${interpreter} -m dgtrain sweep=PRESET logger=wandb ${args_no_hyphens}
@@ -15,9 +16,6 @@ Nothing here talks to W&B: `wandb sweep FILE` registers the sweep, `wandb agent 
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -139,37 +137,3 @@ def to_yaml(config: dict[str, Any], preset: str) -> str:
         "# parameter named after a config group (model, optimizer, data) switches the group.\n"
     )
     return header + OmegaConf.to_yaml(OmegaConf.create(config))
-
-
-def wandb_sweep_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="dgtrain wandb-sweep",
-        description="Write a W&B sweep config (for `wandb sweep` / `wandb agent`) from a sweep preset.",
-    )
-    p.add_argument("preset", help=f"a preset in configs/sweep ({', '.join(presets())})")
-    p.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
-    p.add_argument("--method", default="bayes", help="bayes (default), random or grid")
-    p.add_argument(
-        "--logger", default="wandb", help="logger option the trials use (default: wandb; '' for none)"
-    )
-    p.add_argument(
-        "-p",
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=EXPR",
-        help="add or replace a parameter, e.g. 'model=choice(mlp,convnet)' (repeatable)",
-    )
-    p.add_argument(
-        "overrides", nargs="*", help="fixed Hydra overrides every trial gets, e.g. trainer.max_epochs=3"
-    )
-    args = p.parse_intermixed_args(argv)
-    config = wandb_sweep_config(args.preset, args.method, args.logger or None, args.param, args.overrides)
-    text = to_yaml(config, args.preset)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print(f"wrote {args.output}: {len(config['parameters'])} parameters; next: wandb sweep {args.output}")
-    else:
-        sys.stdout.write(text)
-    return 0

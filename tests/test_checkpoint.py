@@ -279,7 +279,7 @@ def test_config_schema_defaults_and_validation(compose):
 def test_stored_configs_pass_the_allow_list_on_resume_and_eval(compose, tmp_path):
     """A checkpoint whose config names os.system is refused by resume and by `dgtrain eval`, naming the key,
     and a stored `allowed_targets` cannot widen the list."""
-    from dgtrain.evaluate import main as eval_main
+    from dgtrain.commands.eval import main as eval_main
     from dgtrain.train import fit
 
     state = _tiny_state(1)
@@ -560,7 +560,7 @@ def test_eval_scores_the_final_weights_like_the_last_evaluation(reference, tmp_p
     final = json.loads((reference / "summary.json").read_text())["final"]
     assert out["weights"].endswith("model.safetensors")
     assert out["metrics"]["val/acc"] == final["val/acc"] and out["metrics"]["val/loss"] == final["val/loss"]
-    from dgtrain.evaluate import main as eval_main
+    from dgtrain.commands.eval import main as eval_main
 
     assert eval_main([str(reference / "checkpoints" / "step_00000015.pt")]) == 0
     printed = capsys.readouterr().out
@@ -624,3 +624,47 @@ def test_resume_with_accumulation_and_a_half_finished_log_window(tmp_path):
     assert [r["step"] for r in _series(ref) if "train/loss" in r] == [3, 6, 9, 12, 15, 16]
     wa, wb = _weights(ref / "model.safetensors"), _weights(run / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_resumed_run_with_augmentation_equals_the_uninterrupted_run(compose, tmp_path, monkeypatch):
+    """Random crops and flips draw from torch's RNG, which checkpoints carry: resuming is still exact."""
+    from dgtrain.data.augment import ImageAugment
+    from dgtrain.train import fit
+    from tests.test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", n=20)
+    args = [
+        "model=convnet",
+        "data=cifar10",
+        f"data.root={tmp_path / 'cifar'}",
+        "data.batch_size=16",
+        "device=cpu",
+        "trainer.max_steps=14",
+        "trainer.log_every=1",
+        "checkpoint.every=5",
+        "logger=[]",
+    ]
+    cfg = compose(args)
+    full = fit(cfg, tmp_path / "full")
+    assert full.setup.data.augment is not None
+    real, calls = ImageAugment.__call__, []
+
+    def crash_in_step_11(self, batch):
+        calls.append(1)
+        if len(calls) == 11:
+            raise RuntimeError("injected crash")
+        return real(self, batch)
+
+    monkeypatch.setattr(ImageAugment, "__call__", crash_in_step_11)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        fit(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(ImageAugment, "__call__", real)
+    resumed = fit(compose([*args, "resume=auto"]), tmp_path / "resumed")
+    losses = [
+        [r["train/loss"] for r in x.history if r["step"] > 10 and "train/loss" in r] for x in (full, resumed)
+    ]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    for (name, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name

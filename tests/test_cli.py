@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,13 +217,115 @@ def test_wheel_install_works_from_any_directory(tmp_path):
     assert (run / "summary.json").is_file()
 
 
-def test_a_fresh_run_into_a_used_directory_is_refused_and_mixes_nothing(tmp_path):
+def test_a_fresh_run_into_a_used_directory_refuses_and_keeps_the_first_runs_files(tmp_path):
     run = tmp_path / "run"
     args = ["model=linreg", "trainer.max_steps=10", "trainer.log_every=5", f"hydra.run.dir={run}"]
-    p = run_cli(args, tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    before = (run / "metrics.jsonl").read_text()
-    p = run_cli(args, tmp_path)
-    assert p.returncode == 2 and "already holds a run" in p.stdout + p.stderr
-    assert (run / "metrics.jsonl").read_text() == before
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run_cli(args, tmp_path)
+    assert second.returncode == 2 and "resume=auto" in second.stdout + second.stderr
     assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == [5, 10]
+
+
+def _patterned_mnist(folder: Path, n_train: int, n_test: int) -> None:
+    """MNIST-layout idx files a convnet can learn: a fixed random pattern per class plus noise."""
+    import numpy as np
+
+    from tests.test_data import _idx
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (10, 28, 28))
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = np.clip(patterns[y] + rng.normal(0, 60, (n, 28, 28)), 0, 255).astype(np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(_idx(x))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(y))
+
+
+def test_mnist_selects_on_a_val_split_of_the_training_files_and_tests_once_on_t10k(tmp_path):
+    _patterned_mnist(tmp_path / "mnist", 400, 120)
+    run = tmp_path / "run"
+    args = ["model=convnet", "data=mnist", f"data.root={tmp_path / 'mnist'}", "data.batch_size=32"]
+    p = run_cli([*args, "trainer.max_steps=12", "trainer.test_at_end=true", f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "360 train / 40 val examples" in p.stdout + p.stderr
+    rows, summary = _check_outputs(run)
+    assert "test/acc" in rows[-1] and "test/loss" in rows[-1]
+    assert not any(k.startswith("test/") for r in rows[:-1] for k in r)  # scored once, at the end
+    assert summary["monitor"]["metric"] == "val/acc" and "test/acc" not in summary["best"]
+    val = json.loads(run_cli(["eval", str(run), "--json"], tmp_path).stdout)
+    test = json.loads(run_cli(["eval", str(run), "--split", "test", "--json"], tmp_path).stdout)
+    assert val["examples"] == 40 and test["examples"] == 120 and test["split"] == "test"
+    assert val["metrics"]["val/acc"] == pytest.approx(summary["final"]["val/acc"], abs=1e-6)
+    assert test["metrics"]["test/acc"] == pytest.approx(summary["final"]["test/acc"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def _dgtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dgtrain", *args], cwd=cwd, capture_output=True, text=True, env=cli_env()
+    )
+
+
+def test_help_lists_every_subcommand_fast_without_torch_or_hydra(tmp_path):
+    from dgtrain.cli import SUBCOMMANDS
+
+    p = _dgtrain("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for name, (_, description) in SUBCOMMANDS.items():
+        assert description and f"dgtrain {name}" in p.stdout and description in p.stdout, name
+    for group in ("model: ", "data: ", "optimizer: ", "scheduler: ", "loss: ", "logger: ", "recipe: "):
+        assert group in p.stdout
+    probe = (
+        "import sys, time; t = time.perf_counter(); sys.argv = ['dgtrain', '--help']\n"
+        "from dgtrain.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(time.perf_counter() - t, sorted(m for m in ('torch', 'hydra', 'omegaconf', 'rich') "
+        "if m in sys.modules), file=sys.stderr)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=cli_env()
+    )
+    seconds, heavy = p.stderr.strip().split(" ", 1)
+    assert heavy == "[]" and float(seconds) < 0.25, p.stderr
+    walls = []
+    for _ in range(3):  # the whole process, interpreter start included: the issue's goal is <= 0.5 s
+        t0 = time.perf_counter()
+        _dgtrain("--help", cwd=tmp_path)
+        walls.append(time.perf_counter() - t0)
+    assert min(walls) <= 0.5, walls
+
+
+def test_version_prints_dgtrains_version(tmp_path):
+    from dgtrain import __version__
+
+    p = _dgtrain("--version", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout == f"dgtrain {__version__}\n" and "Hydra" not in p.stdout
+
+
+def test_unknown_command_is_named_with_the_commands_and_overrides_still_train(tmp_path):
+    p = _dgtrain("evl", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "unknown command 'evl'" in p.stderr and "Did you mean `dgtrain eval`?" in p.stderr
+    assert "sweep-summary" in p.stderr and "missing EQUAL" not in p.stderr + p.stdout
+    p = _dgtrain("--cfg", "job", "model=linreg", "~telemetry", cwd=tmp_path)  # flags, overrides, deletions
+    assert p.returncode == 0 and "synthetic_linear" in p.stdout, p.stderr
+
+
+def test_every_subcommand_lives_in_dgtrain_commands_and_answers_help(tmp_path):
+    """`dgtrain <name>` is dgtrain/commands/<name>.py's `main(argv) -> int`; each answers --help."""
+    import importlib
+
+    from dgtrain.cli import SUBCOMMANDS
+
+    modules = {p.stem for p in (REPO / "dgtrain" / "commands").glob("*.py") if p.stem != "__init__"}
+    assert {name.replace("-", "_") for name in SUBCOMMANDS} == modules
+    for name, (target, _) in SUBCOMMANDS.items():
+        module, func = target.split(":")
+        assert (module, func) == (f"dgtrain.commands.{name.replace('-', '_')}", "main")
+        assert callable(getattr(importlib.import_module(module), func))
+    for name in SUBCOMMANDS:
+        p = run_cli([name, "--help"], cwd=tmp_path)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), (name, p.stdout + p.stderr)

@@ -243,7 +243,7 @@ def test_eval_refuses_a_crafted_checkpoint_and_run_dir_before_building(finished_
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     _evil(config, sentinel)
     (finished_run / "config.yaml").write_text(yaml.safe_dump(config))
-    from dgtrain.evaluate import main as eval_main
+    from dgtrain.commands.eval import main as eval_main
 
     with pytest.raises(
         DgtrainError, match=r"model\._target_='torch\.utils\.collect_env\.run' is not allowed"
@@ -283,8 +283,8 @@ def test_plot_and_sweep_summary_read_crafted_dirs_without_running_anything(finis
     (sweep / "0" / "config.yaml").write_text(yaml.safe_dump(config))
     multirun = {**config, "hydra": {"sweeper": {"_target_": "torch.utils.collect_env.run"}}}
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
-    from dgtrain.plots import main as plot_main
-    from dgtrain.sweep import summary_main
+    from dgtrain.commands.plot import main as plot_main
+    from dgtrain.commands.sweep_summary import main as summary_main
 
     pytest.importorskip("matplotlib")
     assert plot_main([str(finished_run), "-o", str(tmp_path / "p.png")]) == 0

@@ -31,10 +31,22 @@ def _data_overrides(name: str, tmp_path) -> list[str]:
     if name == "cifar10":
         _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py")
         return [f"data.root={tmp_path / 'cifar'}"]
+    if name == "image_folder":
+        pytest.importorskip("PIL")
+        from tests.test_data import _write_folder
+
+        _write_folder(tmp_path / "images", n=5)
+        return [f"data.root={tmp_path / 'images'}"]
     if name == "csv":
         f = tmp_path / "d.csv"
         f.write_text("a,b,y\n" + "\n".join(f"{i},{i % 7},{2 * i + 1}" for i in range(40)))
         return [f"data.path={f}", "data.target=y"]
+    if name == "tokens":
+        import numpy as np
+
+        (np.arange(3000) % 50).astype(np.uint16).tofile(tmp_path / "train.bin")
+        (tmp_path / "meta.json").write_text('{"vocab_size": 50}')
+        return [f"data.train_path={tmp_path / 'train.bin'}", "data.seq_len=32"]
     return []
 
 

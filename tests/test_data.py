@@ -44,8 +44,8 @@ def test_mnist_reads_idx_files(tmp_path, gz):
     files = _write_mnist(tmp_path / "MNIST" / "raw", gz=gz)
     b = mnist(seed=0, root=str(tmp_path))
     assert b.info.in_shape == (1, 28, 28) and b.info.num_classes == 10
-    assert len(b.train) == 20 and len(b.val) == 10
-    assert torch.equal(b.val.y, torch.from_numpy(files["t10k-labels-idx1-ubyte"].astype(np.int64)))
+    assert len(b.train) == 18 and len(b.val) == 2 and len(b.test) == 10
+    assert torch.equal(b.test.y, torch.from_numpy(files["t10k-labels-idx1-ubyte"].astype(np.int64)))
 
 
 def test_mnist_missing_files_are_listed(tmp_path):
@@ -85,7 +85,7 @@ def test_cifar10_reads_python_batches(tmp_path):
     _write_cifar(tmp_path / "cifar-10-batches-py")
     b = cifar10(seed=0, root=str(tmp_path))
     assert b.info.in_shape == (3, 32, 32)
-    assert len(b.train) == 30 and len(b.val) == 6
+    assert len(b.train) == 27 and len(b.val) == 3 and len(b.test) == 6
 
 
 def test_cifar10_missing_and_malicious_files(tmp_path):
@@ -121,7 +121,9 @@ def test_csv_reader_and_errors(tmp_path):
         csv(seed=0, path=str(tmp_path / "missing.csv"), target="y")
     bad = tmp_path / "bad.csv"
     bad.write_text("a,y\n1,2\nx,3\n4,5\n")
-    with pytest.raises(DgtrainError, match="line 3"):
+    with pytest.raises(
+        DgtrainError, match=r"line 3, column 1 \('a'\): the value 'x' is not a number.*categorical=auto"
+    ):
         csv(seed=0, path=str(bad), target="y")
 
 
@@ -238,3 +240,263 @@ def test_epoch_sampler_order_and_resume_position():
     s.set_epoch(3)
     assert list(s) != full
     assert sorted(i for b in full for i in b) == list(range(10))
+
+
+# ------------------------------------------------------------------ honest splits and normalisation
+
+
+def _rows(ds) -> set[bytes]:
+    return {row.numpy().tobytes() for row in ds.x}
+
+
+def test_mnist_validates_on_training_images_and_keeps_t10k_as_test(tmp_path):
+    """val is carved from the training files (seeded), never from t10k; t10k is the test split."""
+    _write_mnist(tmp_path, n_train=200, n_val=50)
+    a, b, c = (mnist(seed=s, root=str(tmp_path), val_fraction=0.25) for s in (0, 0, 1))
+    assert (len(a.train), len(a.val), len(a.test)) == (150, 50, 50)
+    assert torch.equal(a.val.x, b.val.x) and not torch.equal(a.val.x, c.val.x)
+    assert not _rows(a.val) & _rows(a.test) and not _rows(a.val) & _rows(a.train)
+    assert len(_rows(a.train) | _rows(a.val)) == 200  # every training image in exactly one split
+    with pytest.raises(DgtrainError, match=r"data.val_fraction=0.0.*between 0 and 1"):
+        mnist(seed=0, root=str(tmp_path), val_fraction=0.0)
+
+
+def test_cifar10_validates_on_training_batches(tmp_path):
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    b = cifar10(seed=0, root=str(tmp_path), val_fraction=0.2)
+    assert (len(b.train), len(b.val), len(b.test)) == (80, 20, 20)
+    assert not _rows(b.val) & _rows(b.test)
+
+
+def test_idx_images_are_normalised_with_their_own_training_statistics(tmp_path):
+    """Fashion-MNIST-like files (other pixel statistics than MNIST): the training split ends up with mean 0
+    and std 1 per channel, measured on it alone; data.mean/data.std override; bad values are named."""
+    folder = tmp_path / "fashion"
+    _write_mnist(folder, n_train=100, n_val=10)
+    raw = folder / "train-images-idx3-ubyte"
+    images = np.random.default_rng(1).integers(100, 200, (100, 28, 28), dtype=np.uint8)  # mean ~0.59
+    raw.write_bytes(_idx(images))
+    b = mnist(seed=0, root=str(folder))
+    assert abs(float(b.train.x.mean())) < 1e-4 and abs(float(b.train.x.std()) - 1) < 1e-3
+    assert b.info.extra["normalise"]["from"] == "training split"
+    train_idx = split_indices(100, 0.1, 0)[0].numpy()  # the seed-0 split mnist() makes
+    assert b.info.extra["normalise"]["mean"][0] == pytest.approx(images[train_idx].mean() / 255, abs=1e-5)
+    c = mnist(seed=0, root=str(folder), mean=[0.5], std=[0.25])
+    assert torch.allclose(
+        c.val.x,
+        (b.val.x * b.info.extra["normalise"]["std"][0] + b.info.extra["normalise"]["mean"][0] - 0.5) / 0.25,
+        atol=1e-4,
+    )
+    with pytest.raises(DgtrainError, match=r"data.mean=\[0.5, 0.5, 0.5\]: 3 value.*1 channel"):
+        mnist(seed=0, root=str(folder), mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    with pytest.raises(DgtrainError, match="both data.mean and data.std"):
+        mnist(seed=0, root=str(folder), mean=[0.5])
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+
+def test_random_crop_shifts_each_image_on_its_own():
+    from dgtrain.data.augment import ImageAugment
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8) + 1  # no zeros inside: zeros in the output come from the padding
+    out, y = ImageAugment(padding=2, hflip=False)((x, torch.arange(64)))
+    assert out.shape == x.shape and torch.equal(y, torch.arange(64))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = []
+    for i in range(64):
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 8, dx : dx + 8])
+        ]
+        assert len(hits) == 1, i
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 10  # independent draws, not one crop for the whole batch
+
+
+def test_horizontal_flip_mirrors_about_half_the_images():
+    from dgtrain.data.augment import ImageAugment
+
+    torch.manual_seed(0)
+    x = torch.rand(200, 1, 4, 4)
+    out, _ = ImageAugment(padding=0, hflip=True)((x, None))
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(200)]
+    kept = [torch.equal(out[i], x[i]) for i in range(200)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 60 < sum(flipped) < 140
+
+
+def test_augmentation_defaults_per_dataset(tmp_path):
+    _write_mnist(tmp_path / "m")
+    _write_cifar(tmp_path / "c" / "cifar-10-batches-py")
+    assert mnist(seed=0, root=str(tmp_path / "m")).augment is None  # digits: no flips, no crops by default
+    aug = cifar10(seed=0, root=str(tmp_path / "c")).augment
+    assert (aug.padding, aug.hflip) == (4, True)
+    assert digits(seed=0).augment is None
+
+
+def test_training_batches_are_augmented_on_the_device_and_evaluation_batches_never(
+    tmp_path, compose, monkeypatch
+):
+    from dgtrain.data.augment import ImageAugment
+    from dgtrain.train import fit
+
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    seen = []
+    real = ImageAugment.__call__
+    monkeypatch.setattr(ImageAugment, "__call__", lambda self, b: (seen.append(len(b[0])), real(self, b))[1])
+    cfg = compose(
+        [
+            "model=convnet",
+            "data=cifar10",
+            f"data.root={tmp_path}",
+            "data.batch_size=16",
+            "device=cpu",
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "logger=[]",
+            "trainer.test_at_end=true",
+        ]
+    )
+    result = fit(cfg, tmp_path / "run")
+    assert seen == [16, 16, 16]  # one call per training batch; validation and test batches untouched
+    assert "test/acc" in result.summary["final"] and "val/acc" in result.summary["final"]
+
+
+# ------------------------------------------------------------------------------------- image folders
+
+
+def _write_folder(root, classes=("cat", "dog"), n=4, size=(6, 6), mode="RGB"):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+
+
+def test_image_folder_reads_class_subfolders(tmp_path):
+    pytest.importorskip("PIL")
+    from dgtrain.data.images import image_folder
+
+    _write_folder(tmp_path / "train", n=10)
+    _write_folder(tmp_path / "test", n=3)
+    b = image_folder(seed=0, root=str(tmp_path / "train"), test_root=str(tmp_path / "test"), val_fraction=0.2)
+    assert (
+        b.info.in_shape == (3, 6, 6)
+        and b.info.num_classes == 2
+        and b.info.extra["class_names"] == ["cat", "dog"]
+    )
+    assert (len(b.train), len(b.val), len(b.test)) == (16, 4, 6)
+    assert sorted(torch.cat([b.train.y, b.val.y]).tolist()) == [0] * 10 + [1] * 10
+    grey = image_folder(seed=0, root=str(tmp_path / "train"), channels=1, image_size=4)
+    assert grey.info.in_shape == (1, 4, 4) and grey.test is None
+
+
+def test_image_folder_errors_name_the_folder_or_file_and_the_fix(tmp_path):
+    pytest.importorskip("PIL")
+    from dgtrain.data.images import image_folder
+
+    with pytest.raises(DgtrainError, match=r"data.root=.*nowhere: no such directory.*ImageFolder layout"):
+        image_folder(seed=0, root=str(tmp_path / "nowhere"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"")
+    with pytest.raises(DgtrainError, match="no class subfolders"):
+        image_folder(seed=0, root=str(tmp_path / "flat"))
+    _write_folder(tmp_path / "a")
+    (tmp_path / "a" / "empty").mkdir()
+    with pytest.raises(DgtrainError, match="class folder empty/ holds no images"):
+        image_folder(seed=0, root=str(tmp_path / "a"))
+    _write_folder(tmp_path / "b")
+    _write_folder(tmp_path / "b", classes=("dog",), size=(7, 5))  # overwrites dog/ with 7x5 images
+    with pytest.raises(DgtrainError, match=r"dog/0.png: 7x5 pixels, but 6x6.*data.image_size=N"):
+        image_folder(seed=0, root=str(tmp_path / "b"))
+    assert image_folder(seed=0, root=str(tmp_path / "b"), image_size=6).info.in_shape == (3, 6, 6)
+    _write_folder(tmp_path / "c")
+    (tmp_path / "c" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DgtrainError, match=r"broken.png: not a readable image"):
+        image_folder(seed=0, root=str(tmp_path / "c"))
+    _write_folder(tmp_path / "d")
+    _write_folder(tmp_path / "t", classes=("cat", "cow"))
+    with pytest.raises(DgtrainError, match=r"data.test_root=.*class folder\(s\) cow do not exist"):
+        image_folder(seed=0, root=str(tmp_path / "d"), test_root=str(tmp_path / "t"))
+
+
+# ---------------------------------------------------------------------------------- real CSV files
+
+
+def test_csv_from_excel_with_bom_semicolons_text_columns_and_dropped_ids(tmp_path):
+    """What Excel and European locales write: a byte-order mark, ';' between fields, a text column."""
+    rng = np.random.default_rng(0)
+    lines = ["CRIM;id;city;MEDV"]
+    for i in range(60):
+        city = ("Paris", "Lyon", "Nice")[i % 3]
+        crim = rng.normal()
+        lines.append(f"{crim:.4f};{1000 + i};{city};{2 * crim + (i % 3):.4f}")
+    f = tmp_path / "boston.csv"
+    f.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+    b = csv(seed=0, path=str(f), target="CRIM", drop=["id"], categorical="auto")  # CRIM: BOM stripped
+    assert b.info.extra["feature_names"] == ["city=Lyon", "city=Nice", "city=Paris", "MEDV"]
+    assert b.info.in_shape == (4,) and len(b.train) + len(b.val) == 60
+    same = csv(seed=0, path=str(f), target="CRIM", drop=["id"], delimiter=";", categorical="auto")
+    assert torch.equal(same.train.x, b.train.x)
+    with pytest.raises(DgtrainError, match=r"line 2, column 3 \('city'\): the value 'Paris' is not a number"):
+        csv(seed=0, path=str(f), target="CRIM", drop=["id"])  # categorical=none, the default
+    with pytest.raises(DgtrainError, match=r"data.drop: zip not column\(s\).*Columns: CRIM, id, city, MEDV"):
+        csv(seed=0, path=str(f), target="CRIM", drop=["zip"])
+    with pytest.raises(DgtrainError, match=r"column 3 \('city'\).*target of a regression must be numeric"):
+        csv(seed=0, path=str(f), target="city", categorical="auto")
+    with pytest.raises(DgtrainError, match=r"first line holds a single field.*Set data.delimiter"):
+        csv(seed=0, path=str(f), target="CRIM", delimiter=",")
+    only = csv(seed=0, path=str(f), target="MEDV", categorical=["city"], drop=["id"])
+    assert only.info.extra["feature_names"] == ["CRIM", "city=Lyon", "city=Nice", "city=Paris"]
+
+
+def test_csv_tab_separated_is_detected(tmp_path):
+    f = tmp_path / "t.tsv"
+    f.write_text("a\tb\ty\n" + "\n".join(f"{i}\t{i % 5}\t{3 * i}" for i in range(20)) + "\n")
+    assert csv(seed=0, path=str(f), target="y").info.extra["feature_names"] == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------- time to first step
+
+_FIRST_STEP = """
+import sys
+from dgtrain.recipes import compose
+from dgtrain.train import setup
+cfg, _ = compose(sys.argv[1:] + ["device=cpu"])
+s = setup(cfg)
+s.task.loss(s.model, next(iter(s.train_loader)), s.loss_fn).backward()
+print(" ".join(sorted(m for m in ("sklearn", "scipy", "matplotlib", "PIL", "wandb", "tensorboard") if m in sys.modules)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model=convnet", "data=synthetic_images"], ""),
+        (["model=transformer", "data=text"], ""),
+        (["model=convnet"], "scipy sklearn"),  # digits: scikit-learn's bundled data is the data in use
+    ],
+)
+def test_only_the_data_in_use_pays_for_its_imports(overrides, expected, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    p = subprocess.run(
+        [sys.executable, "-c", _FIRST_STEP, *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == expected  # sklearn.datasets alone costs ~1.35 s here

@@ -4,6 +4,7 @@ optimizer's parameter groups (no weight decay on biases and norms, per-glob lear
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -118,3 +119,6 @@ def test_fine_tune_digits_convnet_on_new_classes(tmp_path):
     assert after["fc.weight"].shape == (4, 2048)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_parameters"] == 12836 and summary["steps"] == 10
+    shutil.rmtree(src)  # the fine-tuned run evaluates on its own, without its starting point
+    p = run_cli(["eval", str(run), "--device", "cpu"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr

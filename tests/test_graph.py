@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dgtrain.commands.graph import main
 from dgtrain.errors import DgtrainError
-from dgtrain.graph import Graph, autograd_graph, main, to_dot, to_mermaid
+from dgtrain.graph import Graph, autograd_graph, to_dot, to_mermaid
 from dgtrain.models.mlp import MLP
 from dgtrain.telemetry import SavedTensors, parameter_storages
 from tests.conftest import run_cli

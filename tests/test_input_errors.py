@@ -37,6 +37,11 @@ def test_bad_values_are_reported_before_anything_is_built(compose, overrides, me
     assert e.value.exit_code == 2
 
 
+def test_a_closed_interval_admits_its_end(compose):
+    """model.dropout lies in [0, 1): 0 (no dropout, the usual choice for a benchmark) is valid."""
+    assert problems(compose(["model=transformer", "model.dropout=0.0"])) == []
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -49,12 +54,12 @@ def test_bad_values_are_reported_before_anything_is_built(compose, overrides, me
         (
             "+model.hiden_size=8",
             "model.hiden_size is not a setting dgtrain knows, so it would be ignored. "
-            "Did you mean model.hidden_size? Valid keys under model: hidden_size",
+            "Did you mean model.hidden_size? Valid keys under model: hidden_size,",
         ),
         ("+optimizer.lrr=0.1", "Did you mean optimizer.lr? Valid keys under optimizer: lr, betas,"),
         (
             "+data.val_frac=0.5",
-            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers",
+            "Valid keys under data: val_fraction, max_examples, task, batch_size, num_workers,",
         ),
         ("+scheduler.warmup=5", "Did you mean scheduler.warmup_steps?"),
         ("+logger.console.verbose=1", "logger.console.verbose is not a setting dgtrain knows"),
@@ -84,7 +89,7 @@ def test_every_shipped_option_and_recipe_passes_the_strict_key_check(compose):
 
 
 def test_graph_refuses_a_negative_size(tmp_path, monkeypatch):
-    from dgtrain.graph import main as graph_main
+    from dgtrain.commands.graph import main as graph_main
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DgtrainError, match=r"model\.hidden_size=-3: must be a positive integer"):

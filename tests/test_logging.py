@@ -323,7 +323,7 @@ def test_sweep_jobs_are_separate_wandb_runs_in_one_group(sweep):
 
 @pytest.mark.slow
 def test_plot_command_overlays_runs_in_one_figure(sweep, tmp_path):
-    from dgtrain.plots import figure, panels, read_history
+    from dgtrain.loggers.plots import figure, panels, read_history
 
     out_png = tmp_path / "cmp.png"
     res = run_cli(["plot", str(sweep / "0"), str(sweep / "1"), "-o", str(out_png)], cwd=tmp_path)
@@ -422,3 +422,45 @@ def test_tensorboard_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+
+
+# ------------------------------------------------------------------------------------------ console
+
+
+def test_plain_lines_are_short_and_keep_what_the_live_bar_shows():
+    from dgtrain.loggers.console import plain_line
+
+    metrics = {
+        "epoch": 1,
+        "train/loss": 0.6341,
+        "train/lr": 0.05,
+        "perf/step_ms": 7.246,
+        "perf/samples_per_s": 8833.0,
+        "mem/rss_mb": 317.0,
+        "mem/rss_peak_mb": 317.0,
+        "graph/nodes": 6,
+        "graph/saved_mb": 0.002441,
+        "graph/distinct_shapes": 1,
+        "val/acc": 0.9731,
+    }
+    line = plain_line(10, 20, metrics, eta=65)
+    assert line == (
+        "step 10/20 (50%) epoch 1 | loss 0.6341 | lr 5.00e-02 | 8,833 samples/s 7.25 ms/step | "
+        "rss 317 MB graph 2.5 KB | val/acc 0.9731 | eta 0:01:05"
+    )
+    assert len(line) <= 150  # old lines listed every metric (250+ characters); all are in metrics.jsonl
+
+
+def test_summary_table_never_cuts_the_run_dir(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from dgtrain.loggers.console import ConsoleLogger
+
+    run_dir = tmp_path / ("a_long_directory_name_" * 6) / "run"
+    logger = ConsoleLogger(mode="plain")
+    logger.console = Console(file=io.StringIO(), width=60)
+    logger.close({"run_dir": str(run_dir), "final": {"test/acc": 0.5}, "best": {}}, "completed")
+    out = logger.console.file.getvalue()
+    assert f"run dir: {run_dir}\n" in out and "test/acc" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,59 @@ def test_model_config_errors_are_clear():
         ConvNet.from_data(
             DataInfo(task="classification", in_shape=(1, 8, 8), num_classes=3), channels=[4, 8, 16]
         )
+
+
+@pytest.mark.parametrize("arch", ["encdec", "decoder"])
+def test_activation_checkpointing_keeps_loss_and_gradients_bitwise_and_saves_less(arch):
+    """model.activation_checkpointing: the same loss and gradients to the bit on CPU fp32, dropout
+    included (the checkpoint replays the RNG), while the graph keeps fewer bytes for backward."""
+    from dgtrain.telemetry import graph_stats
+
+    if arch == "encdec":
+        info = DataInfo(task="seq2seq", vocab_size=13, pad_id=0, bos_id=1, eos_id=2, max_len=16)
+        batch = _seq2seq_batch()
+    else:
+        info = DataInfo(task="lm", vocab_size=11, max_len=16)
+        x = torch.randint(11, (4, 17), generator=torch.Generator().manual_seed(3))
+        batch = (x[:, :-1], x[:, 1:])
+
+    def forward(model, batch):
+        if arch == "encdec":
+            src, tgt = batch
+            logits = model(src, tgt[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=0)
+        return F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
+
+    results = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = Transformer.from_data(
+            info, d_model=32, n_heads=4, n_layers=3, dropout=0.2, activation_checkpointing=ckpt
+        )
+        torch.manual_seed(1)  # the same dropout masks for both
+        loss = forward(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        saved = graph_stats(model, functools.partial(forward, model), batch)["saved_bytes"]
+        results[ckpt] = loss.detach(), grads, saved
+    (loss0, grads0, saved0), (loss1, grads1, saved1) = results[False], results[True]
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
+    assert saved1 < 0.6 * saved0, (saved0, saved1)
+
+
+def test_vocab_multiple_pads_embedding_and_head_and_decoding_never_emits_padding_ids():
+    info = DataInfo(task="seq2seq", vocab_size=13, pad_id=0, bos_id=1, eos_id=2, max_len=8)
+    model = Transformer.from_data(info, d_model=32, dropout=0.0, vocab_multiple=8).eval()
+    assert model.tok_emb.num_embeddings == 16 and model.head.out_features == 16
+    with torch.no_grad():
+        model.head.bias[13:] = 1e4  # the padding ids would win every argmax if decoding looked at them
+    src, _ = _seq2seq_batch()
+    assert int(model.generate(src, max_len=5).max()) < 13
+    lm = Transformer.from_data(
+        DataInfo(task="lm", vocab_size=50257, max_len=8), d_model=8, n_heads=2, n_layers=1, vocab_multiple=64
+    )
+    assert lm.head.out_features == 50304
+    with pytest.raises(DgtrainError, match="vocab_multiple"):
+        Transformer.from_data(info, vocab_multiple=0)

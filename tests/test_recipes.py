@@ -92,8 +92,17 @@ def test_ls_lists_every_recipe_file_and_group_option():
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
+    # Each entry is its name and whole description, wrapped onto indented continuation lines.
+    entries = []
+    for line in lines:
+        if line.startswith("     ") and entries:
+            entries[-1] += line.split()
+        else:
+            entries.append(line.split())
     for recipe in list_recipes(REPO / "recipes"):
-        assert any(line.split() == [recipe.name, *recipe.description.split()] for line in lines), recipe.name
+        assert [recipe.name, *recipe.description.split()] in entries, recipe.name
+    convnet = next(e for e in entries if e[:1] == ["convnet"])
+    assert " ".join(convnet).endswith("image size and class count come from the data.")  # was cut at ';'
     for path in (REPO / "configs" / "model").glob("*.yaml"):
         assert any(line.split()[:1] == [path.stem] for line in lines), path.stem
 
@@ -248,3 +257,13 @@ def test_recipe_runs_from_an_installed_copy(tmp_path: Path):
     config = OmegaConf.load(away / "run" / "config.yaml")
     assert config.smoke.metric == "val/r2" and config.optimizer.lr == 0.05
     assert str(target) in run_cli(["ls"], away, env=env).stdout
+
+
+def test_smoke_device_cpu_skips_cuda_recipes_with_the_reason(tmp_path: Path):
+    """transformer_charlm_cuda took 270 s on the CPU against its 90 s CUDA budget: never run it there."""
+    from dgtrain.commands.smoke import SKIPPED, run_one
+
+    for name in [n for n in NAMES if n.endswith("_cuda")]:
+        o = run_one(name, [], "cpu", tmp_path)
+        assert o.status == SKIPPED and "a CUDA recipe (device=cuda" in o.reason and "device=cpu" in o.reason
+    assert not any(tmp_path.iterdir()), "nothing ran"

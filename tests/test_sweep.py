@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from dgtrain.commands.sweep_summary import main as summary_main
 from dgtrain.errors import DgtrainError
-from dgtrain.sweep import collect, objective_from_history, summary_main
+from dgtrain.sweep import collect, objective_from_history
 from dgtrain.wandb_sweep import parameter_spec, wandb_sweep_config
 from tests.conftest import run_cli
 
@@ -341,16 +342,20 @@ def test_cuda_out_of_memory_fails_one_trial_and_the_next_one_trains(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     sweep_dir = tmp_path / "oom"
-    # 4096-channel convolutions on 256x256 images: a batch of 64 needs ~70 GB per activation (out of
-    # memory on any current GPU), a batch of 2 about 2 GB. The OOM job runs first, in the same process.
+    # The first conv's output alone takes 4096 channels x 256 x 256 x 4 bytes = 1 GiB per example, so a
+    # batch sized from the free memory (plus a margin) cannot fit on any GPU, however big, and fails
+    # before any compute; a batch of 2 needs about 4 GB. conv2 has one channel, so the classifier stays
+    # small and the good trial is quick. The OOM job runs first, in the same process.
+    free, _ = torch.cuda.mem_get_info()
+    too_big = max(64, free // 2**30 + 16)
     args = [
         "-m",
         "model=convnet",
         "data=synthetic_images",
-        "data.num_examples=80",
+        f"data.num_examples={2 * too_big}",
         "data.image_size=256",
-        "model.channels=[4096,4096]",
-        "data.batch_size=64,2",
+        "model.channels=[4096,1]",
+        f"data.batch_size={too_big},2",
         "device=cuda",
         "trainer.max_steps=2",
         "trainer.eval_batches=1",
@@ -363,3 +368,74 @@ def test_cuda_out_of_memory_fails_one_trial_and_the_next_one_trains(tmp_path):
     assert _summary(sweep_dir / "1")["status"] == "completed"
     rows = {x["job"]: x for x in _csv_rows(sweep_dir)}
     assert rows["1"]["rank"] == "1" and float(rows["1"]["peak_cuda_mb"]) > 0
+
+
+def test_a_sweep_over_tasks_ranks_each_metric_on_its_own(tmp_path, capsys):
+    """linreg (val/mse, lower is better) and convnet (val/acc, higher is better) in one grid: two rankings,
+    never one scale; the plot's y axes name each metric; overrides print as typed (no rich markup)."""
+    grid = tmp_path / "sweep"
+    grid.mkdir()
+
+    def done(metric, direction, value):
+        return {
+            "status": "completed",
+            "wall_s": 1.0,
+            "sweep": {"metric": metric, "direction": direction, "objective": value},
+        }
+
+    _job(grid, "0", ["model=linreg", "optimizer.lr=0.001"], done("val/mse", "minimize", 3.7e11))
+    _job(grid, "1", ["model=linreg", "optimizer.lr=0.01"], done("val/mse", "minimize", 0.02))
+    _job(
+        grid,
+        "2",
+        ["model=convnet", "optimizer.lr=0.001", "logger=[console,wandb]"],
+        done("val/acc", "maximize", 0.9),
+    )
+    _job(
+        grid,
+        "3",
+        ["model=convnet", "optimizer.lr=0.01", "logger=[console,wandb]"],
+        done("val/acc", "maximize", 0.97),
+    )
+    result = collect(grid)
+    assert result["mixed"] and result["metric"] is None and result["best"] is None
+    assert [(g["metric"], g["best"]["job"]) for g in result["groups"]] == [("val/mse", "1"), ("val/acc", "3")]
+    assert [(r["job"], r["rank"]) for r in result["trials"]] == [("1", 1), ("0", 2), ("3", 1), ("2", 2)]
+
+    summary_main([str(grid)])
+    out = capsys.readouterr().out
+    assert "trials monitor different metrics" in out and "val/mse (min)" in out and "val/acc (max)" in out
+    assert "logger=[console,wandb]" in out
+    rows = _csv_rows(grid)
+    assert [(x["job"], x["metric"], x["rank"]) for x in rows][:3] == [
+        ("1", "val/mse", "1"),
+        ("0", "val/mse", "2"),
+        ("3", "val/acc", "1"),
+    ]
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(grid / "sweep_objective.png").shape[0] > 500  # one row per metric
+
+
+def test_plot_axis_names_the_metric_of_a_single_metric_sweep(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    grid = tmp_path / "sweep"
+    grid.mkdir()
+    for i, (lr, v) in enumerate([("0.1", 0.5), ("0.01", 0.7)]):
+        _job(
+            grid,
+            str(i),
+            [f"optimizer.lr={lr}"],
+            {"status": "completed", "sweep": {"metric": "val/acc", "direction": "maximize", "objective": v}},
+        )
+    labels = []
+    real = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_ylabel", lambda ax, t, *a, **k: (labels.append(t), real(ax, t, *a, **k))
+    )
+    result = summary_main([str(grid)])
+    assert result == 0 and labels == ["val/acc (max)"]
+    assert collect(grid)["best"]["params"] == {"optimizer.lr": "0.01"}

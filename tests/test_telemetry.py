@@ -178,7 +178,7 @@ def test_cli_run_plain_console_shows_telemetry(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     out = p.stdout + p.stderr
-    assert "graph/saved_mb" in out and "saved for backward" in out
+    assert " graph " in out and "KB" in out and "saved for backward" in out
     rows = read_metrics(run_dir)
     assert rows[0]["graph/nodes"] > 0 and not [k for k in rows[0] if k.startswith("mem/cuda")]
 

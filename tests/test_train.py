@@ -168,3 +168,42 @@ def test_bad_combinations_fail_before_training(compose, tmp_path):
         fit(compose(["model=mlp", "loss=mse"]), tmp_path)
     with pytest.raises(DgtrainError, match=r"os\.system.*not allowed"):
         fit(compose(["model=mlp", "model._target_=os.system"]), tmp_path)
+
+
+def test_threads_and_deterministic_set_torch_process_settings(compose, tmp_path, monkeypatch):
+    import os
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = compose(["model=linreg", "trainer.max_steps=2", "device=cpu", "threads=1", "deterministic=true"])
+    try:
+        fit(cfg, tmp_path)
+        assert torch.get_num_threads() == 1
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
+        torch.backends.cudnn.deterministic = False
+    with pytest.raises(DgtrainError, match="threads=0: must be at least 1"):
+        fit(compose(["model=linreg", "threads=0"]), tmp_path / "bad")
+
+
+def test_test_at_end_needs_data_with_a_test_set(compose, tmp_path):
+    with pytest.raises(DgtrainError, match="trainer.test_at_end=true: data digits has no held-out test set"):
+        fit(
+            compose(["model=convnet", "trainer.max_steps=1", "device=cpu", "trainer.test_at_end=true"]),
+            tmp_path,
+        )
+
+
+def test_evaluating_the_test_split_of_data_without_one_says_so(compose):
+    import contextlib
+
+    from dgtrain.evaluate import evaluate_split
+    from dgtrain.train import setup
+
+    s = setup(compose(["model=linreg", "device=cpu"]))
+    with pytest.raises(DgtrainError, match="--split test: this data has no held-out test set"):
+        evaluate_split(s, contextlib.nullcontext, "test")
+    assert set(evaluate_split(s, contextlib.nullcontext, "val")) == {"val/loss", "val/mse", "val/r2"}

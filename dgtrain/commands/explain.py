@@ -87,7 +87,7 @@ def _grey_png(path: Path, m) -> None:
 
 
 def _pyplot():
-    from dgtrain.plots import _pyplot as plt
+    from dgtrain.loggers.plots import pyplot as plt
 
     return plt()
 

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
+
+
+def _entry(name: str, desc: str, width: int, columns: int) -> str:
+    """`    name    the whole description, wrapped under itself`."""
+    indent = " " * (4 + width + 2)
+    return textwrap.fill(
+        desc or "-",
+        width=max(columns, len(indent) + 30),
+        initial_indent=f"    {name:<{width}}  ",
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -14,12 +29,13 @@ def main(argv: list[str]) -> int:
     ).parse_args(argv)
     groups = group_options()
     width = max([len(n) for opts in groups.values() for n, _ in opts] + [len(r.name) for r in list_recipes()])
+    columns = shutil.get_terminal_size((100, 24)).columns
     print(f"Config groups (dgtrain GROUP=OPTION; from {config_dir()}):")
     for group, options in groups.items():
         print(f"\n  {group}")
         for name, desc in options:
-            print(f"    {name:<{width}}  {desc}")
+            print(_entry(name, desc, width, columns))
     print(f"\nRecipes (dgtrain recipe=NAME; from {recipes_dir()}):")
     for r in list_recipes():
-        print(f"    {r.name:<{width}}  {r.description}")
+        print(_entry(r.name, r.description, width, columns))
     return 0

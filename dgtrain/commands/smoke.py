@@ -160,6 +160,14 @@ def run_one(name: str, overrides: list[str], device: str | None, out: Path) -> O
     except Exception as e:  # noqa: BLE001 - Hydra/OmegaConf composition errors: report and go on
         return Outcome(name, ERROR, f"the config does not compose: {_one_line(e)}")
 
+    own = str(cfg.device)
+    if own.startswith("cuda") and device == "cpu":
+        # Its budgets (time, memory) are CUDA budgets: run on the CPU they would fail for the wrong reason.
+        return Outcome(
+            name,
+            SKIPPED,
+            f"a CUDA recipe (device={own}, CUDA time and memory budgets): not run with device=cpu",
+        )
     # Contracts are CPU budgets: a recipe that leaves the device to `auto` runs on the CPU.
     dev = device or (str(cfg.device) if str(cfg.device) != "auto" else "cpu")
     if dev == "auto":  # asked for on the command line: judge the run by the device it will really use

@@ -9,7 +9,7 @@ batches are drawn on the GPU with no per-batch host-to-device copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,13 @@ class DataInfo:
 @dataclass
 class DataBundle:
     train: Dataset
-    val: Dataset
+    val: Dataset  # what the run validates on (best.pt, sweeps): always carved from the training files
     info: DataInfo
+    # The official held-out test set where a dataset has one (MNIST t10k, CIFAR-10 test_batch): scored
+    # only by `dgtrain eval --split test` and `trainer.test_at_end=true`, never to select anything.
+    test: Dataset | None = None
+    # A transform of training batches already on the device (data.augment); never applied to val/test.
+    augment: Callable | None = None
 
 
 def _identity(batch):

@@ -1,5 +1,11 @@
-"""Image classification data: `synthetic_images`, scikit-learn's bundled `digits`, and `mnist` and
-`cifar10` read from their standard distribution files (never downloaded)."""
+"""Image classification data: `synthetic_images`, scikit-learn's bundled `digits`, `mnist` and
+`cifar10` read from their standard distribution files (never downloaded), and `image_folder`
+(one subfolder per class, torchvision's ImageFolder layout).
+
+Splits of the file-based sets: `val` is carved from the training files (`val_fraction`, from the
+run's seed), so best.pt, sweeps and early stops select on it; the official test files become `test`,
+scored only by `dgtrain eval --split test` and `trainer.test_at_end=true`. Pixels are normalised per
+channel with the mean and std of the training split (or `data.mean`/`data.std`)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import numpy as np
 import torch
 
 from dgtrain.data import DataBundle, DataInfo, TensorPairs, limit, split_indices
+from dgtrain.data.augment import ImageAugment
 from dgtrain.errors import DgtrainError
 
 DIGIT_NAMES = [str(i) for i in range(10)]
@@ -48,6 +55,86 @@ def _split(
     n = limit(len(x), max_examples)
     train_idx, val_idx = split_indices(n, val_fraction, seed)
     return _classification(x[train_idx], y[train_idx], x[val_idx], y[val_idx], num_classes, **meta)
+
+
+def _channel_stats(
+    x: torch.Tensor, mean: list[float] | None, std: list[float] | None, data: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Per-channel mean and std: `data.mean`/`data.std` when given, else measured on `x` (the training
+    split, never the validation or test images)."""
+    c = x.shape[1]
+    if (mean is None) != (std is None):
+        raise DgtrainError(
+            f"data={data}: set both data.mean and data.std (one value per channel), or neither to measure "
+            "them on the training split."
+        )
+    if mean is not None:
+        for key, v in (("mean", mean), ("std", std)):
+            if len(v) != c:
+                raise DgtrainError(
+                    f"data.{key}={list(v)}: {len(v)} value(s), but the images have {c} channel(s); give one "
+                    "value per channel (or null to measure them on the training split)."
+                )
+        if any(float(s) <= 0 for s in std):
+            raise DgtrainError(f"data.std={list(std)}: every value must be positive.")
+        shape = (1, c, 1, 1)
+        return torch.tensor(mean).float().view(shape), torch.tensor(std).float().view(shape), "data.mean/std"
+    dims = (0, 2, 3)
+    m = x.mean(dims, keepdim=True, dtype=torch.float64)
+    sd = (x.double() - m).pow(2).mean(dims, keepdim=True).sqrt().clamp_min(1e-6)
+    return m.float(), sd.float(), "training split"
+
+
+def _image_bundle(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    data: str,
+    seed: int,
+    val_fraction: float,
+    max_examples: int | None,
+    num_classes: int,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    augment: bool = False,
+    crop_padding: int = 4,
+    hflip: bool = True,
+    extra: dict | None = None,
+) -> DataBundle:
+    """Images in [0, 1] shaped (N, C, H, W) from the training files -> train/val split (val carved with
+    the run's seed), normalised with training statistics, plus the official test set if any."""
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DgtrainError(
+            f"data.val_fraction={val_fraction}: must lie strictly between 0 and 1 (the share of the training "
+            f"files held out for validation; data={data} validates on it, never on its test set)."
+        )
+    n = limit(len(x), max_examples)
+    train_idx, val_idx = split_indices(n, float(val_fraction), seed)
+    m, sd, source = _channel_stats(x[train_idx], mean, std, data)
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        return (t - m) / sd
+
+    info = DataInfo(
+        task="classification",
+        in_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        # what `dgtrain predict`/`export` need to prepare new images as training did (dgtrain/runs.py)
+        extra={
+            "normalise": {"mean": m.flatten().tolist(), "std": sd.flatten().tolist(), "from": source},
+            **(extra or {}),
+        },
+    )
+    if int(crop_padding) < 0:
+        raise DgtrainError(f"data.crop_padding={crop_padding}: must be 0 or more (pixels of zero padding).")
+    return DataBundle(
+        TensorPairs(norm(x[train_idx]), y[train_idx]),
+        TensorPairs(norm(x[val_idx]), y[val_idx]),
+        info,
+        test=TensorPairs(norm(test[0]), test[1]) if test is not None else None,
+        augment=ImageAugment(int(crop_padding), bool(hflip)) if augment else None,
+    )
 
 
 def synthetic_images(
@@ -88,8 +175,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
-    "val_images": "t10k-images-idx3-ubyte",
-    "val_labels": "t10k-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
 }
 
 
@@ -131,10 +218,18 @@ def mnist(
     *,
     seed: int,
     root: str = "data/mnist",
+    val_fraction: float = 0.1,
     max_examples: int | None = None,
-    max_val_examples: int | None = None,
+    max_test_examples: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    augment: bool = False,
+    crop_padding: int = 4,
+    hflip: bool = False,
 ) -> DataBundle:
-    """MNIST from its four idx files under `root` (or `root/MNIST/raw`); validation = the t10k test set."""
+    """MNIST (or any idx files in its layout: Fashion-MNIST, KMNIST) under `root` (or `root/MNIST/raw`).
+
+    Validation = `val_fraction` of the training images; test = the t10k files (`--split test`)."""
     base = Path(root).expanduser()
     subdirs = ("", "MNIST/raw", "raw")
     paths = {k: _find(base, v, subdirs) for k, v in MNIST_FILES.items()}
@@ -162,20 +257,33 @@ def mnist(
                 "the labels file is not MNIST's or is corrupt."
             )
         n = limit(len(images), cap)
-        x = (torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD
+        x = torch.from_numpy(images[:n].copy()).float().unsqueeze(1) / 255.0
         return x, torch.from_numpy(labels[:n].astype(np.int64))
 
-    x_tr, y_tr = prep(arrays["train_images"], arrays["train_labels"], max_examples, "training")
-    x_va, y_va = prep(arrays["val_images"], arrays["val_labels"], max_val_examples, "test")
-    return _classification(x_tr, y_tr, x_va, y_va, 10, DIGIT_NAMES, [MNIST_MEAN], [MNIST_STD], pixels="idx")
+    x_tr, y_tr = prep(arrays["train_images"], arrays["train_labels"], None, "training")
+    test = prep(arrays["test_images"], arrays["test_labels"], max_test_examples, "test")
+    return _image_bundle(
+        x_tr,
+        y_tr,
+        data="mnist",
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        num_classes=10,
+        test=test,
+        mean=mean,
+        std=std,
+        augment=augment,
+        crop_padding=crop_padding,
+        hflip=hflip,
+        extra={"class_names": DIGIT_NAMES, "pixels": "idx"},
+    )
 
 
 # -------------------------------------------------------------------------------------------- CIFAR-10
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR_VAL = ("test_batch",)
-_CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-_CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+CIFAR_TEST = ("test_batch",)
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -217,16 +325,24 @@ def cifar10(
     *,
     seed: int,
     root: str = "data/cifar10",
+    val_fraction: float = 0.1,
     max_examples: int | None = None,
-    max_val_examples: int | None = None,
+    max_test_examples: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    augment: bool = True,
+    crop_padding: int = 4,
+    hflip: bool = True,
 ) -> DataBundle:
-    """CIFAR-10 from the python batches under `root/cifar-10-batches-py` (or `root`); validation = test_batch."""
+    """CIFAR-10 from the python batches under `root/cifar-10-batches-py` (or `root`).
+
+    Validation = `val_fraction` of data_batch_1..5; test = test_batch (`--split test`)."""
     base = Path(root).expanduser()
     folder = next(
         (d for d in (base / "cifar-10-batches-py", base) if (d / "test_batch").is_file()),
         base / "cifar-10-batches-py",
     )
-    missing = [n for n in CIFAR_TRAIN + CIFAR_VAL if not (folder / n).is_file()]
+    missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if not (folder / n).is_file()]
     if missing:
         raise DgtrainError(
             f"data=cifar10: missing file(s) in {folder.resolve()}: {', '.join(missing)}. dgtrain never downloads "
@@ -239,19 +355,150 @@ def cifar10(
         data = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         n = limit(len(data), cap)
-        x = (torch.from_numpy(data[:n].copy()).float() / 255.0 - _CIFAR_MEAN) / _CIFAR_STD
-        return x, torch.from_numpy(labels[:n])
+        return torch.from_numpy(data[:n].copy()).float() / 255.0, torch.from_numpy(labels[:n])
 
-    x_tr, y_tr = load(CIFAR_TRAIN, max_examples)
-    x_va, y_va = load(CIFAR_VAL, max_val_examples)
-    return _classification(
+    x_tr, y_tr = load(CIFAR_TRAIN, None)
+    return _image_bundle(
         x_tr,
         y_tr,
-        x_va,
-        y_va,
-        10,
-        CIFAR10_NAMES,
-        _CIFAR_MEAN.flatten().tolist(),
-        _CIFAR_STD.flatten().tolist(),
-        pixels="cifar",
+        data="cifar10",
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        num_classes=10,
+        test=load(CIFAR_TEST, max_test_examples),
+        mean=mean,
+        std=std,
+        augment=augment,
+        crop_padding=crop_padding,
+        hflip=hflip,
+        extra={"class_names": CIFAR10_NAMES, "pixels": "cifar"},
+    )
+
+
+# ----------------------------------------------------------------------------------------- image folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+def _read_class_folders(
+    root: Path, key: str, channels: int, image_size: int | None, classes: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images under root/<class>/ as floats in [0, 1], (N, C, H, W); class index = sorted folder name
+    (torchvision's ImageFolder order), or the position in `classes` when given (a test folder)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise DgtrainError(
+            "data=image_folder reads images with Pillow, which is not installed: pip install 'dgtrain[images]' "
+            "(or pip install pillow)."
+        ) from e
+    if not root.is_dir():
+        raise DgtrainError(
+            f"{key}={root}: no such directory. Expected one subfolder per class holding its images "
+            "(torchvision's ImageFolder layout: ROOT/cat/001.png, ROOT/dog/002.jpg, ...)."
+        )
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DgtrainError(
+            f"{key}={root}: no class subfolders. Put each class's images in its own subfolder "
+            "(ROOT/cat/001.png, ROOT/dog/002.jpg, ...); the folder names become the class names."
+        )
+    if classes is None:
+        classes = found
+    elif unknown := [c for c in found if c not in classes]:
+        raise DgtrainError(
+            f"{key}={root}: class folder(s) {', '.join(unknown)} do not exist under data.root; the classes "
+            f"the model learns are {', '.join(classes)}."
+        )
+    mode = {1: "L", 3: "RGB"}.get(int(channels))
+    if mode is None:
+        raise DgtrainError(f"data.channels={channels}: expected 1 (greyscale) or 3 (RGB).")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if folder.is_dir() and not files:
+            raise DgtrainError(
+                f"{key}={root}: class folder {name}/ holds no images ({', '.join(IMAGE_SUFFIXES)}). Remove the "
+                "folder or add its images."
+            )
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode)
+                    if image_size is not None and im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (OSError, UnidentifiedImageError) as e:
+                raise DgtrainError(f"{f}: not a readable image ({e}). Remove or replace the file.") from e
+            if images and arr.shape != images[0].shape:
+                raise DgtrainError(
+                    f"{f}: {arr.shape[1]}x{arr.shape[0]} pixels, but {images[0].shape[1]}x{images[0].shape[0]} "
+                    "before it. Images of one run share one size: set data.image_size=N to resize every "
+                    "image to N x N."
+                )
+            images.append(arr)
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images)).float() / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels, dtype=torch.long), classes
+
+
+def image_folder(
+    *,
+    seed: int,
+    root: str | None,
+    test_root: str | None = None,
+    image_size: int | None = None,
+    channels: int = 3,
+    val_fraction: float = 0.1,
+    max_examples: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    augment: bool = True,
+    crop_padding: int = 4,
+    hflip: bool = True,
+) -> DataBundle:
+    """A directory of class subfolders (ROOT/<class>/<image>), read into memory with Pillow.
+
+    Validation = `val_fraction` of it; `test_root`, in the same layout, is the held-out test set."""
+    if not root:
+        raise DgtrainError(
+            "data=image_folder needs a directory: set data.root=/path/to/images (one subfolder per class)."
+        )
+    if image_size is not None and int(image_size) < 1:
+        raise DgtrainError(f"data.image_size={image_size}: must be a positive number of pixels, or null.")
+    size = None if image_size is None else int(image_size)
+    x, y, classes = _read_class_folders(Path(root).expanduser(), "data.root", channels, size)
+    if len(classes) < 2:
+        raise DgtrainError(
+            f"data.root={root}: only one class folder ({classes[0]}/); classification needs two."
+        )
+    test = None
+    if test_root:
+        xt, yt, _ = _read_class_folders(
+            Path(test_root).expanduser(), "data.test_root", channels, size, classes
+        )
+        if xt.shape[1:] != x.shape[1:]:
+            raise DgtrainError(
+                f"data.test_root={test_root}: images of {tuple(xt.shape[1:])}, training images of "
+                f"{tuple(x.shape[1:])}; set data.image_size=N to resize both."
+            )
+        test = (xt, yt)
+    return _image_bundle(
+        x,
+        y,
+        data="image_folder",
+        seed=seed,
+        val_fraction=val_fraction,
+        max_examples=max_examples,
+        num_classes=len(classes),
+        test=test,
+        mean=mean,
+        std=std,
+        augment=augment,
+        crop_padding=crop_padding,
+        hflip=hflip,
+        extra={"class_names": classes, "pixels": None},
     )

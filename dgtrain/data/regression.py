@@ -108,22 +108,156 @@ def _is_float(v: str) -> bool:
     return True
 
 
-def _read_rows(p: Path, path: str) -> list[list[str]]:
-    """The rows of a CSV file; `.gz` files are decompressed (as pandas reads them)."""
+def _columns(header: list[str]) -> str:
+    """The header as an error lists it: names cut short, at most 20 of them."""
+    names = [h if len(h) <= 30 else h[:30] + "..." for h in header[:20]]
+    return ", ".join(names) + (f", ... ({len(header)} in all)" if len(header) > 20 else "")
+
+
+def read_table(p: Path, path: str, delimiter: str | None) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data rows and their line numbers in the file (blank lines skipped). `.gz` files are
+    decompressed (as pandas reads them); a UTF-8 byte-order mark (what Excel writes) is dropped; the
+    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |."""
     import gzip
 
+    if delimiter is not None and len(str(delimiter)) != 1:
+        raise DgtrainError(
+            f"data.delimiter={delimiter!r}: must be one character (',', ';', '\\t', '|'), or null to detect it."
+        )
     gz = p.suffix == ".gz"
     try:
         with (
-            gzip.open(p, "rt", newline="", encoding="utf-8") if gz else p.open(newline="", encoding="utf-8")
+            gzip.open(p, "rt", newline="", encoding="utf-8-sig")
+            if gz
+            else p.open(newline="", encoding="utf-8-sig")
         ) as f:
-            return list(_csv.reader(f))
+            if delimiter is None:
+                sample = f.read(65536)
+                f.seek(0)
+                try:
+                    delimiter = _csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+                except _csv.Error:
+                    delimiter = ","
+            reader = _csv.reader(f, delimiter=str(delimiter))
+            numbered = [(reader.line_num, row) for row in reader if row]
     except (OSError, EOFError, UnicodeDecodeError, _csv.Error) as e:
         what = type(e).__name__ if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:80]
         raise DgtrainError(
             f"data.path={path}: cannot be read as a {'gzipped ' if gz else ''}UTF-8 CSV file ({what}). "
-            "Expected a text CSV file (optionally .csv.gz) with a header row and numeric columns."
+            "Expected a text CSV file (optionally .csv.gz) with a header row."
         ) from None
+    if len(numbered) < 3:
+        raise DgtrainError(
+            f"data.path={p}: expected a header row and at least 2 data rows, found {len(numbered)} rows."
+        )
+    header = [h.strip() for h in numbered[0][1]]
+    for r, row in numbered[1:]:
+        if len(row) != len(header):
+            raise DgtrainError(
+                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
+                f"{delimiter!r}, set data.delimiter if that is wrong)."
+            )
+    return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
+
+
+def encode_columns(
+    p: Path,
+    header: list[str],
+    rows: list[list[str]],
+    lines: list[int],
+    target: str | None,
+    drop: list[str],
+    categorical: str | list[str] | None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(features, target (N, 1), feature names). Numeric columns as they are; the text columns chosen by
+    `categorical` one-hot encoded (`col=value` per category, sorted): "auto" every column holding a
+    non-number, a list those columns, "none" (or null) no column, so any text value is an error."""
+    if target is None or target not in header:
+        if len(header) < 2:  # one field: not a table (or another separator), and its line is not quoted back
+            raise DgtrainError(
+                f"data.path={p}: the first line holds a single field, so this does not look like a table with a "
+                "header row. Set data.delimiter to the file's separator (null detects , ; tab |); "
+                "data.target must name one of its columns."
+            )
+        raise DgtrainError(f"data.target={target!r} is not a column of {p}. Columns: {_columns(header)}.")
+    if len(header) < 2:
+        raise DgtrainError(
+            f"data.path={p}: the only column is the target {target!r}, so there are no features to learn "
+            "from. Add feature columns, or point data.path at the full table."
+        )
+    unknown = [str(c) for c in drop if c not in header]
+    if unknown:
+        raise DgtrainError(
+            f"data.drop: {', '.join(unknown)} not column(s) of {p}. Columns: {_columns(header)}."
+        )
+    if target in drop:
+        raise DgtrainError(f"data.drop lists the target column {target!r}; drop features only.")
+    if categorical in (None, "none", False):
+        text_cols: set[str] = set()
+    elif categorical == "auto":
+        text_cols = {h for i, h in enumerate(header) if any(not _is_float(row[i]) for row in rows)}
+        text_cols -= {target}  # a text target is reported below, with its line
+    elif isinstance(categorical, str):
+        raise DgtrainError(
+            f"data.categorical={categorical!r}: expected none, auto or a list of column names (e.g. [city])."
+        )
+    else:
+        text_cols = {str(c) for c in categorical}
+        unknown = sorted(text_cols - set(header))
+        if unknown:
+            raise DgtrainError(
+                f"data.categorical: {', '.join(unknown)} not column(s) of {p}. Columns: {_columns(header)}."
+            )
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    for i, h in enumerate(header):
+        if h in drop or h == target:
+            continue
+        if h in text_cols:
+            values = [row[i].strip() for row in rows]
+            cats = sorted(set(values))
+            index = {c: k for k, c in enumerate(cats)}
+            block = np.zeros((len(rows), len(cats)), dtype=np.float32)
+            block[np.arange(len(rows)), [index[v] for v in values]] = 1.0
+            blocks.append(block)
+            names.extend(f"{h}={c}" for c in cats)
+        else:
+            blocks.append(_numeric_column(p, rows, lines, i, h, "feature")[:, None])
+            names.append(h)
+    if not blocks:
+        raise DgtrainError(f"{p}: no feature columns left besides data.target={target!r} (data.drop={drop}).")
+    y = _numeric_column(p, rows, lines, header.index(target), target, "target")[:, None]
+    return np.concatenate(blocks, axis=1), y, names
+
+
+def _numeric_column(
+    p: Path, rows: list[list[str]], lines: list[int], i: int, name: str, role: str
+) -> np.ndarray:
+    """Column i as float32; a text, NaN or infinite value (or one beyond float32's range) is an error
+    naming its line and column."""
+    out = np.empty(len(rows), dtype=np.float32)
+    where = f"column {i + 1} ({_field(name, 30)})"
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below
+        for r, row in enumerate(rows):
+            try:
+                out[r] = float(row[i])
+            except ValueError:
+                hint = (
+                    "the target of a regression must be numeric"
+                    if role == "target"
+                    else f"one-hot encode it with data.categorical=auto (or [{name}]), or data.drop=[{name}]"
+                )
+                raise DgtrainError(
+                    f"{p}, line {lines[r]}, {where}: the value {_field(row[i])} is not a number; {hint}."
+                ) from None
+    bad = np.flatnonzero(~np.isfinite(out))  # nan, inf, or beyond float32's range
+    if len(bad):
+        r = int(bad[0])
+        raise DgtrainError(
+            f"{p}, line {lines[r]}, {where}: the value {_field(rows[r][i])} is not a finite number (float32); "
+            "it would make every loss NaN. Remove or fill the missing or infinite values before training."
+        )
+    return out
 
 
 def csv(
@@ -133,8 +267,12 @@ def csv(
     target: str | None,
     val_fraction: float = 0.2,
     max_examples: int | None = None,
+    delimiter: str | None = None,
+    drop: list[str] | None = None,
+    categorical: str | list[str] | None = "none",
 ) -> DataBundle:
-    """A numeric CSV file (or .csv.gz) with a header row; `target` names the column to predict."""
+    """A CSV file (or .csv.gz) with a header row; `target` names the (numeric) column to predict, every
+    other column not in `drop` is a feature. Text columns are one-hot encoded when `categorical` says so."""
     if not path:
         raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
     p = Path(path).expanduser()
@@ -143,62 +281,15 @@ def csv(
             f"data.path={path}: file not found. Expected a CSV file with a header row "
             "and numeric columns, one of which is named by data.target."
         )
-    rows = _read_rows(p, path)
-    if len(rows) < 3:
-        raise DgtrainError(
-            f"data.path={p}: expected a header row and at least 2 data rows, found {len(rows)} rows."
-        )
-    header = [h.strip() for h in rows[0]]
-    if target is None or target not in header:
-        if len(header) < 2:  # one field: not a comma-separated table, and its line is not quoted back
-            raise DgtrainError(
-                f"data.path={p}: the first line holds a single field, so this does not look like a "
-                "comma-separated file with a header row; data.target must name one of its columns."
-            )
-        names = [h if len(h) <= 30 else h[:30] + "..." for h in header[:20]]
-        raise DgtrainError(
-            f"data.target={target!r} is not a column of {p}. Columns: {', '.join(names)}"
-            + (f", ... ({len(header)} in all)." if len(header) > 20 else ".")
-        )
-    if len(header) < 2:
-        raise DgtrainError(
-            f"data.path={p}: the only column is the target {target!r}, so there are no features to learn "
-            "from. Add feature columns, or point data.path at the full table."
-        )
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float32)
-    for r, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DgtrainError(
-                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
-            )
-        try:
-            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below
-                values[r - 2] = [float(v) for v in row]
-        except ValueError:
-            c = next(c for c, v in enumerate(row) if not _is_float(v))
-            raise DgtrainError(
-                f"{p}, line {r}, column {c + 1} ({_field(header[c], 30)}): the value {_field(row[c])} is not "
-                "a number; every column must be numeric."
-            ) from None
-    bad = np.argwhere(~np.isfinite(values))  # nan, inf, or beyond float32's range
-    if len(bad):
-        i, c = (int(v) for v in bad[0])
-        raise DgtrainError(
-            f"{p}, line {i + 2}, column {c + 1} ({_field(header[c], 30)}): the value {_field(rows[i + 1][c])} "
-            "is not a finite number (float32); it would make every loss NaN. Remove or fill the missing or "
-            "infinite values before training."
-        )
-    t = header.index(target)
-    data = torch.from_numpy(values)
-    x = torch.cat([data[:, :t], data[:, t + 1 :]], dim=1)
-    y = data[:, t : t + 1]
+    header, rows, lines = read_table(p, path, delimiter)
+    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical)
     return _bundle(
-        x,
-        y,
+        torch.from_numpy(x),
+        torch.from_numpy(y),
         seed=seed,
         val_fraction=val_fraction,
         max_examples=max_examples,
         standardise=True,
-        feature_names=header[:t] + header[t + 1 :],
+        feature_names=features,
         target_names=[target],
     )

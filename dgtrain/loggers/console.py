@@ -122,7 +122,7 @@ class ConsoleLogger:
                     + self._graph
                 )
             self._progress.update(self._task, completed=step, **fields)
-            val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+            val = {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
             if val:
                 self._progress.console.log(
                     f"step {step}: " + "  ".join(f"{k} {_fmt(k, v)}" for k, v in val.items())
@@ -134,11 +134,7 @@ class ConsoleLogger:
         elapsed = time.perf_counter() - self._t0
         done = step - self._first  # steps this process ran (a resumed run started at _first)
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        pct = f" ({100 * step // self.total}%)" if self.total else ""
-        parts = [f"step {step}/{self.total}{pct}"]
-        parts += [f"{k} {_fmt(k, v)}" for k, v in metrics.items()]
-        parts.append(f"eta {_eta(eta)}")
-        log.info(" | ".join(parts))
+        log.info(plain_line(step, self.total, metrics, eta))
 
     def close(self, summary: dict[str, Any], status: str) -> None:
         if self._progress is not None:
@@ -152,6 +148,42 @@ class ConsoleLogger:
             self._swapped = []
         if summary:
             self.console.print(summary_table(summary, status))
+            # Below the table, on one line of its own, so that no terminal or CI width cuts it.
+            self.console.print(
+                f"run dir: {summary.get('run_dir')}", soft_wrap=True, markup=False, highlight=False
+            )
+
+
+def plain_line(step: int, total: int, metrics: dict[str, Any], eta: float) -> str:
+    """One short log line per logging step for CI logs and pipes: what the live bar shows (loss, lr,
+    speed, memory, ETA) plus evaluation results. Every metric is in metrics.jsonl."""
+    pct = f" ({100 * step // total}%)" if total else ""
+    parts = [f"step {step}/{total}{pct}" + (f" epoch {metrics['epoch']}" if "epoch" in metrics else "")]
+    for key, name in (("train/loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm")):
+        if key in metrics:
+            parts.append(f"{name} {_fmt(key, metrics[key])}")
+    if metrics.get("train/skipped_steps"):
+        parts.append(f"skipped {metrics['train/skipped_steps']}")
+    if "perf/samples_per_s" in metrics:
+        speed = f"{metrics['perf/samples_per_s']:,.0f} samples/s"
+        if "perf/tokens_per_s" in metrics:
+            speed += f" {metrics['perf/tokens_per_s']:,.0f} tok/s"
+        if "perf/step_ms" in metrics:
+            speed += f" {metrics['perf/step_ms']:.3g} ms/step"
+        parts.append(speed)
+    if "mem/rss_mb" in metrics:
+        mem = f"rss {metrics['mem/rss_mb']:,.0f} MB"
+        if "mem/cuda_peak_mb" in metrics:
+            mem += f" cuda peak {metrics['mem/cuda_peak_mb']:,.0f} MB"
+        if "graph/saved_mb" in metrics:
+            mem += f" graph {_mb(metrics['graph/saved_mb'])}"
+        parts.append(mem)
+    evals = [f"{k} {_fmt(k, v)}" for k, v in metrics.items() if k.startswith(("val/", "test/"))]
+    if evals:
+        parts.append("  ".join(evals))
+    if step < total:
+        parts.append(f"eta {_eta(eta)}")
+    return " | ".join(parts)
 
 
 def summary_table(summary: dict[str, Any], status: str) -> Table:
@@ -161,7 +193,7 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
     t.add_column("best", justify="right")
     final, best = summary.get("final", {}), summary.get("best", {})
     for k in sorted(final):
-        if k.startswith(("train/", "val/")):
+        if k.startswith(("train/", "val/", "test/")):
             b = best.get(k)
             t.add_row(k, _fmt(k, final[k]), "" if b is None else f"{_fmt(k, b['value'])} @ {b['step']}")
     t.add_section()
@@ -183,5 +215,4 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
         t.add_row("distinct batch shapes", str(summary["telemetry"]["distinct_shapes"]), "")
     t.add_row("parameters", f"{summary.get('parameters', 0):,}", "")
     t.add_row("device", str(summary.get("device_name", summary.get("device"))), "")
-    t.add_row("run dir", str(summary.get("run_dir")), "")
-    return t
+    return t  # the run dir is printed below the table, uncut

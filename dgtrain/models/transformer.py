@@ -6,6 +6,10 @@ memory-efficient on CUDA) when the masks allow it. Blocks are pre-norm for stabl
 Two opt-in paths leave training untouched: a KV cache for generation (`decode(..., cache=[])` keeps
 each decoder layer's keys and values, so a new token attends to the prefix without recomputing it),
 and `attention_maps`, which computes attention explicitly to return its weights (`dgtrain explain`).
+
+`activation_checkpointing=True` keeps only each block's input for backward and recomputes the block's
+inside during backward (`torch.utils.checkpoint`, non-reentrant): less memory for one more forward per
+block. The RNG state is replayed, so dropout draws the same masks and the gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dgtrain.data import DataInfo
 from dgtrain.errors import DgtrainError
@@ -155,6 +160,8 @@ class Transformer(nn.Module):
         eos_id: int | None = None,
         tie_weights: bool = False,
         init: str = "default",
+        activation_checkpointing: bool = False,
+        vocab_multiple: int = 1,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -163,6 +170,15 @@ class Transformer(nn.Module):
             raise DgtrainError(f"model.init={init!r}: expected one of {', '.join(INITS)}.")
         self.arch, self.max_positions = arch, max_positions
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.activation_checkpointing = bool(activation_checkpointing)
+        if int(vocab_multiple) < 1:
+            raise DgtrainError(
+                f"model.vocab_multiple={vocab_multiple}: expected a positive integer (1: no padding)."
+            )
+        # Embedding and head rows padded to a multiple (GPT-2's 50,257 -> 50,304 with 64) give matmul
+        # shapes the GPU tiles well; the extra ids never occur in the data, so training pushes them down.
+        self.vocab_size = vocab_size
+        vocab_size = math.ceil(vocab_size / int(vocab_multiple)) * int(vocab_multiple)
         d_ff = d_ff or 4 * d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_positions, d_model)
@@ -225,13 +241,21 @@ class Transformer(nn.Module):
         pos = torch.arange(offset, t, device=tokens.device)
         return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))
 
+    def _run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        """One block; under activation checkpointing in training (never with a KV cache or attention
+        weights to collect, whose side effects a recomputation would repeat)."""
+        plain = all(a is None or isinstance(a, torch.Tensor) for a in args)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled() and plain:
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
     def encode(
         self, src: torch.Tensor, weights: list | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         src_mask = None if self.pad_id is None else src != self.pad_id
         x = self._embed(src)
         for block in self.encoder:
-            x = block(x, src_mask, weights)
+            x = self._run(block, x, src_mask, weights)
         return self.enc_ln(x), src_mask
 
     def decode(
@@ -249,7 +273,7 @@ class Transformer(nn.Module):
         offset = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         x = self._embed(tokens, offset)
         for i, block in enumerate(self.decoder):
-            x = block(x, memory, memory_mask, None if cache is None else cache[i], weights)
+            x = self._run(block, x, memory, memory_mask, None if cache is None else cache[i], weights)
         return self.head(self.ln_f(x))
 
     @torch.no_grad()
@@ -282,7 +306,7 @@ class Transformer(nn.Module):
         ys = torch.full((src.shape[0], 1), self.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
         for _ in range(max_len):
-            nxt = self.decode(ys, memory, src_mask)[:, -1].argmax(-1)
+            nxt = self.decode(ys, memory, src_mask)[:, -1, : self.vocab_size].argmax(-1)  # never a padding id
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             ys = torch.cat([ys, nxt[:, None]], dim=1)
             done |= nxt == self.eos_id

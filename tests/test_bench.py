@@ -1,0 +1,38 @@
+"""scripts/bench.py runs dgtrain's public fit and the hand-written loops on the same case, and reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_env
+
+
+@pytest.mark.slow
+def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--cases", "linreg", "lm", "--steps", "3"]
+        + ["--repeats", "2", "--runners", "dgtrain", "hand", "resident", "--json", str(out)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| linreg |" in p.stdout and "dgtrain/hand" in p.stdout
+    res = json.loads(out.read_text())
+    assert res["machine"]["device"] == "cpu"
+    rows = {r["case"]: r for r in res["cases"]}
+    for name in ("linreg", "lm"):
+        row = rows[name]
+        assert all(len(row["ms"][r]) == 2 and min(row["ms"][r]) > 0 for r in ("dgtrain", "hand", "resident"))
+        assert row["dgtrain/hand"] == pytest.approx(row["median_ms"]["dgtrain"] / row["median_ms"]["hand"])
+    # nanoGPT's count for the CPU LM (d=64, 2 layers, 4 heads, T=64, vocab 512): 6N + 12*L*H*Q*T
+    attn, ff, norms = 4 * 64 * 64 + 4 * 64, 2 * 64 * 256 + 256 + 64, 2 * 2 * 64
+    n = 2 * (attn + ff + norms) + 2 * 64 + (512 * 64 + 512)  # blocks, final norm, head (no embeddings)
+    assert rows["lm"]["flops_per_token"] == 6 * n + 12 * 2 * 4 * 16 * 64
