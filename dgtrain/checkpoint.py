@@ -56,6 +56,10 @@ class CheckpointError(DgtrainError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, unsafe or not dgtrain's."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is truncated or damaged: garbage, never worth keeping."""
+
+
 # ------------------------------------------------------------------------------------ files on disk
 
 
@@ -139,7 +143,7 @@ def load(path: Path | str) -> dict[str, Any]:
         from dgtrain.distributed import SHARDED_META, is_complete_sharded
 
         if not is_complete_sharded(path):
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"checkpoint {path} is incomplete: an FSDP checkpoint directory needs {SHARDED_META} and the "
                 "torch.distributed.checkpoint .metadata file (written last). Resume from an earlier one."
             )
@@ -159,7 +163,7 @@ def load(path: Path | str) -> dict[str, Any]:
             "unpickling such objects can run arbitrary code; use a checkpoint written by dgtrain."
         ) from None
     except Exception as e:  # zip/pickle stream errors: a truncated or damaged file
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160]})."
             " Resume from an earlier checkpoint (resume=auto picks the newest readable one)."
         ) from None
@@ -295,8 +299,9 @@ def newest_valid(
     directory: Path, why: str, run_id: str | None = None, remove_corrupt: bool = False
 ) -> tuple[Path, dict] | None:
     """The newest readable checkpoint in `directory`, saying which unreadable ones it passed over.
-    With `run_id`, checkpoints of another run are passed over too; with `remove_corrupt`, unreadable
-    ones are deleted (rotation would otherwise keep them and delete the valid ones)."""
+    With `run_id`, checkpoints of another run are passed over too; with `remove_corrupt`, truncated or
+    damaged ones are deleted (rotation would otherwise keep them and delete the valid ones); files that
+    are unsafe, foreign or from a newer dgtrain are only passed over."""
     candidates = list_checkpoints(directory)[::-1]
     errors = []
     for i, p in enumerate(candidates):
@@ -305,9 +310,10 @@ def newest_valid(
             state = load(p)
         except CheckpointError as e:
             errors.append(str(e))
-            if remove_corrupt:
+            removed = remove_corrupt and isinstance(e, CorruptCheckpointError)
+            if removed:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            log.warning(f"{why}: {e} {'Removed it; ' if remove_corrupt else ''}{nxt}.")
+            log.warning(f"{why}: {e} {'Removed it; ' if removed else ''}{nxt}.")
             continue
         if run_id is not None and state.get("run_id") not in (None, run_id):
             log.warning(f"{why}: {p} belongs to run {state['run_id']}, not to this run ({run_id}); {nxt}.")
@@ -358,6 +364,14 @@ class DirLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                mine = _HELD.get(str(self.path.resolve()))
+                if mine is not None:  # this process: a fit() that failed before its end kept it
+                    log.warning(
+                        f"{self.what} {self.path.parent}: taking over the lock an earlier run in this "
+                        "process left behind"
+                    )
+                    mine.release()
+                    continue
                 raise DgtrainError(
                     f"{self.what} {self.path.parent} is in use by another dgtrain run (pid "
                     f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, run {holder.get('run_id', '?')}, "
@@ -385,13 +399,20 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self.fd = fd
+        _HELD[str(self.path.resolve())] = self
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.pop(str(self.path.resolve()), None)
             with contextlib.suppress(OSError):
                 os.unlink(self.path)  # while still holding it, so nobody locks the old file
             os.close(self.fd)
             self.fd = None
+
+
+# The locks this process holds, by path: a run that raised before releasing its lock (an in-process
+# fit() whose exception is still referenced, as in a notebook) must not block the next run here.
+_HELD: dict[str, DirLock] = {}
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -570,7 +591,11 @@ class Checkpointer:
         """`resume=auto`: the newest valid checkpoint of this run (None: start fresh); `resume=PATH`: that
         file (a directory: its newest valid one). The stored config must pass the allow-list. A resumed
         run keeps the run id of its checkpoint; run.json in the run dir records it."""
-        state = self._load_for_resume(cfg, allowed)
+        try:
+            state = self._load_for_resume(cfg, allowed)
+        except BaseException:
+            self.release()
+            raise
         if state is not None and state.get("run_id"):
             self.run_id = str(state["run_id"])
         if not cfg.trainer.get("fast_dev_run"):  # a debug run writes nothing but its log
@@ -601,6 +626,13 @@ class Checkpointer:
             found = (Path(resume), load(resume))
         path, state = found
         check_stored_config(state["config"], allowed, path)
+        owner = read_run_id(self.run_dir)
+        if resume != "auto" and owner and state.get("run_id") != owner and run_files(self.run_dir, self.dir):
+            raise DgtrainError(
+                f"resume={resume}: {path} belongs to run {state.get('run_id') or '(none)'}, but {self.run_dir} "
+                f"holds run {owner} ({', '.join(run_files(self.run_dir, self.dir))}); continuing here would "
+                "overwrite that run's results. Resume into a new directory (hydra.run.dir=...)."
+            )
         changed = config_changes(state["config"], plain_config(cfg))
         if changed:
             log.warning(

@@ -2,8 +2,8 @@
 rebuild the model from the stored, resolved config (dgtrain/runs.py) and score the validation split (carved
 from the training data: what the run selected on) or the data's held-out test set (mnist, cifar10,
 image_folder with data.test_root). The stored config passes the same `_target_` allow-list as a live one,
-with one difference: its own `allowed_targets` are ignored (a file cannot widen the list); add trusted prefixes
-with `--allow-target`."""
+with one difference: its own `allowed_targets` are ignored (a file cannot widen the list); add your trusted
+packages with `--allow-target`."""
 
 from __future__ import annotations
 

@@ -55,6 +55,16 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batch(n):
             assert a == whole  # the missing index comes from the start of the permutation
 
 
+def test_random_lm_windows_shard_the_same_way():
+    """Datasets that bring their own sampler (random LM windows) shard one global draw too."""
+    from dgtrain.data.sequences import RandomStartSampler
+
+    one = list(RandomStartSampler(1000, 256, 64, seed=5))
+    ranks = [list(RandomStartSampler(1000, 256, 32, seed=5, rank=r, world=2)) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
+    assert all(a + c == whole for a, c, whole in zip(ranks[0], ranks[1], one, strict=True))
+
+
 def test_bad_devices_value_names_the_key(compose, tmp_path):
     from dgtrain.train import fit
 

@@ -4,6 +4,7 @@ checked before training; and trainer.max_skipped (section 3)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,23 +30,56 @@ def _snapshot(run_dir):
     return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
+# Another process holding a directory's lock the way a live dgtrain run does (flock + pid/host), without
+# importing torch; it prints "ready" once it holds the lock and exits when its stdin closes.
+HOLDER = """
+import fcntl, json, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": "abc"}).encode())
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held(directory):
+    import sys
+
+    directory.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory / ckpt_io.LOCK_FILE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        yield p.pid
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+
+
 def test_a_second_run_in_a_locked_run_dir_fails_naming_pid_and_host(compose, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    holder = ckpt_io.DirLock(run, "run dir")
-    holder.acquire("aaaa")  # another run, alive (this process holds the flock)
-    try:
+    with held(run) as pid:
         with pytest.raises(DgtrainError) as e:
             _run(compose, run)
         assert e.value.exit_code == 2
-        assert f"is in use by another dgtrain run (pid {os.getpid()} on host {socket.gethostname()}" in str(
-            e.value
-        )
+        assert f"is in use by another dgtrain run (pid {pid} on host {socket.gethostname()}" in str(e.value)
         assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
-    finally:
-        holder.release()
-    assert _run(compose, run).summary["status"] == "completed"  # released: the dir is usable again
+    assert _run(compose, run).summary["status"] == "completed"  # the holder exited: usable again
     assert not (run / ckpt_io.LOCK_FILE).exists()
+
+
+def test_a_run_that_failed_in_this_process_does_not_block_the_next(compose, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(DgtrainError) as e:  # fails after taking the lock; the exception keeps fit's frame
+        _run(compose, run, "data=csv", f"data.path={tmp_path / 'missing.csv'}", "data.target=y")
+    assert (run / ckpt_io.LOCK_FILE).exists()
+    assert _run(compose, run).summary["status"] == "completed"
+    del e
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(compose, tmp_path, caplog):
@@ -67,13 +101,10 @@ def test_a_shared_checkpoint_dir_is_locked_and_not_overwritten(compose, tmp_path
     with pytest.raises(DgtrainError, match=r"already holds a run \(\d checkpoint\(s\) in .*ckpts\)"):
         _run(compose, tmp_path / "b", f"checkpoint.dir={shared}")
     assert _snapshot(shared) == before  # A's best.pt and step files untouched
-    holder = ckpt_io.DirLock(shared, "checkpoint.dir")
-    holder.acquire(first.summary["run_id"])
-    try:
-        with pytest.raises(DgtrainError, match=r"checkpoint\.dir .*ckpts is in use by another dgtrain run"):
-            _run(compose, tmp_path / "c", f"checkpoint.dir={shared}", "resume=auto")
-    finally:
-        holder.release()
+    busy = pytest.raises(DgtrainError, match=r"checkpoint\.dir .*ckpts is in use by another dgtrain run")
+    with held(shared), busy:
+        _run(compose, tmp_path / "c", f"checkpoint.dir={shared}", "resume=auto")
+    assert first.summary["run_id"]
 
 
 def test_a_fresh_run_into_a_used_dir_refuses_and_keeps_its_files(compose, tmp_path):
@@ -193,3 +224,29 @@ def test_the_skipped_count_is_in_the_summary_and_on_the_console(compose, tmp_pat
     ), out
     clean = fit(compose([*BASE, "trainer.max_steps=4"]), tmp_path / "clean")
     assert clean.summary["skipped_steps"] == 0
+
+
+def test_resume_from_another_runs_checkpoint_into_a_used_dir_is_refused(compose, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(compose, a)
+    _run(compose, b)
+    before = _snapshot(a)
+    theirs = ckpt_io.list_checkpoints(b / "checkpoints")[-1]
+    with pytest.raises(DgtrainError, match=r"belongs to run \w+, but .*/a holds run \w+ \(summary\.json"):
+        _run(compose, a, "trainer.max_steps=6", f"resume={theirs}")
+    after = _snapshot(a)
+    assert {k for k in before if before[k] != after.get(k)} | (set(after) - set(before)) == set()
+    assert _run(compose, tmp_path / "c", "trainer.max_steps=6", f"resume={theirs}").summary["steps"] == 6
+
+
+def test_resume_auto_removes_only_damaged_checkpoints(compose, tmp_path):
+    run = tmp_path / "run"
+    _run(compose, run, "checkpoint.every=2")
+    newer = ckpt_io.load(ckpt_io.list_checkpoints(run / "checkpoints")[-1])
+    newer["version"] = ckpt_io.VERSION + 1  # written by a newer dgtrain: passed over, kept
+    ckpt_io.save(newer, run / "checkpoints" / "step_00000009.pt")
+    (run / "checkpoints" / "step_00000008.pt").write_bytes(b"PK\x03\x04 truncated")  # damaged: removed
+    _run(compose, run, "trainer.max_steps=6", "checkpoint.every=2", "resume=auto")
+    names = [p.name for p in ckpt_io.list_checkpoints(run / "checkpoints")]
+    assert "step_00000008.pt" not in names and "step_00000009.pt" in names
+    assert "step_00000006.pt" in names

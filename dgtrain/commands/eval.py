@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
         "--allow-target",
         action="append",
         default=[],
-        metavar="PREFIX",
-        help="a trusted module prefix the stored config may name in `_target_` (repeatable)",
+        metavar="PACKAGE",
+        help="a trusted package of yours whose callables the stored config may name in `_target_` (repeatable)",
     )
     return p
 
