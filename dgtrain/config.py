@@ -24,7 +24,7 @@ DATA_META_KEYS = ("task", "batch_size", "num_workers", "device_resident", "pin_m
 # Keys of the model node dgtrain reads itself (dgtrain/finetune.py), and of the optimizer node
 # (dgtrain/optim.py: parameter groups): never arguments of the `_target_`.
 MODEL_META_KEYS = ("freeze",)
-OPTIMIZER_META_KEYS = ("group_decay", "lr_groups")
+OPTIMIZER_META_KEYS = ("group_decay", "lr_groups", "fused")
 META_KEYS = {"data": DATA_META_KEYS, "model": MODEL_META_KEYS, "optimizer": OPTIMIZER_META_KEYS}
 
 
@@ -79,6 +79,9 @@ class TrainerConfig:
     sample_every: int | None = None
     # A non-finite loss or gradient: fail (stop before the optimizer step) | skip (drop that update).
     nonfinite: NonFinite = NonFinite.fail
+    # CUDA: fp32 matrix products and convolutions on TF32 tensor cores. auto: with precision=fp32 |
+    # true | false. Never on CPU.
+    tf32: str = "auto"
     # With nonfinite=skip: fail (exit 3) once more updates than this were skipped, since a run that skips
     # them all "completes" with untrained weights. null: 10% of the run's steps (at least 1).
     max_skipped: int | None = None

@@ -25,22 +25,25 @@ def finite_flag(loss: torch.Tensor, params, check_grads: bool = True) -> torch.T
     return flag
 
 
-def nonfinite_check(loss: torch.Tensor, params, one: torch.Tensor, check_grads: bool = True) -> torch.Tensor:
+def nonfinite_check(
+    loss: torch.Tensor,
+    params,
+    one: torch.Tensor,
+    check_grads: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A 0-d float32 tensor on the loss's device: 1.0 if the loss or (if `check_grads`) any gradient holds
     a NaN or inf, else 0.0 -- the `found_inf` that fused optimizers take to drop an update on the device.
+    `out`: a tensor to reuse (zeroed first) instead of a new one.
 
-    AMP's own check (`torch._amp_foreach_non_finite_check_and_unscale_`): one multi-tensor kernel per
-    dtype on CUDA, nothing read back. Its unscale factor here is `one` (a 1.0 tensor), and x * 1.0 is x
-    for every float, so the gradients stay bit-identical."""
-    found = torch.zeros((), device=loss.device)
-    groups: dict[torch.dtype, list[torch.Tensor]] = {loss.dtype: [loss.detach().reshape(1)]}
+    AMP's own check (`torch._amp_foreach_non_finite_check_and_unscale_`): on CUDA one multi-tensor kernel
+    for all tensors of the loss's dtype (others are checked one by one), nothing read back. Its unscale
+    factor here is `one` (a 1.0 tensor), and x * 1.0 is x for every float, so values stay bit-identical."""
+    found = torch.zeros((), device=loss.device) if out is None else out.zero_()
+    tensors = [loss.detach()]
     if check_grads:
-        from dgtrain.distributed import local_grads
-
-        for g in local_grads(params):  # FSDP: this rank's shards (the ranks then agree, Dist.any_)
-            groups.setdefault(g.dtype, []).append(g)
-    for tensors in groups.values():
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+        tensors += [p.grad for p in params if p.grad is not None]
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
 
 

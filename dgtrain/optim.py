@@ -1,5 +1,6 @@
 """Learning-rate schedules (`configs/scheduler/*`), and the parameter groups handed to the optimizer
-(`configs/optimizer/*`: torch's own optimizers).
+(`configs/optimizer/*`: torch's own optimizers), built by `make_optimizer`, which also settles
+`optimizer.fused`.
 
 Every schedule is called as `schedule(optimizer, total_steps=...)` and is stepped once per optimizer step.
 """
@@ -7,6 +8,7 @@ Every schedule is called as `schedule(optimizer, total_steps=...)` and is steppe
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from typing import Any
 
@@ -37,6 +39,29 @@ def cosine(
 def step(optimizer: Optimizer, *, total_steps: int, step_size: int = 100, gamma: float = 0.5) -> LRScheduler:
     """Multiply the lr by `gamma` every `step_size` optimizer steps."""
     return StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+
+# optimizer.fused=auto turns torch's fused kernels on for these, on CUDA: one kernel per step for all
+# parameters, and they drop a non-finite update on the device (docs/loop.md).
+FUSED_BY_DEFAULT = ("Adam", "AdamW")
+
+
+def fused_choice(mode: Any, optimizer_cls: type, device: torch.device) -> bool:
+    """`optimizer.fused`: auto (fused Adam/AdamW on CUDA), true (wherever torch has a fused kernel for
+    this optimizer, CPU included), false (torch's own default: for-loop on CPU, foreach on CUDA)."""
+    from dgtrain.data import flag
+    from dgtrain.errors import DgtrainError
+
+    mode = flag(mode)
+    has_fused = "fused" in inspect.signature(optimizer_cls).parameters
+    if mode == "true" and not has_fused:
+        raise DgtrainError(
+            f"optimizer.fused=true: {optimizer_cls.__module__}.{optimizer_cls.__qualname__} has no fused "
+            "implementation. Use optimizer.fused=auto or false."
+        )
+    if mode == "auto":
+        return device.type == "cuda" and has_fused and optimizer_cls.__name__ in FUSED_BY_DEFAULT
+    return mode == "true"
 
 
 # Keys of the optimizer node that dgtrain reads itself; the rest are the optimizer's arguments.
@@ -77,11 +102,18 @@ def param_groups(
     return list(groups.values())
 
 
-def make_optimizer(cfg: DictConfig, model: torch.nn.Module, allowed: tuple[str, ...]) -> Optimizer:
-    from dgtrain.config import OPTIMIZER_META_KEYS, build
+def make_optimizer(
+    cfg: DictConfig, model: torch.nn.Module, allowed: tuple[str, ...], device: torch.device | None = None
+) -> Optimizer:
+    """The optimizer `cfg.optimizer` names, over `param_groups`, fused or not as `fused_choice` decides
+    for `device` (default: the CPU)."""
+    from dgtrain.config import OPTIMIZER_META_KEYS, build, locate
 
     node = cfg.optimizer
-    factory = build(node, allowed=allowed, key="optimizer", exclude=OPTIMIZER_META_KEYS)
+    cls = locate(node._target_, allowed, key="optimizer._target_")
+    fused = fused_choice(node.get("fused", "false"), cls, device or torch.device("cpu"))
+    extra = {"fused": True} if fused else {}
+    factory = build(node, allowed=allowed, key="optimizer", exclude=OPTIMIZER_META_KEYS, **extra)
     groups = param_groups(
         model,
         weight_decay=float(node.get("weight_decay", 0.0) or 0.0),

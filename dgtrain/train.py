@@ -28,7 +28,7 @@ from dgtrain import checkpoint as ckpt_io
 from dgtrain.callbacks import CallbackList, FitContext, build_callbacks
 from dgtrain.compile import compile_model
 from dgtrain.config import DATA_META_KEYS, MODEL_META_KEYS, allowed_prefixes, build, build_children, locate
-from dgtrain.data import DataBundle, keep_on_device, limit_batches, make_loader
+from dgtrain.data import DataBundle, flag, keep_on_device, limit_batches, make_loader
 from dgtrain.distributed import Dist, StopSync, sync_context, unwrap, wrap_model
 from dgtrain.errors import DgtrainError
 from dgtrain.evaluate import evaluate_split
@@ -95,6 +95,32 @@ def autocast_for(device: torch.device, precision: str):
         )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def use_tf32(mode: Any, device: torch.device, precision: str) -> bool:
+    """`trainer.tf32`: fp32 matrix products and convolutions on TF32 tensor cores (about 10 bits of
+    mantissa in the products, fp32 accumulation). auto: on CUDA with precision=fp32 (bf16/fp16 autocast
+    runs its products in half precision anyway); true: on CUDA whatever the precision; never on CPU."""
+    mode = flag(mode)
+    return device.type == "cuda" and (mode == "true" or (mode == "auto" and precision == "fp32"))
+
+
+@contextlib.contextmanager
+def tf32(mode: Any, device: torch.device, precision: str):
+    """Set torch's fp32 matmul precision and cuDNN's TF32 switch for a run on CUDA, then put them back
+    (process-wide settings: a sweep's next trial starts from the same ones). Nothing on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    enabled = use_tf32(mode, device, precision)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def configure_torch(cfg: DictConfig) -> None:
@@ -185,6 +211,8 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     task.configure_metrics([str(m) for m in cfg.get("metrics") or []], data.info.num_classes)
     torch.manual_seed(cfg.seed)  # model initialisation depends on the seed alone, not on data generation
     model = build_model(cfg, data.info, allowed).to(device)
+    if hasattr(model, "for_device"):  # a model's own layout choice for the device (convnet: channels_last)
+        model.for_device(device)
     loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
@@ -308,7 +336,7 @@ class LoopState:
     )
     # -- the log window
     losses: list[torch.Tensor] = field(default_factory=list)  # per step, 0-d on the device
-    unread: list[torch.Tensor] = field(default_factory=list)  # per step, the guard's flag not yet read
+    unread: list = field(default_factory=list)  # per step, the guard's flag not yet counted (0-d or float)
     samples: int = 0
     tokens: int = 0  # token counts the host knows from shapes (language models)
     device_tokens: torch.Tensor | None = None  # token counts only the device knows (seq2seq: non-pad)
@@ -427,7 +455,7 @@ class Loop:
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
-        self.optimizer = make_optimizer(cfg, self.model, allowed)  # no weight decay on biases and norms
+        self.optimizer = make_optimizer(cfg, self.model, allowed, s.device)  # no decay on biases/norms
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
             self.optimizer, total_steps=self.max_steps
         )
@@ -439,6 +467,7 @@ class Loop:
         self.on_device = steps_skip_on_device(self.optimizer, self.scaler)
         self.one = torch.ones((), device=s.device)  # the guard's unscale factor (values stay bit-identical)
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
+        self.found = torch.zeros((), device=s.device)  # the guard's flag, reused when the host reads it
         self.stream = BatchStream(s.train_loader, s.device, self.state)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
@@ -502,10 +531,10 @@ class Loop:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
-        found = nonfinite_check(step_loss, self.params, self.one, check_grads=not self.scaler.is_enabled())
-        found = self.dist.any_(found)  # several processes: every rank steps, or none (on the device)
+        check_grads = not self.scaler.is_enabled()
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
-            found_inf = found
+            found = self.dist.any_(nonfinite_check(step_loss, self.params, self.one, check_grads))
+            found_inf = found  # several processes: every rank steps, or none (any_, on the device)
             if self.fail:  # skip every update from the first bad step on; reported at the next read
                 found_inf = torch.maximum(self.halted, found, out=self.halted)
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
@@ -513,18 +542,22 @@ class Loop:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
-        elif not found.item():  # other optimizers: the host reads one flag (docs/checkpoints.md)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            skip_update(self.scaler)
+            st.unread.append(found)
+        else:  # other optimizers: the host reads one flag per step (docs/checkpoints.md)
+            found = nonfinite_check(step_loss, self.params, self.one, check_grads, out=self.found)
+            bad = self.dist.any_(found).item()
+            if not bad:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                skip_update(self.scaler)
+            st.unread.append(bad)
         st.losses.append(step_loss)
-        st.unread.append(found)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         tel.after_step()
         st.step += 1
-        if not self.on_device and bool(found):  # known on the host already: fail or count it now
+        if not self.on_device and bad:  # known on the host already: fail or count it now
             self.read_guard()
 
     def read_guard(self) -> None:
@@ -534,11 +567,12 @@ class Loop:
         st = self.state
         if not st.unread:
             return
-        flags = torch.stack(st.unread).tolist()
+        # device flags (fused optimizers), or floats the host has read already
+        flags = torch.stack(st.unread).tolist() if torch.is_tensor(st.unread[0]) else st.unread
         st.unread = []
         if not self.fail:
-            for i, flag in enumerate(flags):
-                st.skipped_steps += int(flag)
+            for i, bad in enumerate(flags):
+                st.skipped_steps += int(bad)
                 if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
                     raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
             return
@@ -691,6 +725,8 @@ def fit(
         console.start(max_steps, first_step=st.step)
     status, eval_every = "failed", int(tc.eval_every or 0)
     stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
+    matmul = tf32(tc.get("tf32", "auto"), device, precision)
+    matmul.__enter__()
     loop.t_log = time.perf_counter()
     try:
         callbacks.fit_start(ctx)
@@ -758,6 +794,7 @@ def fit(
             d.save_weights(loop.model, run_dir / "model.safetensors")
     finally:
         stop.__exit__()
+        matmul.__exit__(None, None, None)
         try:
             callbacks.fit_end(ctx, status)  # EMA saves model_ema.safetensors here
         except Exception as e:  # noqa: BLE001 - never hide the error that failed the run

@@ -156,6 +156,13 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
             "device-resident batches are drawn in this process. Set one of them differently."
         )
+    for key, value in (
+        ("trainer.tf32", cfg.trainer.get("tf32", "auto")),
+        ("optimizer.fused", cfg.optimizer.get("fused", "auto")),
+        ("model.channels_last", cfg.model.get("channels_last", "auto")),
+    ):
+        if flag(value) not in ("auto", "true", "false"):
+            out.append(f"{key}={value}: expected auto, true or false.")
     if not isinstance(cfg.data.get("pin_memory", True), bool):
         out.append(f"data.pin_memory={cfg.data.pin_memory}: expected true or false.")
     lr = cfg.optimizer.get("lr")

@@ -447,7 +447,7 @@ def test_nonfinite_skip_leaves_parameters_bit_identical_for_that_step(compose, t
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     run.mkdir()
-    args = _nan_args(tmp_path, "skip", **{"+optimizer.fused": fused})
+    args = _nan_args(tmp_path, "skip", **{"optimizer.fused": fused})
     assert fit(compose(args), run).summary["status"] == "completed"
     s = [ckpt_io.load(run / "checkpoints" / f"step_{i:08d}.pt") for i in (2, 3, 4)]
     for k in s[1]["model"]:
@@ -481,7 +481,7 @@ def test_nonfinite_fail_on_device_is_reported_at_the_next_read_naming_the_first_
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     over = {
-        "+optimizer.fused": "true",
+        "optimizer.fused": "true",
         "trainer.max_steps": "8",
         "trainer.log_every": "4",
         "checkpoint.every": "2",
@@ -534,7 +534,7 @@ def test_a_fused_optimizer_step_reads_nothing_from_the_device(compose, tmp_path,
 
     monkeypatch.setattr(train.Loop, "train_step", watched)
     monkeypatch.setattr(train.BatchStream, "__next__", batches)
-    cfg = compose(["model=mlp", "device=cpu", "trainer.max_steps=6", f"+optimizer.fused={fused}"])
+    cfg = compose(["model=mlp", "device=cpu", "trainer.max_steps=6", f"optimizer.fused={fused}"])
     train.fit(cfg, tmp_path)
     if fused == "true":
         assert reads == []

@@ -139,6 +139,27 @@ def test_model_config_errors_are_clear():
         )
 
 
+def test_convnet_channels_last_is_chosen_per_device_and_computes_the_same_function():
+    info = DataInfo(task="classification", in_shape=(3, 8, 8), num_classes=10)
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    plain = ConvNet.from_data(info)
+    plain.for_device(torch.device("cpu"))  # auto: NCHW on CPU, so CPU runs stay bit-identical
+    assert not plain.channels_last and plain.conv2.weight.is_contiguous()
+    for mode, device, expect in [
+        ("auto", "cuda", True),
+        ("true", "cpu", True),
+        ("false", "cuda", False),
+        (False, "cuda", False),
+    ]:
+        torch.manual_seed(0)
+        m = ConvNet.from_data(info, channels_last=mode)
+        m.for_device(torch.device(device))  # only the choice and the layout; the tensors stay on the CPU
+        assert m.channels_last is expect, (mode, device)
+        assert m.conv2.weight.is_contiguous(memory_format=torch.channels_last) is expect
+        torch.testing.assert_close(m(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["encdec", "decoder"])
 def test_activation_checkpointing_keeps_loss_and_gradients_bitwise_and_saves_less(arch):
     """model.activation_checkpointing: the same loss and gradients to the bit on CPU fp32, dropout

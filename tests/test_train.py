@@ -170,6 +170,61 @@ def test_bad_combinations_fail_before_training(compose, tmp_path):
         fit(compose(["model=mlp", "model._target_=os.system"]), tmp_path)
 
 
+def test_cuda_defaults_are_decided_per_device_and_switchable():
+    """optimizer.fused and trainer.tf32: auto turns them on for CUDA only (CPU runs are unchanged)."""
+    from dgtrain.optim import fused_choice
+    from dgtrain.train import tf32, use_tf32
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_choice("auto", torch.optim.AdamW, cuda) and fused_choice("auto", torch.optim.Adam, cuda)
+    assert not fused_choice("auto", torch.optim.Adam, cpu), "CPU keeps the for-loop Adam of a hand loop"
+    assert not fused_choice("auto", torch.optim.SGD, cuda) and not fused_choice(
+        "auto", torch.optim.RMSprop, cuda
+    )
+    assert fused_choice(True, torch.optim.SGD, cpu) and not fused_choice(False, torch.optim.Adam, cuda)
+    with pytest.raises(DgtrainError, match=r"optimizer.fused=true: torch.optim.rmsprop.RMSprop has no fused"):
+        fused_choice("true", torch.optim.RMSprop, cuda)
+
+    assert use_tf32("auto", cuda, "fp32") and not use_tf32("auto", cuda, "bf16")
+    assert use_tf32(True, cuda, "bf16") and not use_tf32(False, cuda, "fp32")
+    assert not use_tf32(True, cpu, "fp32"), "TF32 is a CUDA matter"
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    with tf32("auto", cuda, "fp32"):  # the settings themselves work without a GPU
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    with tf32("false", cuda, "fp32"):
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    with tf32("true", cpu, "fp32"):
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before, "put back"
+
+
+def test_fused_adam_on_request_trains_like_the_plain_one(compose, tmp_path):
+    """optimizer.fused=true on CPU (torch has a fused CPU Adam): the same training, to rounding."""
+    common = ["model=mlp", "trainer.max_steps=20", "trainer.log_every=1", "device=cpu"]
+    (tmp_path / "plain").mkdir(), (tmp_path / "fused").mkdir()
+    plain = fit(compose([*common, "optimizer.fused=false"]), tmp_path / "plain")
+    fused = fit(compose([*common, "optimizer.fused=true"]), tmp_path / "fused")
+    assert _losses(fused) == pytest.approx(_losses(plain), rel=1e-4)
+    from dgtrain import checkpoint as ckpt_io
+
+    groups = [
+        ckpt_io.load(d / "checkpoints" / "step_00000020.pt")["optimizer"]["param_groups"][0]
+        for d in (tmp_path / "plain", tmp_path / "fused")
+    ]
+    assert not groups[0]["fused"] and groups[1]["fused"] is True
+
+
+def test_cuda_switch_values_are_checked_before_training(compose):
+    from dgtrain.validation import problems
+
+    bad = ["model=convnet", "trainer.tf32=often", "optimizer.fused=maybe", "model.channels_last=sometimes"]
+    found = problems(compose(bad))
+    for text in ("trainer.tf32=often", "optimizer.fused=maybe", "model.channels_last=sometimes"):
+        assert any(p.startswith(text) and "expected auto, true or false" in p for p in found), text
+    good = ["model=convnet", "trainer.tf32=false", "optimizer.fused=true", "model.channels_last=false"]
+    assert problems(compose(good)) == []
+
+
 def test_threads_and_deterministic_set_torch_process_settings(compose, tmp_path, monkeypatch):
     import os
 
