@@ -42,7 +42,9 @@ def nonfinite_check(
     found = torch.zeros((), device=loss.device) if out is None else out.zero_()
     tensors = [loss.detach()]
     if check_grads:
-        tensors += [p.grad for p in params if p.grad is not None]
+        from dgtrain.distributed import local_grads
+
+        tensors += local_grads(params)  # FSDP: this rank's shards, plain tensors (the ranks agree: Dist.any_)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
 
