@@ -503,7 +503,11 @@ def run(cfg: Any, run_dir: Path | str, hc: Any):
                 _drop_own_run_dir(run_dir)
             if not d.is_main:  # one console: the other ranks report warnings and errors only
                 log.setLevel(logging.WARNING)
-            return fit(cfg, shared, choices=dict(hc.runtime.choices), dist=d)
+            result = fit(cfg, shared, choices=dict(hc.runtime.choices), dist=d)
+            # every rank is done with the group before any tears it down: a gloo peer whose group vanishes
+            # under it can abort at exit ("terminate called without an active exception")
+            d.barrier()
+            return result
         finally:
             d.close()
     if nproc > 1:

@@ -724,6 +724,8 @@ def fit(
     if console:
         console.start(max_steps, first_step=st.step)
     status, eval_every = "failed", int(tc.eval_every or 0)
+    # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+    sample_every, test_at_end = int(tc.get("sample_every") or 0), bool(tc.get("test_at_end"))
     stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
     matmul = tf32(tc.get("tf32", "auto"), device, precision)
     matmul.__enter__()
@@ -752,9 +754,9 @@ def fit(
                     metrics.update(loop.train_metrics())  # stopping here makes this a logging step
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
-            if tc.sample_every and st.step % int(tc.sample_every) == 0 and task.name == "lm":
+            if sample_every and st.step % sample_every == 0 and task.name == "lm":
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
-            if tc.test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
+            if test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
                 metrics.update(evaluate_split(s, loop.autocast, "test"))
             if metrics:
                 loop.record(metrics)
