@@ -36,7 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/explain")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument(
-        "--allow-target", action="append", default=[], metavar="PREFIX", help="a trusted `_target_` prefix"
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="a trusted package of your own that `_target_` may name",
     )
     return p
 

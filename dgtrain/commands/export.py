@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "--atol", type=float, default=1e-4, help="largest allowed |export - eager| (default: 1e-4)"
     )
     p.add_argument(
-        "--allow-target", action="append", default=[], metavar="PREFIX", help="a trusted `_target_` prefix"
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="a trusted package of your own that `_target_` may name",
     )
     return p
 

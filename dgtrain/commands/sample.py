@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     s2s.add_argument("--max-len", type=int, default=None, help="cap on output tokens (default: the data's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument(
-        "--allow-target", action="append", default=[], metavar="PREFIX", help="a trusted `_target_` prefix"
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="a trusted package of your own that `_target_` may name",
     )
     return p
 
