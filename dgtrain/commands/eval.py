@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 
@@ -22,7 +23,6 @@ def parser() -> argparse.ArgumentParser:
         help="a run directory (its model.safetensors, else its newest valid checkpoint), "
         "a checkpoint file (.pt) or a weights file (.safetensors, config from its directory)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument(
         "--split",
         choices=("val", "test"),
@@ -32,13 +32,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batches", type=int, default=None, help="cap on evaluation batches (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.add_argument(
-        "--allow-target",
-        action="append",
-        default=[],
-        metavar="PACKAGE",
-        help="a trusted package of yours whose callables the stored config may name in `_target_` (repeatable)",
-    )
+    add_run_options(p)
     return p
 
 

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 
@@ -34,14 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default: 32)")
     p.add_argument("--index", type=int, default=0, help="transformer: the validation example (default: 0)")
     p.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/explain")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument(
-        "--allow-target",
-        action="append",
-        default=[],
-        metavar="PKG",
-        help="a trusted package of your own that `_target_` may name",
-    )
+    add_run_options(p)
     return p
 
 

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 FORMATS = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
@@ -42,13 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--atol", type=float, default=1e-4, help="largest allowed |export - eager| (default: 1e-4)"
     )
-    p.add_argument(
-        "--allow-target",
-        action="append",
-        default=[],
-        metavar="PKG",
-        help="a trusted package of your own that `_target_` may name",
-    )
+    add_run_options(p, device=False)
     return p
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -45,14 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, metavar="FILE", help="idx input: its labels file (for metrics)")
     p.add_argument("--id-column", default=None, help="CSV input: a column copied to the output as the id")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument(
-        "--allow-target",
-        action="append",
-        default=[],
-        metavar="PKG",
-        help="a trusted package of your own that `_target_` may name",
-    )
+    add_run_options(p)
     return p
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 
@@ -32,14 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s2s.add_argument("--input", default=None, help='source symbols separated by spaces, e.g. "3 1 4 1 5"')
     s2s.add_argument("--beam", type=int, default=None, metavar="N", help="beam search with N beams")
     s2s.add_argument("--max-len", type=int, default=None, help="cap on output tokens (default: the data's)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument(
-        "--allow-target",
-        action="append",
-        default=[],
-        metavar="PKG",
-        help="a trusted package of your own that `_target_` may name",
-    )
+    add_run_options(p)
     return p
 
 
