@@ -32,10 +32,12 @@ def nonfinite_check(
     one: torch.Tensor,
     check_grads: bool = True,
     out: torch.Tensor | None = None,
+    sharded: bool = False,
 ) -> torch.Tensor:
     """A 0-d float32 tensor on the loss's device: 1.0 if the loss or (if `check_grads`) any gradient holds
     a NaN or inf, else 0.0 -- the `found_inf` that fused optimizers take to drop an update on the device.
-    `out`: a tensor to reuse (zeroed first) instead of a new one.
+    `out`: a tensor to reuse (zeroed first) instead of a new one. `sharded`: gradients may be FSDP
+    DTensors, whose local shards are checked (the ranks then agree through `Dist.any_`).
 
     AMP's own check (`torch._amp_foreach_non_finite_check_and_unscale_`): on CUDA one multi-tensor kernel
     for all tensors of the loss's dtype (others are checked one by one), nothing read back. Its unscale
@@ -43,7 +45,7 @@ def nonfinite_check(
     found = torch.zeros((), device=loss.device) if out is None else out.zero_()
     tensors = [loss.detach() if loss.requires_grad else loss]
     if check_grads:
-        tensors += local_grads(params)  # FSDP: this rank's shards, plain tensors (the ranks agree: Dist.any_)
+        tensors += local_grads(params) if sharded else [p.grad for p in params if p.grad is not None]
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
 

@@ -30,19 +30,24 @@ class FactorLR(LambdaLR):
 
     def step(self, epoch: int | None = None) -> None:
         groups = self.optimizer.param_groups
-        if epoch is not None or self._step_count <= 1 or any(torch.is_tensor(g["lr"]) for g in groups):
+        if epoch is not None or self._step_count <= 1 or not getattr(self, "_float_lrs", False):
             super().step(epoch)
             wrapper = self.optimizer.__dict__.get("step")
             if self._step_count == 2 and getattr(wrapper, "_wrapped_by_lr_sched", False):
                 del self.optimizer.step  # the class's own step again
+            self._float_lrs = all(type(g["lr"]) is float for g in groups)
             return
         self._step_count += 1
-        self.last_epoch += 1
-        e = self.last_epoch
+        self.last_epoch = e = self.last_epoch + 1
         lrs = [base * fn(e) for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
         for group, lr in zip(groups, lrs, strict=True):
             group["lr"] = lr
         self._last_lr = lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("_float_lrs", None)  # this process's own note, not the schedule's state
+        return state
 
 
 def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LRScheduler:

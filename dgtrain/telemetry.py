@@ -15,6 +15,7 @@ outside logging steps:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections import Counter
@@ -25,6 +26,8 @@ from torch import nn
 
 from dgtrain.errors import DgtrainError
 from dgtrain.memory import MB, cuda_peak_bytes, memory_metrics
+
+NO_CONTEXT = contextlib.nullcontext()  # reusable: `with` on it does nothing
 
 log = logging.getLogger("dgtrain")
 
@@ -249,26 +252,30 @@ class Telemetry:
 
     # -- per micro-batch ------------------------------------------------------------------------
 
-    def forward(self, batch) -> Telemetry:
+    def forward(self, batch) -> Any:
         """`with telemetry.forward(batch):` wraps one micro-batch's forward pass. Per step this is
         bookkeeping on the host: the shapes (a tuple of torch.Size, formatted only for reports) and,
-        for the transformer, a FLOPs look-up by shape."""
+        for the transformer, a FLOPs look-up by shape. Returns a do-nothing context unless this
+        micro-batch is sampled (its graph measured) or probed (CUDA memory per phase)."""
         if not self.enabled:
-            return self
+            return NO_CONTEXT
         first_micro = self.micro == 0
         self.micro += 1
         shapes = tuple([t.shape for t in batch])
         self.signatures[shapes] = self.signatures.get(shapes, 0) + 1
         if self.count_flops is not None:
             self.flops += self.count_flops(shapes)
-        if first_micro and self.cuda and self.step % self.log_every == 0:
-            self._probing = True
+        if first_micro:
+            step = self.step
+            if self.cuda and step % self.log_every == 0:
+                self._probing = True
+            if step == 0 or (step + 1) % self.graph_every == 0:
+                self._counter = SavedTensors(parameter_storages(self.model))
+                self._sampled_shapes = format_shapes(shapes)
         if self._probing:
             self._mark(None)  # what the data transfer allocated before the forward
-        if first_micro and (self.step == 0 or (self.step + 1) % self.graph_every == 0):
-            self._counter = SavedTensors(parameter_storages(self.model))
-            self._sampled_shapes = format_shapes(shapes)
-        return self
+            return self
+        return self if self._counter is not None else NO_CONTEXT
 
     def __enter__(self) -> Telemetry:
         if self._counter is not None:

@@ -48,11 +48,10 @@ from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import make_optimizer
 from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
-from dgtrain.telemetry import Telemetry
+from dgtrain.telemetry import NO_CONTEXT, Telemetry
 from dgtrain.validation import check_config
 
 log = logging.getLogger("dgtrain")
-NO_CONTEXT = contextlib.nullcontext()  # reusable: `with` on it does nothing
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -85,10 +84,14 @@ def precision_of(cfg: DictConfig) -> str:
     return str(getattr(p, "value", p))
 
 
+def _no_autocast():
+    return NO_CONTEXT
+
+
 def autocast_for(device: torch.device, precision: str):
     """A zero-argument context factory: autocast for bf16/fp16, nothing for fp32."""
     if precision == "fp32":
-        return contextlib.nullcontext
+        return _no_autocast
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DgtrainError(
             f"precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
@@ -478,6 +481,7 @@ class Loop:
         self.counts_tokens = type(s.task).units is not Task.units  # sequence tasks count their tokens
         self.state.counts_tokens = self.counts_tokens
         self.check_grads = not self.scaler.is_enabled()  # fp16: overflowing gradients are the scaler's
+        self.sharded = d.sharded  # FSDP: gradients are DTensors, the guard checks their local shards
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
@@ -542,7 +546,8 @@ class Loop:
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
-            found = self.dist.any_(nonfinite_check(step_loss, self.params, self.one, self.check_grads))
+            found = nonfinite_check(step_loss, self.params, self.one, self.check_grads, sharded=self.sharded)
+            found = self.dist.any_(found)
             found_inf = found  # several processes: every rank steps, or none (any_, on the device)
             if self.fail:  # skip every update from the first bad step on; reported at the next read
                 found_inf = torch.maximum(self.halted, found, out=self.halted)
@@ -553,7 +558,9 @@ class Loop:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
             st.unread.append(found)
         else:  # other optimizers: the host reads one flag per step (docs/checkpoints.md)
-            found = nonfinite_check(step_loss, self.params, self.one, self.check_grads, out=self.found)
+            found = nonfinite_check(
+                step_loss, self.params, self.one, self.check_grads, out=self.found, sharded=self.sharded
+            )
             bad = self.dist.any_(found).item()
             if bad:
                 skip_update(self.scaler)

@@ -50,6 +50,7 @@ class ConsoleLogger:
         # plain lines: at most one per interval (a fast model logs every few milliseconds; metrics.jsonl
         # keeps every logging step). Evaluations, text samples and the last step always print.
         self.plain_interval_s, self._last_line = float(plain_interval_s), None
+        self._last_advance = 0.0
         self.interactive = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
         self.console = Console()
         self._progress: Progress | None = None
@@ -96,8 +97,13 @@ class ConsoleLogger:
             root.addHandler(self._rich_handler)
 
     def advance(self, step: int) -> None:
+        """Every step: the bar's position. The display redraws 4 times a second, so the (locked) update
+        of rich's task is made at most 20 times a second, not on each of thousands of steps."""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step)
+            now = time.perf_counter()
+            if now - self._last_advance >= 0.05:
+                self._last_advance = now
+                self._progress.update(self._task, completed=step)
 
     def log_config(self, config: dict[str, Any]) -> None:
         pass
