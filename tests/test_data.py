@@ -209,9 +209,8 @@ def test_pad_to_multiple_on_a_device_resident_copy_and_bad_values():
         (s, t), (ms, mt) = b.train.take(idx_host, idx_host), moved.take(idx_host.to("meta"), idx_host)
         assert ms.device.type == "meta" and (ms.shape, mt.shape) == (s.shape, t.shape)
         assert s.shape[1] % 8 == 0 and t.shape[1] % 8 == 0
-    assert (
-        seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=1).train.src.shape[1] == 13
-    )  # 1: as null
+    one = seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=1)  # 1: the same as null
+    assert one.train.src.shape[1] == 13 and one.info.max_len == 14
     for bad in (0, -8, 2.5, "8", True):
         with pytest.raises(DgtrainError, match=r"data.pad_to_multiple=.*: must be a positive integer"):
             seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=bad)
