@@ -4,7 +4,7 @@
 Seq2seq batches are padded only to their own longest sequence, so every batch builds a graph of its
 own shape: the define-by-run case that static-graph tools handle badly. `data.pad_to_multiple=N` rounds
 each batch's widths up to a multiple of N, so a run meets at most ceil(longest / N) widths per tensor
-(docs/performance.md, "Compiling").
+(docs/performance.md, `trainer.compile`).
 """
 
 from __future__ import annotations
