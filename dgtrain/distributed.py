@@ -285,15 +285,11 @@ def _fsdp_no_sync(model):
 
 def local_grads(params) -> list[torch.Tensor]:
     """Each gradient as this rank holds it (an FSDP shard's local part); empty shards left out."""
-    out = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        g = g.to_local() if hasattr(g, "to_local") else g
-        if g.numel():
-            out.append(g)
-    return out
+    grads = [p.grad for p in params if p.grad is not None]
+    if all(type(g) is torch.Tensor for g in grads):  # one process, DDP: plain tensors (every step: lean)
+        return grads
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    return [g for g in grads if g.numel()]
 
 
 # ------------------------------------------------------------------------------------------ stop flag

@@ -9,6 +9,7 @@ import subprocess
 
 import torch
 
+from dgtrain.distributed import local_grads
 from dgtrain.errors import DgtrainError, NonFiniteLossError
 
 
@@ -27,10 +28,8 @@ def nonfinite_check(
     for all tensors of the loss's dtype (others are checked one by one), nothing read back. Its unscale
     factor here is `one` (a 1.0 tensor), and x * 1.0 is x for every float, so values stay bit-identical."""
     found = torch.zeros((), device=loss.device) if out is None else out.zero_()
-    tensors = [loss.detach()]
+    tensors = [loss.detach() if loss.requires_grad else loss]
     if check_grads:
-        from dgtrain.distributed import local_grads
-
         tensors += local_grads(params)  # FSDP: this rank's shards, plain tensors (the ranks agree: Dist.any_)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found

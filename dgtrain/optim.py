@@ -18,8 +18,35 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
 
+class FactorLR(LambdaLR):
+    """torch's LambdaLR (the same values, bit for bit, and the same state_dict) with a lean `step`.
+
+    The loop steps the schedule after every optimizer step, and LRScheduler's generic `step` (order
+    warnings, a context manager, rebuilt lists) costs about 10 us on the host: a tenth of a small
+    model's whole step on CPU. After torch's own first step (which keeps its misuse warnings), this one
+    sets each group's lr to `base_lr * factor(step)` directly; tensor lrs take torch's path. It also
+    takes back the wrapper LRScheduler puts around `optimizer.step` (it exists only for that first
+    warning, and costs another 3 us per step)."""
+
+    def step(self, epoch: int | None = None) -> None:
+        groups = self.optimizer.param_groups
+        if epoch is not None or self._step_count <= 1 or any(torch.is_tensor(g["lr"]) for g in groups):
+            super().step(epoch)
+            wrapper = self.optimizer.__dict__.get("step")
+            if self._step_count == 2 and getattr(wrapper, "_wrapped_by_lr_sched", False):
+                del self.optimizer.step  # the class's own step again
+            return
+        self._step_count += 1
+        self.last_epoch += 1
+        e = self.last_epoch
+        lrs = [base * fn(e) for fn, base in zip(self.lr_lambdas, self.base_lrs, strict=True)]
+        for group, lr in zip(groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
 def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -> LRScheduler:
-    return LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return FactorLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
 
 
 def cosine(
@@ -33,7 +60,7 @@ def cosine(
         progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+    return FactorLR(optimizer, factor)
 
 
 def step(optimizer: Optimizer, *, total_steps: int, step_size: int = 100, gamma: float = 0.5) -> LRScheduler:

@@ -52,6 +52,7 @@ from dgtrain.telemetry import Telemetry
 from dgtrain.validation import check_config
 
 log = logging.getLogger("dgtrain")
+NO_CONTEXT = contextlib.nullcontext()  # reusable: `with` on it does nothing
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -370,6 +371,7 @@ class BatchStream:
         self.loader, self.device = loader, device
         self.state = state if state is not None else LoopState()
         self._it = None
+        self._n = 0  # batches per epoch, read when an epoch's iterator starts (limit_*_batches set it)
         # device-resident data (and any data on the CPU when training there) needs no copy per batch
         self.move = getattr(getattr(loader, "dataset", None), "device", None) != device
 
@@ -378,21 +380,24 @@ class BatchStream:
         DataLoader makes when it starts comes before the caller restores the saved RNG states."""
         st = self.state
         st.epoch, st.position, st.completed_epochs = epoch, position, completed_epochs
-        self.loader.batch_sampler.set_epoch(epoch, position)
-        self._it = iter(self.loader)
+        self._start()
+
+    def _start(self) -> None:
+        st = self.state
+        self.loader.batch_sampler.set_epoch(st.epoch, st.position)
+        self._it, self._n = iter(self.loader), len(self.loader)
 
     def __next__(self):
         st = self.state
         if self._it is None:
-            self.loader.batch_sampler.set_epoch(st.epoch, st.position)
-            self._it = iter(self.loader)
+            self._start()
         try:
             batch = next(self._it)
         except StopIteration:
             st.epoch, st.position, self._it = st.epoch + 1, 0, None
             return next(self)
         st.position += 1
-        if st.position == len(self.loader):
+        if st.position == self._n:
             st.completed_epochs = st.epoch + 1
         return tuple(t.to(self.device, non_blocking=True) for t in batch) if self.move else batch
 
@@ -469,6 +474,10 @@ class Loop:
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
         self.found = torch.zeros((), device=s.device)  # the guard's flag, reused when the host reads it
         self.stream = BatchStream(s.train_loader, s.device, self.state)
+        self.augment, self.loss_fn = s.data.augment, s.loss_fn
+        self.counts_tokens = type(s.task).units is not Task.units  # sequence tasks count their tokens
+        self.state.counts_tokens = self.counts_tokens
+        self.check_grads = not self.scaler.is_enabled()  # fp16: overflowing gradients are the scaler's
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
@@ -502,38 +511,38 @@ class Loop:
     def train_step(self) -> None:
         """One optimizer step: forward and backward for each micro-batch (graphs freed as we go), clip,
         the non-finite guard, the update, the schedule. Queues device work and reads nothing back,
-        except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`)."""
-        st, tel = self.state, self.telemetry
+        except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`).
+        Runs every step: what it needs is looked up once, in `__init__` (docs/loop.md, "Overhead")."""
+        st, tel, accum = self.state, self.telemetry, self.accum
         step_loss = None
-        for micro in range(self.accum):
+        for micro in range(accum):
             batch = next(self.stream)
-            if self.s.data.augment is not None:  # on the device, training batches only (data.augment)
-                batch = self.s.data.augment(batch)
-            with sync_context(self.model, micro == self.accum - 1):  # several processes: reduce on the last
+            if self.augment is not None:  # on the device, training batches only (data.augment)
+                batch = self.augment(batch)
+            # several processes: gradients are reduced on the last micro-batch only
+            with sync_context(self.model, micro == accum - 1) if self.dist.enabled else NO_CONTEXT:
                 with tel.forward(batch), self.autocast():
-                    loss = self.task.loss(self.model, batch, self.s.loss_fn)
-                    if self.accum > 1:
-                        loss = loss / self.accum
+                    loss = self.task.loss(self.model, batch, self.loss_fn)
+                    if accum > 1:
+                        loss = loss / accum
                 tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward
                 self.scaler.scale(loss).backward()
                 tel.after_backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             st.samples += len(batch[0])
-            units = self.task.units(batch)
-            if units is not None:
-                st.counts_tokens = True
+            if self.counts_tokens:
+                units = self.task.units(batch)
                 if isinstance(units, int):
                     st.tokens += units
-                else:  # stays on the device: no copy, no wait
+                elif units is not None:  # stays on the device: no copy, no wait
                     st.device_tokens = units if st.device_tokens is None else st.device_tokens + units
         if self.clip:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         # ---- the non-finite guard (trainer.nonfinite), before the update. With fp16, overflowing scaled
         # gradients are the GradScaler's to skip, so only the loss is checked.
-        check_grads = not self.scaler.is_enabled()
         if self.on_device:  # the fused optimizer drops the update itself: nothing crosses to the host
-            found = self.dist.any_(nonfinite_check(step_loss, self.params, self.one, check_grads))
+            found = self.dist.any_(nonfinite_check(step_loss, self.params, self.one, self.check_grads))
             found_inf = found  # several processes: every rank steps, or none (any_, on the device)
             if self.fail:  # skip every update from the first bad step on; reported at the next read
                 found_inf = torch.maximum(self.halted, found, out=self.halted)
@@ -544,13 +553,15 @@ class Loop:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
             st.unread.append(found)
         else:  # other optimizers: the host reads one flag per step (docs/checkpoints.md)
-            found = nonfinite_check(step_loss, self.params, self.one, check_grads, out=self.found)
+            found = nonfinite_check(step_loss, self.params, self.one, self.check_grads, out=self.found)
             bad = self.dist.any_(found).item()
-            if not bad:
+            if bad:
+                skip_update(self.scaler)
+            elif self.scaler.is_enabled():
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                skip_update(self.scaler)
+                self.optimizer.step()
             st.unread.append(bad)
         st.losses.append(step_loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -592,10 +603,10 @@ class Loop:
         self.read_guard()
         st = self.state
         losses = self.dist.mean_(torch.stack(st.losses)).tolist()  # the job's loss: the mean over ranks
-        for i, v in enumerate(losses):  # a non-finite loss here is a step trainer.nonfinite=skip dropped
-            if math.isfinite(v):
-                st.last_finite = [st.step - len(losses) + i + 1, v]
-        finite = [v for v in losses if math.isfinite(v)]
+        finite = [v for v in losses if math.isfinite(v)]  # the others: steps nonfinite=skip dropped
+        if finite:  # the newest finite loss and its step (for the message of a later failure)
+            i = len(losses) - 1 - next(i for i, v in enumerate(reversed(losses)) if math.isfinite(v))
+            st.last_finite = [st.step - len(losses) + i + 1, losses[i]]
         dt = time.perf_counter() - self.t_log - self.eval_s
         metrics: dict[str, Any] = {
             "train/loss": sum(finite) / len(finite) if finite else math.nan,
@@ -663,71 +674,124 @@ class Loop:
         return state
 
 
-def fit(
-    cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None, dist: Dist | None = None
-) -> TrainResult:
+@dataclass
+class Run:
+    """What `fit` opens before its first step and closes after its last: the loop and the run's files,
+    sinks, callbacks and lock. Rank 0 alone writes files and logs (`writes`, `sinks`)."""
+
+    cfg: DictConfig  # the config the run uses (debug modes applied)
+    loop: Loop
+    checkpointer: ckpt_io.Checkpointer
+    ctx: FitContext  # what callbacks see of the run
+    sinks: list
+    console: ConsoleLogger | None
+    trainable: int  # parameters that train (model.freeze)
+    fast_dev: bool  # trainer.fast_dev_run: nothing is written but the log
+    dist: Dist
+
+
+def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: Dist) -> Run:
+    """Check the config, claim the run dir, read a checkpoint to resume, build the run's objects, write
+    config.yaml, open the sinks. A failure releases the run dir again (nothing half-written stays)."""
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    d = dist or Dist()  # several processes (torchrun, trainer.devices): dgtrain/distributed.py; alone: no-ops
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
-    # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
-    resumed = (
-        None if cfg.trainer.get("fast_dev_run") else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
-    )
-    device = d.device or resolve_device(cfg.device)
-    precision = precision_of(cfg)
-    configure_torch(cfg)
-    seed_everything(cfg.seed)
-    s = setup(cfg, device, d.rank, d.world)
-    cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
-    fast_dev = bool(cfg.trainer.fast_dev_run)  # nothing but the log is written
-    writes = d.is_main and not fast_dev  # rank 0 writes every file of the run
-    trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
-    loop = Loop(cfg, s, precision, run_dir, d)
-    loop.t_start = t_start
-    st, tc, task, max_steps = loop.state, cfg.trainer, s.task, loop.max_steps
-    n_params = sum(p.numel() for p in s.model.parameters())
-    # callbacks=[...] and checkpoint.save_top_k (dgtrain/callbacks.py); they see the run through `ctx`
-    loop.callbacks = callbacks = build_callbacks(cfg, checkpointer.dir)
-    ctx = FitContext(
-        run_dir, s.model, loop.optimizer, task.monitor, task.mode, loop.evaluate, loop.checkpoint
-    )
-    ctx.writes_files = writes
-    # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
-    yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
-    if writes:
-        ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
-        write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
-    if resumed is not None:
-        loop.restore(resumed)
-
-    # The sinks open last, right before the try/finally that always closes them (with the run's status).
-    resume_step = st.step if resumed is not None else None
-    loop.sinks = sinks = (
-        build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
-    )
-    console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
+    try:
+        # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
+        fast_dev = bool(cfg.trainer.get("fast_dev_run"))
+        resumed = None if fast_dev else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
+        device = d.device or resolve_device(cfg.device)
+        precision = precision_of(cfg)
+        configure_torch(cfg)
+        seed_everything(cfg.seed)
+        s = setup(cfg, device, d.rank, d.world)
+        cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
+        writes = d.is_main and not fast_dev  # rank 0 writes every file of the run
+        trainable = finetune.prepare(cfg, s.model, load_weights=resumed is None)  # init_from, model.freeze
+        loop = Loop(cfg, s, precision, run_dir, d)
+        loop.t_start = t_start
+        # callbacks=[...] and checkpoint.save_top_k (dgtrain/callbacks.py); they see the run through `ctx`
+        loop.callbacks = build_callbacks(cfg, checkpointer.dir)
+        ctx = FitContext(
+            run_dir, s.model, loop.optimizer, s.task.monitor, s.task.mode, loop.evaluate, loop.checkpoint
+        )
+        ctx.writes_files = writes
+        # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
+        yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+        if writes:
+            ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
+            write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
+        if resumed is not None:
+            loop.restore(resumed)
+        # The sinks open last: `fit`'s try/finally always closes them (with the run's status).
+        resume_step = loop.state.step if resumed is not None else None
+        loop.sinks = sinks = (
+            build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
+        )
+    except BaseException:
+        checkpointer.release()
+        raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
         sink.log_config(resolved)
+    n_params = sum(p.numel() for p in s.model.parameters())
     log.info(
         f"run dir {run_dir} | device {device} ({_device_name(device)}) | precision {precision} | "
         f"{type(s.model).__name__} {n_params:,} parameters ({trainable:,} trainable) | "
-        f"{len(s.data.train):,} train / "
-        f"{len(s.data.val):,} val examples | {max_steps} steps"
+        f"{len(s.data.train):,} train / {len(s.data.val):,} val examples | {loop.max_steps} steps"
     )
+    console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
+    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, fast_dev, d)
+
+
+def close_run(run: Run, status: str) -> dict[str, Any]:
+    """The run's summary (summary.json, the sinks' last word), the sinks closed, the run dir released."""
+    loop, st, d = run.loop, run.loop.state, run.dist
+    s, task = loop.s, loop.task
+    n_params = sum(p.numel() for p in s.model.parameters())
+    # a resumed run's wall time counts its earlier processes too
+    summary = make_summary(
+        status, st.step, st.epoch, st.final, st.best, task, loop.device, n_params, st.peak_cuda,
+        loop.wall_s(), loop.run_dir,
+    )  # fmt: skip
+    summary["telemetry"] = loop.telemetry.summary()
+    summary["run_id"] = run.checkpointer.run_id
+    summary["skipped_steps"] = st.skipped_steps
+    summary["trainable_parameters"] = run.trainable
+    summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
+    summary.update(run.ctx.extra_summary)  # e.g. early_stopping's best value and step
+    summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
+    summary_text = json.dumps(summary, indent=2) + "\n"
+    if d.is_main and not run.fast_dev:
+        ckpt_io.atomic_write(loop.run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
+    for sink in run.sinks:
+        sink.close(summary, status)
+    run.checkpointer.release()
+    return summary
+
+
+def fit(
+    cfg: DictConfig, run_dir: Path | str, choices: dict[str, str] | None = None, dist: Dist | None = None
+) -> TrainResult:
+    """Train as `cfg` says, in `run_dir`. Per step: the step itself (`Loop.train_step`), then, when due,
+    logging, evaluation and checkpoints. docs/loop.md walks through it."""
+    d = dist or Dist()  # several processes (torchrun, trainer.devices): dgtrain/distributed.py; alone: no-ops
+    run = open_run(cfg, Path(run_dir), choices, d)
+    cfg, loop, ctx, console, checkpointer = run.cfg, run.loop, run.ctx, run.console, run.checkpointer
+    st, s, task, callbacks, max_steps = loop.state, loop.s, loop.task, loop.callbacks, loop.max_steps
+    tc = cfg.trainer
+    # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
+    eval_every, sample_every = int(tc.eval_every or 0), int(tc.get("sample_every") or 0)
+    test_at_end, fast_dev = bool(tc.get("test_at_end")), run.fast_dev
     if console:
         console.start(max_steps, first_step=st.step)
-    status, eval_every = "failed", int(tc.eval_every or 0)
-    # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
-    sample_every, test_at_end = int(tc.get("sample_every") or 0), bool(tc.get("test_at_end"))
+    status = "failed"
     stop = StopRequest(StopSync(d) if d.enabled else None).__enter__()
-    matmul = tf32(tc.get("tf32", "auto"), device, precision)
+    matmul = tf32(tc.get("tf32", "auto"), loop.device, precision_of(cfg))
     matmul.__enter__()
     loop.t_log = time.perf_counter()
     try:
@@ -744,7 +808,6 @@ def fit(
             # a logging step too, so no completed step goes unrecorded.
             last = st.step == max_steps
             metrics = loop.train_metrics() if st.step % loop.log_every == 0 or last or stop.signal else {}
-
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
             if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
@@ -793,7 +856,7 @@ def fit(
         status = "early_stopped" if ctx.stop_reason else "completed" if st.step >= max_steps else "stopped"
         if status in ("completed", "early_stopped") and not fast_dev:
             # the final weights, without pickle (FSDP: gathered to rank 0)
-            d.save_weights(loop.model, run_dir / "model.safetensors")
+            d.save_weights(loop.model, loop.run_dir / "model.safetensors")
     finally:
         stop.__exit__()
         matmul.__exit__(None, None, None)
@@ -803,32 +866,7 @@ def fit(
             if status != "failed":
                 raise
             log.warning(f"callbacks: on_fit_end failed too ({type(e).__name__}: {e})")
-        summary = make_summary(
-            status,
-            st.step,
-            st.epoch,
-            st.final,
-            st.best,
-            task,
-            device,
-            n_params,
-            st.peak_cuda,
-            loop.wall_s(),  # a resumed run counts its earlier processes too
-            run_dir,
-        )
-        summary["telemetry"] = loop.telemetry.summary()
-        summary["run_id"] = checkpointer.run_id
-        summary["skipped_steps"] = st.skipped_steps
-        summary["trainable_parameters"] = trainable
-        summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
-        summary.update(ctx.extra_summary)  # e.g. early_stopping's best value and step
-        summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
-        summary_text = json.dumps(summary, indent=2) + "\n"
-        if writes:
-            ckpt_io.atomic_write(run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
-        for sink in sinks:
-            sink.close(summary, status)
-        checkpointer.release()
+        summary = close_run(run, status)
     return TrainResult(summary, s.model, s, loop.history, stop.exit_code if stop.signal else 0)
 
 

@@ -464,3 +464,46 @@ def test_summary_table_never_cuts_the_run_dir(tmp_path):
     logger.close({"run_dir": str(run_dir), "final": {"test/acc": 0.5}, "best": {}}, "completed")
     out = logger.console.file.getvalue()
     assert f"run dir: {run_dir}\n" in out and "test/acc" in out
+
+
+def test_metrics_jsonl_lines_are_strict_json_with_nonfinite_values_as_strings(tmp_path):
+    """NaN and inf (a skipped step's loss, an empty average) have no JSON literal: every line must still
+    parse with a strict reader (jq, pandas), the values spelled as strings."""
+    from dgtrain.loggers import JsonlLogger
+
+    sink = JsonlLogger(tmp_path)
+    sink.log_metrics({"train/loss": 0.25, "epoch": 1}, 10)
+    sink.log_metrics({"train/loss": float("nan"), "perf/x": float("-inf"), "sample/text": "NaN here"}, 20)
+    sink.close({}, "completed")
+
+    def strict(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").open()]
+    assert rows == [
+        {"step": 10, "train/loss": 0.25, "epoch": 1},
+        {"step": 20, "train/loss": "nan", "perf/x": "-inf", "sample/text": "NaN here"},
+    ]
+
+
+def test_plain_console_prints_at_most_one_progress_line_per_interval(caplog):
+    """A small model logs every few milliseconds: CI logs get a line per interval, plus every evaluation
+    and the last step; with plain_interval_s=0, every logging step."""
+    import logging
+
+    from dgtrain.loggers.console import ConsoleLogger
+
+    def lines(interval: float) -> list[str]:
+        console = ConsoleLogger(mode="plain", plain_interval_s=interval)
+        console.start(50)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dgtrain"):
+            for step in range(10, 51, 10):
+                metrics = {"train/loss": 1.0 / step}
+                if step == 30:
+                    metrics["val/acc"] = 0.5
+                console.log_metrics(metrics, step)
+        return [r.getMessage().split(" |")[0] for r in caplog.records]
+
+    assert lines(60.0) == ["step 10/50 (20%)", "step 30/50 (60%)", "step 50/50 (100%)"]
+    assert lines(0.0) == [f"step {s}/50 ({2 * s}%)" for s in range(10, 51, 10)]

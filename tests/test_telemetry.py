@@ -200,3 +200,31 @@ def test_cuda_memory_and_phase_peaks(compose, tmp_path):
         assert r["perf/flops_per_token"] > 0
         if peak_tflops(torch.device("cuda")) is not None:
             assert 0 < r["perf/mfu"] < 1
+
+
+def test_allocator_figures_read_from_the_nested_stats_equal_torchs_flat_ones(monkeypatch):
+    """dgtrain reads the CUDA allocator's statistics in their nested form (cheaper on every logging step);
+    each figure must be the one torch.cuda.memory_stats gives under the same flat name."""
+    from dgtrain.memory import cuda_stats
+
+    def figures(base: int) -> dict:
+        return {"current": base, "peak": 3 * base, "allocated": 5 * base, "freed": 4 * base}
+
+    nested = {
+        "num_alloc_retries": 2,
+        "num_ooms": 1,
+        "num_sync_all_streams": 0,
+        **{
+            kind: {pool: figures(i * 100 + j) for j, pool in enumerate(("all", "large_pool", "small_pool"))}
+            for i, kind in enumerate(
+                ("allocated_bytes", "active_bytes", "reserved_bytes", "inactive_split"), 1
+            )
+        },
+    }
+    if not torch.cuda.is_available():  # the flattening itself is torch's own code, device or not
+        monkeypatch.setattr(torch.cuda.memory, "memory_stats_as_nested_dict", lambda device=None: nested)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours, torchs = cuda_stats(device), torch.cuda.memory_stats(device)
+    assert len(ours) == 8
+    for key, value in ours.items():
+        assert value == torchs[key], key

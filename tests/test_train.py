@@ -262,3 +262,30 @@ def test_evaluating_the_test_split_of_data_without_one_says_so(compose):
     with pytest.raises(DgtrainError, match="--split test: this data has no held-out test set"):
         evaluate_split(s, contextlib.nullcontext, "test")
     assert set(evaluate_split(s, contextlib.nullcontext, "val")) == {"val/loss", "val/mse", "val/r2"}
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine"])
+def test_schedules_step_exactly_like_torch_lambdalr(name):
+    """dgtrain's schedules take a lean per-step path; the lrs, and the state a checkpoint keeps, must
+    stay torch's LambdaLR's bit for bit (a run resumed from an older checkpoint continues the same)."""
+    from dgtrain import optim
+
+    def make():
+        w, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+        return torch.optim.SGD([{"params": [w], "lr": 0.3}, {"params": [b], "lr": 0.07}])
+
+    schedule = getattr(optim, name)
+    fast_opt, ref_opt = make(), make()
+    fast = schedule(fast_opt, total_steps=40, warmup_steps=5)
+    ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, fast.lr_lambdas[0])
+    for _ in range(45):
+        fast_opt.step(), ref_opt.step()
+        fast.step(), ref.step()
+        assert [g["lr"] for g in fast_opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+        assert fast.get_last_lr() == ref.get_last_lr()
+    assert fast.state_dict() == ref.state_dict()
+    resumed_opt = make()
+    resumed = schedule(resumed_opt, total_steps=40, warmup_steps=5)
+    resumed.load_state_dict(ref.state_dict())
+    resumed_opt.step(), resumed.step(), ref_opt.step(), ref.step()
+    assert resumed.get_last_lr() == ref.get_last_lr()

@@ -36,8 +36,10 @@ class JsonlLogger:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
-        self._f.write(json.dumps(row) + "\n")
+        text = json.dumps({"step": step, **metrics})
+        if "NaN" in text or "Infinity" in text:  # rare: a value JSON cannot hold, written as a string
+            text = json.dumps({"step": step, **{k: _json_safe(v) for k, v in metrics.items()}})
+        self._f.write(text + "\n")
         self._f.flush()
 
     def close(self, summary: dict[str, Any], status: str) -> None:

@@ -42,9 +42,14 @@ def _eta(seconds: float) -> str:
 
 
 class ConsoleLogger:
-    def __init__(self, mode: str = "auto"):
+    def __init__(self, mode: str = "auto", plain_interval_s: float = 1.0):
         if mode not in ("auto", "rich", "plain"):
             raise ValueError(f"logger.console.mode={mode!r}: expected auto, rich or plain")
+        if not plain_interval_s >= 0:
+            raise ValueError(f"logger.console.plain_interval_s={plain_interval_s!r}: expected seconds >= 0")
+        # plain lines: at most one per interval (a fast model logs every few milliseconds; metrics.jsonl
+        # keeps every logging step). Evaluations, text samples and the last step always print.
+        self.plain_interval_s, self._last_line = float(plain_interval_s), None
         self.interactive = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
         self.console = Console()
         self._progress: Progress | None = None
@@ -131,7 +136,16 @@ class ConsoleLogger:
                 if isinstance(v, str):  # a text sample (trainer.sample_every)
                     self._progress.console.log(f"step {step} {k}:\n{v}")
             return
-        elapsed = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        if (
+            self._last_line is not None
+            and now - self._last_line < self.plain_interval_s
+            and step < self.total
+            and not any(k.startswith(("val/", "test/", "sample/")) for k in metrics)
+        ):
+            return
+        self._last_line = now
+        elapsed = now - self._t0
         done = step - self._first  # steps this process ran (a resumed run started at _first)
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         log.info(plain_line(step, self.total, metrics, eta))
