@@ -505,6 +505,15 @@ INJECTED = {
     "logger": ("run_dir", "resume_step"),
 }
 
+# Keys only some builders of a group take: what to say when the chosen one does not ({name}: its name).
+NOT_FOR_EVERY_TARGET = {
+    ("data", "pad_to_multiple"): (
+        "data.pad_to_multiple applies to variable-length sequence data only (data=seq2seq_synthetic), "
+        "whose batches change width; data {name} gives batches of one fixed shape, which compile to a "
+        "static graph without padding. Remove data.pad_to_multiple."
+    ),
+}
+
 
 def _unknown(key: str, bad: str, valid: list[str]) -> str:
     import difflib
@@ -566,7 +575,9 @@ def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str
         meta = META_KEYS.get(group, ())
         for k in node:
             if k not in SPECIAL_KEYS and k not in meta and k not in valid:
-                out.append(_unknown(key, str(k), [*valid, *meta]))
+                why = NOT_FOR_EVERY_TARGET.get((group, str(k)))
+                name = str(node._target_).rsplit(".", 1)[-1]
+                out.append(why.format(name=name) if why else _unknown(key, str(k), [*valid, *meta]))
 
     for group in ("model", "data", "loss", "optimizer", "scheduler"):
         check_node(group, cfg.get(group), group)

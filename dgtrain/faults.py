@@ -13,19 +13,6 @@ from dgtrain.distributed import local_grads
 from dgtrain.errors import DgtrainError, NonFiniteLossError
 
 
-def finite_flag(loss: torch.Tensor, params, check_grads: bool = True) -> torch.Tensor:
-    """A 0-d bool tensor on the loss's device: the loss and (if `check_grads`) every gradient are finite.
-
-    Stays on the device: the caller decides when the host reads it. The max-abs norm of each gradient
-    propagates NaN and inf and, unlike the L2 norm, cannot overflow for large finite gradients."""
-    flag = torch.isfinite(loss)
-    if check_grads:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            flag = flag & torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all()
-    return flag
-
-
 def nonfinite_check(
     loss: torch.Tensor,
     params,

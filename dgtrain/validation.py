@@ -17,6 +17,7 @@ from dgtrain.config import (
     unknown_key_problems,
 )
 from dgtrain.data import TASKS, flag
+from dgtrain.data.sequences import check_pad_to_multiple
 from dgtrain.errors import DgtrainError
 from dgtrain.losses import TASKS_OF
 from dgtrain.paths import config_dir
@@ -148,6 +149,10 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(f"data.batch_size={bs}: must be a positive integer.")
     if int(cfg.data.get("num_workers", 0) or 0) < 0:
         out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    try:
+        check_pad_to_multiple(cfg.data.get("pad_to_multiple"))
+    except DgtrainError as e:
+        out.append(str(e))
     resident = flag(cfg.data.get("device_resident", "auto"))
     if resident not in ("auto", "true", "false"):
         out.append(f"data.device_resident={resident}: expected auto, true or false.")

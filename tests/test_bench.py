@@ -36,3 +36,26 @@ def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
     attn, ff, norms = 4 * 64 * 64 + 4 * 64, 2 * 64 * 256 + 256 + 64, 2 * 2 * 64
     n = 2 * (attn + ff + norms) + 2 * 64 + (512 * 64 + 512)  # blocks, final norm, head (no embeddings)
     assert rows["lm"]["flops_per_token"] == 6 * n + 12 * 2 * 4 * 16 * 64
+
+
+@pytest.mark.slow
+def test_bench_nonfinite_guard_times_the_guard_the_loop_runs(tmp_path):
+    """scripts/bench_nonfinite_guard.py on CPU: plain vs the host-read guard, and fused Adam vs fused Adam
+    with the guard as found_inf (torch has a fused Adam on CPU), one row per model with positive times."""
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_nonfinite_guard.py"), "--steps", "2", "--rounds", "1"]
+        + ["--models", "mlp"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    header, row = p.stdout.splitlines()[1:3]
+    assert header.split()[:8] == ["model", "plain", "ms", "host", "ms", "host", "%", "fused"]
+    cells = row.split()
+    assert cells[0] == "mlp" and len(cells) == 7, row
+    plain, host, fused, guarded = (float(cells[i]) for i in (1, 2, 4, 5))
+    assert min(plain, host, fused, guarded) > 0
+    assert float(cells[3].rstrip("%")) == pytest.approx(100 * (host / plain - 1), abs=1.0)  # printed rounded

@@ -4,6 +4,7 @@ every sequence length, compile figures in the metrics, and exact resume with com
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -59,6 +60,76 @@ def test_varying_sequence_lengths_compile_one_graph(monkeypatch):
     assert compiled.metrics()["perf/recompiles"] == 1  # evaluation: one more graph, no more
     assert list(model.state_dict()) == keys  # no `_orig_mod.` prefix: the module itself is unchanged
     torch._dynamo.reset()
+
+
+def test_pad_to_multiple_bounds_the_graphs_of_a_static_compile():
+    """Without dynamic dims, every batch shape is a graph of its own: data.pad_to_multiple=8 caps the
+    widths of sequences of up to 22 tokens at ceil(22/8) = 3 per tensor, so an epoch of batches of 4
+    compiles a handful of graphs, where unpadded batches compile one per width (the eager backend stands
+    in for inductor: dynamo decides what to compile)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from dgtrain.data import make_loader
+    from dgtrain.data.sequences import seq2seq_synthetic
+
+    graphs, shapes = {}, {}
+    for multiple in (None, 8):
+        data = seq2seq_synthetic(seed=0, num_examples=120, min_len=2, max_len=20, pad_to_multiple=multiple)
+        torch.manual_seed(0)
+        model = Transformer.from_data(data.info, d_model=16, n_heads=2, n_layers=1, dropout=0.0)
+        torch._dynamo.reset()
+        static = torch.compile(model, backend="eager", dynamic=False)
+        frames0 = counters["frames"]["ok"]
+        seen = set()
+        with torch._dynamo.config.patch(recompile_limit=64), torch.no_grad():
+            for src, tgt in make_loader(data.train, 4, shuffle=True, seed=0):
+                static(src, tgt[:, :-1])
+                seen.add((tuple(src.shape), tuple(tgt.shape)))
+        graphs[multiple], shapes[multiple] = counters["frames"]["ok"] - frames0, seen
+    torch._dynamo.reset()
+    assert {s[1] for s, _ in shapes[8]} <= {8, 16, 24} and {t[1] for _, t in shapes[8]} <= {8, 16, 24}
+    assert graphs[8] == len(shapes[8]) <= 3 * 3
+    assert graphs[None] == len(shapes[None]) > graphs[8], (graphs, shapes)
+
+
+@pytest.mark.slow
+def test_compiled_seq2seq_run_with_pad_to_multiple(tmp_path):
+    """Inductor, end to end: seq2seq with data.pad_to_multiple=8 and trainer.compile=true trains with
+    every batch's widths a multiple of 8 and compiles once for training and at most once for evaluation."""
+    why = _inductor_works()
+    if why:
+        pytest.skip(why)
+    run = tmp_path / "run"
+    args = [
+        "model=transformer",
+        "data=seq2seq_synthetic",
+        "data.pad_to_multiple=8",
+        "data.num_examples=400",
+        "data.min_len=2",
+        "data.max_len=20",
+        "data.batch_size=4",
+        "model.d_model=16",
+        "model.n_heads=2",
+        "model.n_layers=1",
+        "trainer.compile=true",
+        "trainer.max_steps=12",
+        "trainer.log_every=4",
+        "trainer.eval_batches=2",
+        "device=cpu",
+        f"hydra.run.dir={run}",
+    ]
+    p = run_cli(args, tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    widths = [
+        int(t.split("x")[1]) for s in summary["telemetry"]["common_shapes"] for t in s["shapes"].split()
+    ]
+    assert widths and all(w % 8 == 0 for w in widths), summary["telemetry"]["common_shapes"]
+    assert 1 <= summary["telemetry"]["distinct_shapes"] <= 3 * 3, summary["telemetry"]
+    rows = [r for r in read_metrics(run) if "perf/recompiles" in r]
+    assert rows and rows[-1]["perf/recompiles"] <= 1 and all(math.isfinite(r["train/loss"]) for r in rows)
 
 
 @pytest.mark.slow

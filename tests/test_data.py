@@ -159,6 +159,63 @@ def test_seq2seq_batches_are_padded_to_their_own_longest():
     assert len(widths) > 3, "batches should have different shapes"
 
 
+def test_pad_to_multiple_rounds_each_batch_up_and_leaves_loss_and_metrics_unchanged():
+    """data.pad_to_multiple=8: every batch width is a multiple of 8 (at most ceil(22/8) = 3 widths per
+    tensor for sequences of up to 20 symbols), the extra columns are pad tokens, and the loss and the
+    evaluation metrics of a batch are those of the same batch without padding (CPU, fp32)."""
+    from dgtrain.losses import cross_entropy
+    from dgtrain.models.transformer import Transformer
+    from dgtrain.tasks import make_task
+
+    plain = seq2seq_synthetic(seed=0, num_examples=200, min_len=2, max_len=20)
+    padded = seq2seq_synthetic(seed=0, num_examples=200, min_len=2, max_len=20, pad_to_multiple=8)
+    assert padded.info.max_len == 24 and plain.info.max_len == 22  # the widest batch the model must take
+    torch.manual_seed(0)
+    model = Transformer.from_data(padded.info, d_model=32, n_heads=2, n_layers=2, dropout=0.0)
+    model.eval()
+    task, loss_fn = make_task("seq2seq", PAD), cross_entropy(task="seq2seq", pad_id=PAD)
+    loaders = [make_loader(b.train, 4, shuffle=True, seed=0) for b in (plain, padded)]
+    src_widths, tgt_widths, unpadded_widths = set(), set(), set()
+    for i, ((src, tgt), (psrc, ptgt)) in enumerate(zip(*loaders, strict=True)):
+        assert psrc.shape[1] % 8 == 0 and ptgt.shape[1] % 8 == 0
+        assert (
+            src.shape[1] <= psrc.shape[1] < src.shape[1] + 8
+            and tgt.shape[1] <= ptgt.shape[1] < tgt.shape[1] + 8
+        )
+        assert torch.equal(psrc[:, : src.shape[1]], src) and bool((psrc[:, src.shape[1] :] == PAD).all())
+        assert torch.equal(ptgt[:, : tgt.shape[1]], tgt) and bool((ptgt[:, tgt.shape[1] :] == PAD).all())
+        src_widths.add(psrc.shape[1]), tgt_widths.add(ptgt.shape[1]), unpadded_widths.add(src.shape[1])
+        if i < 3:
+            with torch.no_grad():
+                a, b = task.loss(model, (src, tgt), loss_fn), task.loss(model, (psrc, ptgt), loss_fn)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert src_widths <= {8, 16, 24} and tgt_widths <= {8, 16, 24}
+    assert len(unpadded_widths) > len(src_widths), "padding should leave fewer distinct shapes"
+    # evaluation (greedy decoding up to the padded width): the same loss and accuracies
+    val = [make_loader(b.val, 8, shuffle=False, seed=0) for b in (plain, padded)]
+    got, want = (task.evaluate(model, list(v)[:3], loss_fn) for v in (val[1], val[0]))
+    assert got["val/loss"] == pytest.approx(want["val/loss"], rel=1e-5)
+    assert got["val/acc"] == want["val/acc"] and got["val/seq_acc"] == want["val/seq_acc"]
+
+
+def test_pad_to_multiple_on_a_device_resident_copy_and_bad_values():
+    """The rounded widths come from lengths kept on the host, so a copy on another device (here `meta`,
+    standing in for data.device_resident on a GPU) gives batches of the same shapes without a sync."""
+    b = seq2seq_synthetic(seed=0, num_examples=100, min_len=2, max_len=20, pad_to_multiple=8)
+    moved = b.train.to(torch.device("meta"))
+    assert moved.src.device.type == "meta" and b.train.src.device.type == "cpu"  # a copy: the original stays
+    for idx in EpochBatchSampler(len(b.train), 4, shuffle=True, seed=1):  # what DirectLoader does per batch
+        idx_host = torch.tensor(idx)
+        (s, t), (ms, mt) = b.train.take(idx_host, idx_host), moved.take(idx_host.to("meta"), idx_host)
+        assert ms.device.type == "meta" and (ms.shape, mt.shape) == (s.shape, t.shape)
+        assert s.shape[1] % 8 == 0 and t.shape[1] % 8 == 0
+    one = seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=1)  # 1: the same as null
+    assert one.train.src.shape[1] == 13 and one.info.max_len == 14
+    for bad in (0, -8, 2.5, "8", True):
+        with pytest.raises(DgtrainError, match=r"data.pad_to_multiple=.*: must be a positive integer"):
+            seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=bad)
+
+
 def test_in_memory_data_is_indexed_without_a_dataloader_in_the_same_order():
     """num_workers=0: a DirectLoader; each batch is the sampler's indices, in the sampler's order, and
     starting an epoch draws from torch's RNG as a DataLoader iterator does (so dropout sees the same stream)."""

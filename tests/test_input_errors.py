@@ -27,6 +27,19 @@ from dgtrain.validation import check_config, problems
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
         (["model=mlp", "model.hidden_size=-4"], "model.hidden_size=-4: must be a positive integer."),
         (["model=convnet", "model.channels=[16,-1]"], "model.channels=[16, -1]: must be a positive integer."),
+        *(
+            (
+                ["model=transformer", "data=seq2seq_synthetic", f"data.pad_to_multiple={bad}"],
+                f"data.pad_to_multiple={shown}: must be a positive integer (8 rounds every batch's",
+            )
+            for bad, shown in (
+                ("0", "0"),
+                ("-8", "-8"),
+                ("2.5", "2.5"),
+                ("eight", "'eight'"),
+                ("true", "True"),
+            )
+        ),
     ],
 )
 def test_bad_values_are_reported_before_anything_is_built(compose, overrides, message):
@@ -69,6 +82,21 @@ def test_a_closed_interval_admits_its_end(compose):
 def test_keys_that_nothing_reads_fail_listing_the_valid_ones(compose, override, message):
     found = problems(compose(["model=mlp", override]))
     assert any(message in p for p in found), found
+
+
+def test_pad_to_multiple_is_for_variable_length_sequences_only(compose):
+    """Accepted for seq2seq data; refused, with the reason and the fix, for data of one fixed shape."""
+    assert problems(compose(["model=transformer", "data=seq2seq_synthetic", "data.pad_to_multiple=8"])) == []
+    for data, extra in (("text", []), ("tokens", ["data.train_path=train.bin"])):
+        found = problems(compose(["model=transformer", f"data={data}", *extra, "+data.pad_to_multiple=8"]))
+        assert any(
+            p.startswith("data.pad_to_multiple applies to variable-length sequence data only")
+            and f"data {data} gives batches of one fixed shape" in p
+            and p.endswith("Remove data.pad_to_multiple.")
+            for p in found
+        ), found
+    found = problems(compose(["model=mlp", "+data.pad_to_multiple=8"]))
+    assert any("data digits gives batches of one fixed shape" in p for p in found), found
 
 
 def test_every_shipped_option_and_recipe_passes_the_strict_key_check(compose):

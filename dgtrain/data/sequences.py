@@ -2,7 +2,9 @@
 (a character- or byte-level language model over any text file).
 
 Seq2seq batches are padded only to their own longest sequence, so every batch builds a graph of its
-own shape: the define-by-run case that static-graph tools handle badly.
+own shape: the define-by-run case that static-graph tools handle badly. `data.pad_to_multiple=N` rounds
+each batch's widths up to a multiple of N, so a run meets at most ceil(longest / N) widths per tensor
+(docs/performance.md, `trainer.compile`).
 """
 
 from __future__ import annotations
@@ -32,20 +34,51 @@ N_SPECIAL = 3
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort")
 
 
+def round_up(n: int, multiple: int | None) -> int:
+    """`n` rounded up to a multiple of `multiple` (None or 1: `n` itself)."""
+    m = multiple or 1
+    return -(-n // m) * m
+
+
+def check_pad_to_multiple(value) -> int | None:
+    """`data.pad_to_multiple` as an int, or None; a clear error for anything but a positive integer."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DgtrainError(
+            f"data.pad_to_multiple={value!r}: must be a positive integer (8 rounds every batch's sequence "
+            "length up to a multiple of 8), or null to pad each batch only to its own longest sequence."
+        )
+    return value
+
+
 class PaddedPairs(InMemory):
-    """Variable-length (source, target) token sequences; a batch is padded to its own longest member.
+    """Variable-length (source, target) token sequences; a batch is padded to its own longest member,
+    rounded up to a multiple of `pad_to_multiple` when that is set.
 
-    Held as two matrices padded to the longest example, with each example's lengths on the CPU: a
-    batch gathers its rows and keeps the columns up to its own longest member, exactly what padding
-    the batch's sequences would give, and the host knows that width without asking the device."""
+    Held as two matrices padded to the longest example (rounded up the same way, so a rounded width
+    never exceeds them), with each example's lengths on the CPU: a batch gathers its rows and keeps the
+    columns up to its own (rounded) longest member, exactly what padding the batch's sequences would
+    give, and the host knows that width without asking the device."""
 
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = PAD):
+    def __init__(
+        self,
+        pairs: list[tuple[torch.Tensor, torch.Tensor]],
+        pad_id: int = PAD,
+        pad_to_multiple: int | None = None,
+    ):
         self.pairs, self.pad_id = pairs, pad_id
-        self.src = pad_sequence([s for s, _ in pairs], batch_first=True, padding_value=pad_id)
-        self.tgt = pad_sequence([t for _, t in pairs], batch_first=True, padding_value=pad_id)
+        self.multiple = check_pad_to_multiple(pad_to_multiple)
+        self.src = self._padded([s for s, _ in pairs])
+        self.tgt = self._padded([t for _, t in pairs])
         self.src_len = torch.tensor([len(s) for s, _ in pairs])
         self.tgt_len = torch.tensor([len(t) for _, t in pairs])
         self.device = self.src.device
+
+    def _padded(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        m = pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
+        extra = round_up(m.shape[1], self.multiple) - m.shape[1]
+        return torch.nn.functional.pad(m, (0, extra), value=self.pad_id) if extra else m
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -55,6 +88,7 @@ class PaddedPairs(InMemory):
 
     def take(self, idx, idx_host):
         width_src, width_tgt = int(self.src_len[idx_host].max()), int(self.tgt_len[idx_host].max())
+        width_src, width_tgt = round_up(width_src, self.multiple), round_up(width_tgt, self.multiple)
         return self.src[idx, :width_src], self.tgt[idx, :width_tgt]
 
     def to(self, device):
@@ -76,8 +110,12 @@ def seq2seq_synthetic(
     max_len: int = 12,
     val_fraction: float = 0.1,
     max_examples: int | None = None,
+    pad_to_multiple: int | None = None,
 ) -> DataBundle:
-    """Source: random symbols + EOS. Target: BOS + f(symbols) + EOS, f being copy, reverse or sort."""
+    """Source: random symbols + EOS. Target: BOS + f(symbols) + EOS, f being copy, reverse or sort.
+    `pad_to_multiple`: each batch's widths round up to a multiple of it (pad tokens, which the loss and
+    the metrics ignore), so a compiled model meets a few shapes only."""
+    pad_to_multiple = check_pad_to_multiple(pad_to_multiple)
     if seq_task not in SEQ2SEQ_TASKS:
         raise DgtrainError(f"data.seq_task={seq_task!r}: expected one of {', '.join(SEQ2SEQ_TASKS)}.")
     if not 1 <= min_len <= max_len:
@@ -98,12 +136,12 @@ def seq2seq_synthetic(
         pad_id=PAD,
         bos_id=BOS,
         eos_id=EOS,
-        max_len=max_len + 2,
+        max_len=round_up(max_len + 2, pad_to_multiple),  # the widest batch, padding included
         extra={"seq_task": seq_task, "num_symbols": num_symbols, "first_symbol": N_SPECIAL},
     )
     return DataBundle(
-        PaddedPairs([pairs[i] for i in train_idx.tolist()]),
-        PaddedPairs([pairs[i] for i in val_idx.tolist()]),
+        PaddedPairs([pairs[i] for i in train_idx.tolist()], pad_to_multiple=pad_to_multiple),
+        PaddedPairs([pairs[i] for i in val_idx.tolist()], pad_to_multiple=pad_to_multiple),
         info,
     )
 
