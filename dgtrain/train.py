@@ -516,7 +516,7 @@ class Loop:
         """One optimizer step: forward and backward for each micro-batch (graphs freed as we go), clip,
         the non-finite guard, the update, the schedule. Queues device work and reads nothing back,
         except with an optimizer that cannot skip an update on the device (`steps_skip_on_device`).
-        Runs every step: what it needs is looked up once, in `__init__` (docs/loop.md, "Overhead")."""
+        Runs every step: what it needs is looked up once, in `__init__` (docs/loop.md, "What a step costs")."""
         st, tel, accum = self.state, self.telemetry, self.accum
         step_loss = None
         for micro in range(accum):
@@ -533,7 +533,7 @@ class Loop:
                 self.scaler.scale(loss).backward()
                 tel.after_backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            st.samples += len(batch[0])
+            st.samples += batch[0].shape[0]
             if self.counts_tokens:
                 units = self.task.units(batch)
                 if isinstance(units, int):
