@@ -160,8 +160,9 @@ def test_seq2seq_batches_are_padded_to_their_own_longest():
 
 
 def test_pad_to_multiple_rounds_each_batch_up_and_leaves_loss_and_metrics_unchanged():
-    """data.pad_to_multiple=8: every batch width is a multiple of 8 (at most ceil(22/8) = 3 widths per
-    tensor for sequences of up to 20 symbols), the extra columns are pad tokens, and the loss and the
+    """data.pad_to_multiple=8: every source width is a multiple of 8, every target width a multiple
+    plus one, so the decoder reads and predicts a multiple of 8 (at most 3 widths per tensor for
+    sequences of up to 20 symbols), the extra columns are pad tokens, and the loss and the
     evaluation metrics of a batch are those of the same batch without padding (CPU, fp32)."""
     from dgtrain.losses import cross_entropy
     from dgtrain.models.transformer import Transformer
@@ -177,7 +178,7 @@ def test_pad_to_multiple_rounds_each_batch_up_and_leaves_loss_and_metrics_unchan
     loaders = [make_loader(b.train, 4, shuffle=True, seed=0) for b in (plain, padded)]
     src_widths, tgt_widths, unpadded_widths = set(), set(), set()
     for i, ((src, tgt), (psrc, ptgt)) in enumerate(zip(*loaders, strict=True)):
-        assert psrc.shape[1] % 8 == 0 and ptgt.shape[1] % 8 == 0
+        assert psrc.shape[1] % 8 == 0 and ptgt.shape[1] % 8 == 1
         assert (
             src.shape[1] <= psrc.shape[1] < src.shape[1] + 8
             and tgt.shape[1] <= ptgt.shape[1] < tgt.shape[1] + 8
@@ -189,7 +190,7 @@ def test_pad_to_multiple_rounds_each_batch_up_and_leaves_loss_and_metrics_unchan
             with torch.no_grad():
                 a, b = task.loss(model, (src, tgt), loss_fn), task.loss(model, (psrc, ptgt), loss_fn)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert src_widths <= {8, 16, 24} and tgt_widths <= {8, 16, 24}
+    assert src_widths <= {8, 16, 24} and tgt_widths <= {9, 17, 25}
     assert len(unpadded_widths) > len(src_widths), "padding should leave fewer distinct shapes"
     # evaluation (greedy decoding up to the padded width): the same loss and accuracies
     val = [make_loader(b.val, 8, shuffle=False, seed=0) for b in (plain, padded)]
@@ -208,7 +209,7 @@ def test_pad_to_multiple_on_a_device_resident_copy_and_bad_values():
         idx_host = torch.tensor(idx)
         (s, t), (ms, mt) = b.train.take(idx_host, idx_host), moved.take(idx_host.to("meta"), idx_host)
         assert ms.device.type == "meta" and (ms.shape, mt.shape) == (s.shape, t.shape)
-        assert s.shape[1] % 8 == 0 and t.shape[1] % 8 == 0
+        assert s.shape[1] % 8 == 0 and t.shape[1] % 8 == 1
     one = seq2seq_synthetic(seed=0, num_examples=50, pad_to_multiple=1)  # 1: the same as null
     assert one.train.src.shape[1] == 13 and one.info.max_len == 14
     for bad in (0, -8, 2.5, "8", True):

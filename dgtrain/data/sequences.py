@@ -3,7 +3,8 @@
 
 Seq2seq batches are padded only to their own longest sequence, so every batch builds a graph of its
 own shape: the define-by-run case that static-graph tools handle badly. `data.pad_to_multiple=N` rounds
-each batch's widths up to a multiple of N, so a run meets at most ceil(longest / N) widths per tensor
+each batch's widths up to a multiple of N (the target's to a multiple plus one: the decoder reads and
+predicts it shifted by one), so a run meets at most ceil(longest / N) widths per tensor
 (docs/performance.md, `trainer.compile`).
 """
 
@@ -69,15 +70,21 @@ class PaddedPairs(InMemory):
     ):
         self.pairs, self.pad_id = pairs, pad_id
         self.multiple = check_pad_to_multiple(pad_to_multiple)
-        self.src = self._padded([s for s, _ in pairs])
-        self.tgt = self._padded([t for _, t in pairs])
+        # the decoder reads the target less its last token (and predicts it less its first): the target's
+        # width is rounded to a multiple plus one, so that what the model sees is a multiple
+        self.src = self._padded([s for s, _ in pairs], 0)
+        self.tgt = self._padded([t for _, t in pairs], 1)
         self.src_len = torch.tensor([len(s) for s, _ in pairs])
         self.tgt_len = torch.tensor([len(t) for _, t in pairs])
         self.device = self.src.device
 
-    def _padded(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+    def width(self, longest: int, shift: int) -> int:
+        """A batch's width for its longest member: rounded to a multiple of `pad_to_multiple`, plus `shift`."""
+        return round_up(longest - shift, self.multiple) + shift
+
+    def _padded(self, seqs: list[torch.Tensor], shift: int) -> torch.Tensor:
         m = pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
-        extra = round_up(m.shape[1], self.multiple) - m.shape[1]
+        extra = self.width(m.shape[1], shift) - m.shape[1]
         return torch.nn.functional.pad(m, (0, extra), value=self.pad_id) if extra else m
 
     def __len__(self) -> int:
@@ -88,7 +95,7 @@ class PaddedPairs(InMemory):
 
     def take(self, idx, idx_host):
         width_src, width_tgt = int(self.src_len[idx_host].max()), int(self.tgt_len[idx_host].max())
-        width_src, width_tgt = round_up(width_src, self.multiple), round_up(width_tgt, self.multiple)
+        width_src, width_tgt = self.width(width_src, 0), self.width(width_tgt, 1)
         return self.src[idx, :width_src], self.tgt[idx, :width_tgt]
 
     def to(self, device):
