@@ -609,7 +609,10 @@ class Loop:
         """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""
         self.read_guard()
         st = self.state
-        losses = self.dist.mean_(torch.stack(st.losses)).tolist()  # the job's loss: the mean over ranks
+        if self.device.type == "cpu" and not self.dist.enabled:  # host memory already: no stack to build
+            losses = [t.item() for t in st.losses]
+        else:  # one read of the whole window; several processes: the job's loss, the mean over ranks
+            losses = self.dist.mean_(torch.stack(st.losses)).tolist()
         finite = [v for v in losses if math.isfinite(v)]  # the others: steps nonfinite=skip dropped
         if finite:  # the newest finite loss and its step (for the message of a later failure)
             i = len(losses) - 1 - next(i for i, v in enumerate(reversed(losses)) if math.isfinite(v))
