@@ -694,10 +694,12 @@ def restore(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     stream: Any,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Load the objects' states, move the batch stream to the saved position, then (last, because
-    starting a DataLoader iterator draws from torch's RNG) the RNG states. Returns the loop's state dict
-    (the caller has loaded it into its LoopState already)."""
+    starting a DataLoader iterator draws from torch's RNG) the RNG states: this rank's own when the
+    checkpoint holds every rank's (`rng_ranks`, several processes), else the saved process's. Returns the
+    loop's state dict (the caller has loaded it into its LoopState already)."""
     path = state.get("path", "checkpoint")
     try:
         if state.get("sharded"):  # an FSDP checkpoint: resharded onto this run's processes (any number)
@@ -733,5 +735,6 @@ def restore(
             "Keep data.batch_size x processes unchanged for that."
         )
     stream.seek(int(loop["epoch"]), position, int(loop["completed_epochs"]))
-    set_rng_state(state["rng"])
+    per_rank = state.get("rng_ranks") or []
+    set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
     return loop

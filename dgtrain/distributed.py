@@ -164,6 +164,10 @@ class Dist:
         """DDP / one process: rank 0 writes today's file. FSDP: every rank writes its shards. Every rank
         builds the state (`loop.checkpoint()` reads the non-finite guard, which all ranks must do alike)."""
         state = loop.checkpoint()
+        if self.enabled:  # each rank's random streams (its dropout draws differ): every rank resumes exactly
+            per_rank: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(per_rank, state["rng"], group=self.cpu_group)
+            state["rng_ranks"] = per_rank
         if self.sharded:
             checkpointer.save_sharded(
                 step, state, loop.model, loop.optimizer, self, regular=regular, best=best

@@ -503,6 +503,7 @@ class Loop:
             scheduler=self.scheduler,
             scaler=self.scaler,
             stream=self.stream,
+            rank=self.dist.rank,
         )
         self.telemetry.step = self.state.step  # a resumed run continues its sampling schedule
         self.wall_before = self.state.wall_s
