@@ -223,6 +223,7 @@ def check_overrides(argv: list[str]) -> str | None:
 
     args, _ = get_args_parser().parse_known_args(argv)
     parser = OverridesParser.create()
+    given = set()
     for item in args.overrides or []:
         try:
             parsed = parser.parse_overrides([item])
@@ -236,6 +237,7 @@ def check_overrides(argv: list[str]) -> str | None:
             )
             return f"cannot parse the override {item!r}: {str(e).splitlines()[0]}.{hint}"
         for o in parsed:
+            given.add(o.key_or_group)
             if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
                 static = str(o.value()).split("${", 1)[0]
                 blocked = blocked_dir(static) if static else None
@@ -244,7 +246,29 @@ def check_overrides(argv: list[str]) -> str | None:
                         f"{o.key_or_group}={o.value()}: {blocked[0]} {blocked[1]}; the run's files could not "
                         f"be written. Choose another directory ({o.key_or_group}=...)."
                     )
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    writes = not (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion)
+    if writes and key not in given:  # the default (outputs/... or multirun/...), relative to the cwd
+        static = default_dir(key).split("${", 1)[0]
+        blocked = blocked_dir(static) if static else None
+        if blocked:
+            return (
+                f"the default {key} ({default_dir(key)}): {blocked[0]} {blocked[1]}; the run's files could "
+                f"not be written. Move it away, or choose another directory ({key}=...)."
+            )
     return None
+
+
+def default_dir(key: str) -> str:
+    """hydra.run.dir or hydra.sweep.dir as configs/train.yaml sets it, unresolved."""
+    import yaml
+
+    from dgtrain.paths import config_dir
+
+    node = yaml.safe_load((config_dir() / "train.yaml").read_text(encoding="utf-8")) or {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return str(node or "")
 
 
 def train_main() -> None:

@@ -64,6 +64,19 @@ def test_hydra_run_dir_under_a_file_is_named(tmp_path):
     assert "Traceback" not in _out(p)
 
 
+@pytest.mark.parametrize("name, flags", [("outputs", []), ("multirun", ["-m"])])
+def test_a_file_where_the_default_run_dir_goes_is_named(tmp_path, name, flags):
+    """A file named `outputs` (or `multirun`) in the working directory blocks Hydra's default run dir:
+    a one-line error naming it and the way out, not Hydra's traceback; `--cfg job` still prints."""
+    (tmp_path / name).write_text("x")
+    p = run_cli([*flags, "model=linreg", "trainer.max_steps=1"], tmp_path)
+    key = "hydra.sweep.dir" if flags else "hydra.run.dir"
+    assert p.returncode == 2, _out(p)
+    assert f"the default {key} ({name}/" in p.stderr and f"{name} is a file" in p.stderr
+    assert f"choose another directory ({key}=...)" in p.stderr and "Traceback" not in _out(p)
+    assert run_cli(["--cfg", "job", "model=linreg"], tmp_path).returncode == 0
+
+
 # Runs dgtrain with the optimizer step raising: a bug, as far as dgtrain can tell.
 CRASH = """
 import sys, torch
