@@ -109,6 +109,21 @@ class Dist:
             t /= self.world
         return t
 
+    def sum_(self, values: list[Any]) -> list[Any]:
+        """Evaluation: each value (a number, or a tensor of any shape) summed over the ranks, in one
+        all-reduce (float64); numbers come back as floats, tensors with their shapes. Each rank scores
+        its own shard of the split, and a task's metrics are ratios of such sums."""
+        if not self.enabled:
+            return values
+        dev = self.device if self.backend == "nccl" else torch.device("cpu")
+        flat = [torch.as_tensor(v).detach().reshape(-1).to(dev, torch.float64) for v in values]
+        buf = torch.cat(flat)
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+        parts = buf.split([f.numel() for f in flat])
+        return [
+            p.reshape(v.shape) if torch.is_tensor(v) else p.item() for p, v in zip(parts, values, strict=True)
+        ]
+
     def any_(self, found: torch.Tensor) -> torch.Tensor:
         """In place: the non-finite guard's `found` (a 0-d 0.0/1.0 tensor) becomes 1.0 on every rank when it
         is 1.0 on any. No host sync: the collective is queued like any other kernel. With FSDP each rank

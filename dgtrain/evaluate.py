@@ -13,23 +13,29 @@ from typing import Any
 from dgtrain.errors import DgtrainError
 
 
-def evaluate_split(s: Any, autocast: Any, split: str, batches: int | None = None) -> dict[str, float]:
-    """Metrics of `s.model` on one split of `s.data`: val/... for "val", test/... for "test"."""
+def evaluate_split(
+    s: Any, autocast: Any, split: str, batches: int | None = None, reduce: Any = None
+) -> dict[str, float]:
+    """Metrics of `s.model` on one split of `s.data`: val/... for "val", test/... for "test". Several
+    processes (`reduce`): each scores its shard of the split, as the validation loader is sharded."""
     import dataclasses
 
     from dgtrain.data import make_loader
     from dgtrain.train import evaluate
 
     if split == "val":
-        return evaluate(s, autocast, batches)
+        return evaluate(s, autocast, batches, reduce)
     if s.data.test is None:
         raise DgtrainError(
             "--split test: this data has no held-out test set (mnist, cifar10 and image_folder with "
             "data.test_root have one); its validation split is all there is: use --split val."
         )
-    bs = s.val_loader.batch_sampler.batch_size
-    loader = make_loader(s.data.test, bs, shuffle=False, seed=0, pin_memory=s.device.type == "cuda")
-    metrics = evaluate(dataclasses.replace(s, val_loader=loader), autocast, batches)
+    vs = s.val_loader.batch_sampler
+    loader = make_loader(
+        s.data.test, vs.batch_size, shuffle=False, seed=0, pin_memory=s.device.type == "cuda",
+        rank=vs.rank, world=vs.world,
+    )  # fmt: skip
+    metrics = evaluate(dataclasses.replace(s, val_loader=loader), autocast, batches, reduce)
     return {"test/" + k.split("/", 1)[1]: v for k, v in metrics.items()}
 
 

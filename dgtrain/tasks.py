@@ -27,7 +27,11 @@ class Task:
     def loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast, reduce: Callable | None = None
+    ) -> dict[str, float]:
+        """Metrics over `batches`. `reduce` (several processes, each scoring its shard of the split): sums
+        a list of per-rank sums over the ranks (`Dist.sum_`); metrics are then ratios of job-wide sums."""
         raise NotImplementedError
 
     def configure_metrics(self, names: list[str], num_classes: int) -> None:
@@ -57,7 +61,7 @@ class Regression(_InputTarget):
     name, monitor, mode = "regression", "val/mse", "min"
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
         n, loss_sum, sse, y_sum, y_sq = 0, 0.0, 0.0, 0.0, 0.0
         for x, y in batches:
             with autocast():
@@ -66,6 +70,8 @@ class Regression(_InputTarget):
             sse = sse + (pred - y).pow(2).sum()
             y_sum, y_sq = y_sum + y.sum(0), y_sq + y.pow(2).sum(0)
             n += len(y)
+        if reduce is not None:  # several processes: the job's sums
+            loss_sum, sse, y_sum, y_sq, n = reduce([loss_sum, sse, y_sum, y_sq, n])
         sst = (y_sq - y_sum.pow(2) / n).sum()  # sum of squares about the validation mean
         loss, sse, sst = (float(t) for t in (loss_sum, sse, sst))
         return {
@@ -128,7 +134,7 @@ class Classification(_InputTarget):
         return {k: m.to(device) for k, m in out.items()}
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
         n, loss_sum, correct = 0, 0.0, 0
         extra: dict[str, Any] | None = None
         for x, y in batches:
@@ -141,6 +147,8 @@ class Classification(_InputTarget):
                 extra = extra if extra is not None else self._metrics(logits.device)
                 for m in extra.values():
                     m.update(logits, y)
+        if reduce is not None:  # several processes: the job's sums (torchmetrics syncs its own states)
+            loss_sum, correct, n = reduce([loss_sum, correct, n])
         out = {"val/loss": float(loss_sum) / n, "val/acc": float(correct) / n}
         for name, m in (extra or {}).items():  # computed once, at the end: one transfer each
             if name == "confusion":
@@ -171,7 +179,7 @@ class Seq2Seq(Task):
         return loss_fn(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
         tokens, loss_sum, correct, seq_correct, n_seq = 0, 0.0, 0, 0, 0
         for src, tgt in batches:
             target = tgt[:, 1:]
@@ -189,6 +197,10 @@ class Seq2Seq(Task):
             seq_correct = seq_correct + (hit | ~real).all(dim=1).sum()
             tokens = tokens + n_tok
             n_seq += len(src)
+        if reduce is not None:  # several processes: the job's sums
+            loss_sum, correct, seq_correct, tokens, n_seq = reduce(
+                [loss_sum, correct, seq_correct, tokens, n_seq]
+            )
         tokens = float(tokens)
         return {
             "val/loss": float(loss_sum) / tokens,
@@ -208,13 +220,15 @@ class LanguageModel(Task):
         return loss_fn(model(x).flatten(0, 1).float(), y.flatten())
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
         tokens, loss_sum = 0, 0.0
         for x, y in batches:
             with autocast():
                 logits = model(x).float()
             loss_sum = loss_sum + loss_fn(logits.flatten(0, 1), y.flatten()) * y.numel()
             tokens += y.numel()
+        if reduce is not None:  # several processes: the job's sums
+            loss_sum, tokens = reduce([loss_sum, tokens])
         loss = float(loss_sum) / tokens
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 

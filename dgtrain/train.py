@@ -234,7 +234,10 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     train_loader = make_loader(
         data.train, bs, shuffle=True, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
     )
-    val_loader = make_loader(data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin)
+    # evaluation is sharded the same way; the ranks' sums make the job's metrics (Dist.sum_)
+    val_loader = make_loader(
+        data.val, bs, shuffle=False, seed=cfg.seed, num_workers=nw, pin_memory=pin, rank=rank, world=world
+    )
     return Setup(device, data, task, model, loss_fn, train_loader, val_loader)
 
 
@@ -252,9 +255,12 @@ def debug_modes(cfg: DictConfig, s: Setup) -> DictConfig:
         from torch.utils.data import Subset
 
         bs, n = int(cfg.data.batch_size), int(tc.overfit_batches)
-        subset = Subset(s.data.train, range(min(len(s.data.train), n * bs)))
-        s.train_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)
-        s.val_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed)  # scored on what it trains on
+        rank, world = s.train_loader.batch_sampler.rank, s.train_loader.batch_sampler.world
+        # the first n global batches (every rank its slice of each, as in training)
+        subset = Subset(s.data.train, range(min(len(s.data.train), n * bs * world)))
+        s.train_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed, rank=rank, world=world)
+        # scored on what it trains on
+        s.val_loader = make_loader(subset, bs, shuffle=False, seed=cfg.seed, rank=rank, world=world)
         log.info(f"trainer.overfit_batches={n}: training and validating on the same {len(subset)} examples")
     limit_batches(s.train_loader, tc.get("limit_train_batches"))
     limit_batches(s.val_loader, 1 if tc.get("fast_dev_run") else tc.get("limit_val_batches"))
@@ -410,12 +416,15 @@ def to_device(batches, device: torch.device):
         yield tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def evaluate(s: Setup, autocast, max_batches: int | None) -> dict[str, float]:
+def evaluate(s: Setup, autocast, max_batches: int | None, reduce=None) -> dict[str, float]:
+    """The task's metrics on `s.val_loader` (at most `max_batches` batches). `reduce`: several processes,
+    each scoring its shard of the split, combine their sums (`Dist.sum_`)."""
     s.model.eval()
     try:
-        return s.task.evaluate(
-            s.model, to_device(itertools.islice(s.val_loader, max_batches), s.device), s.loss_fn, autocast
-        )
+        batches = to_device(itertools.islice(s.val_loader, max_batches), s.device)
+        if reduce is None:
+            return s.task.evaluate(s.model, batches, s.loss_fn, autocast)
+        return s.task.evaluate(s.model, batches, s.loss_fn, autocast, reduce=reduce)
     finally:
         s.model.train()
 
@@ -482,6 +491,7 @@ class Loop:
         self.state.counts_tokens = self.counts_tokens
         self.check_grads = not self.scaler.is_enabled()  # fp16: overflowing gradients are the scaler's
         self.sharded = d.sharded  # FSDP: gradients are DTensors, the guard checks their local shards
+        self.reduce = d.sum_ if d.enabled else None  # evaluation: each rank scores its shard; sums combined
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
@@ -645,7 +655,7 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         self.read_guard()  # never score (or report) a run that has already failed
         t_eval = time.perf_counter()
-        metrics = evaluate(self.s, self.autocast, self.eval_batches)
+        metrics = evaluate(self.s, self.autocast, self.eval_batches, self.reduce)
         self.eval_s += time.perf_counter() - t_eval
         self.state.last_eval_epochs = self.state.completed_epochs
         return metrics
@@ -831,7 +841,7 @@ def fit(
             if sample_every and st.step % sample_every == 0 and task.name == "lm":
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
             if test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
-                metrics.update(evaluate_split(s, loop.autocast, "test"))
+                metrics.update(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values

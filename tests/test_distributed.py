@@ -65,6 +65,30 @@ def test_random_lm_windows_shard_the_same_way():
     assert all(a + c == whole for a, c, whole in zip(ranks[0], ranks[1], one, strict=True))
 
 
+def test_overfit_batches_and_validation_are_sharded_like_training(compose):
+    """With 2 processes, overfit_batches=N takes the first N global batches, each rank its half of each,
+    for training and validation alike; the full validation split is shared out the same way."""
+    from dgtrain.train import debug_modes, setup
+
+    cfg = compose(["model=mlp", "device=cpu", "data.batch_size=16", "trainer.overfit_batches=3"])
+    seen = {}
+    for rank in (0, 1):
+        s = setup(cfg, torch.device("cpu"), rank=rank, world=2)
+        full_val = [len(b[0]) for b in s.val_loader]
+        debug_modes(cfg, s)
+        train = [b[1] for b in s.train_loader]
+        assert [len(y) for y in train] == [16, 16, 16]
+        assert all(torch.equal(a, b) for a, b in zip(train, [b[1] for b in s.val_loader], strict=True))
+        seen[rank] = (torch.cat(train), sum(full_val))
+    y = s.data.train.y
+    want = torch.cat([torch.cat([y[g * 32 : g * 32 + 16], y[g * 32 + 16 : g * 32 + 32]]) for g in range(3)])
+    got = torch.cat(
+        [torch.cat([seen[0][0][g * 16 : g * 16 + 16], seen[1][0][g * 16 : g * 16 + 16]]) for g in range(3)]
+    )
+    assert torch.equal(got, want)  # the first 3 global batches of 32, split 16 / 16
+    assert seen[0][1] + seen[1][1] == len(s.data.val)  # every validation example on exactly one rank
+
+
 def test_bad_devices_value_names_the_key(compose, tmp_path):
     from dgtrain.train import fit
 
@@ -106,6 +130,11 @@ def test_ddp_2x32_equals_1x64_linreg_and_only_rank0_writes(compose, tmp_path):
     a, b = losses(ref.history), losses(rows)
     assert [s for s, _ in a] == [s for s, _ in b]
     torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=0)
+    # validation: each rank scores its half of the split; the summed sums give one process's metrics
+    val = [(r["step"], r["val/mse"], r["val/r2"]) for r in rows if "val/mse" in r]
+    want_val = [(r["step"], r["val/mse"], r["val/r2"]) for r in ref.history if "val/mse" in r]
+    assert val and [v[0] for v in val] == [v[0] for v in want_val]
+    torch.testing.assert_close([v[1:] for v in val], [v[1:] for v in want_val], rtol=1e-5, atol=1e-7)
     got, want = weights(run / "model.safetensors"), ref.model.state_dict()
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-7)
@@ -120,12 +149,22 @@ def test_ddp_2x32_equals_1x64_linreg_and_only_rank0_writes(compose, tmp_path):
 def test_ddp_2x32_equals_1x64_convnet_with_accumulation(compose, tmp_path):
     """Gradient accumulation under DDP (no_sync on the micro-batch before the last) changes nothing."""
     common = ["model=convnet", "trainer.max_steps=6", "trainer.log_every=2", "trainer.grad_accum_steps=2"]
+    common += ["metrics=[confusion,top3]"]
     ref = single(compose, tmp_path / "one", [*common, "data.batch_size=64"])
     run = tmp_path / "two"
     p = run_cli([*common, *TWO, "data.batch_size=32", f"hydra.run.dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    a, b = losses(ref.history), losses(read_metrics(run))
+    rows = read_metrics(run)
+    a, b = losses(ref.history), losses(rows)
     torch.testing.assert_close([v for _, v in b], [v for _, v in a], rtol=1e-5, atol=0)
+    # validation is sharded: every example scored once (the confusion matrix counts the split once)
+    keys = ("val/loss", "val/acc", "val/acc_top3")
+    val, want = ([[r[k] for k in keys] for r in h if "val/acc" in r] for h in (rows, ref.history))
+    assert val and len(val) == len(want)
+    torch.testing.assert_close(val, want, rtol=1e-5, atol=1e-7)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["confusion_matrix"] == ref.summary["confusion_matrix"]
+    assert sum(map(sum, summary["confusion_matrix"])) == len(ref.setup.data.val)
     got = weights(run / "model.safetensors")
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
