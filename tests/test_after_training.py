@@ -304,6 +304,52 @@ def test_predict_csv_uses_the_stored_standardisation_and_needs_no_training_file(
     assert code == 0 and json.loads(out)["y_pred"] == pytest.approx(want, rel=1e-5)
 
 
+def test_predict_csv_re_encodes_the_text_columns_training_one_hot_encoded(
+    trained, tmp_path_factory, tmp_path, capsys
+):
+    """data.categorical=auto one-hot encodes a text column in training; predict reads the raw column
+    (`city`, not `city=Oslo`, ...) and encodes it the same way: the validation rows score exactly as
+    `dgtrain eval`, and a city training never saw gives zeros in that block instead of an error."""
+    from dgtrain.commands.predict import predict, read_csv
+    from dgtrain.data import split_indices
+    from dgtrain.evaluate import evaluate_source
+    from dgtrain.runs import load_run
+
+    rng = np.random.default_rng(3)
+    cities = ["Oslo", "Lima", "Pune"]
+    data = tmp_path_factory.mktemp("cat") / "train.csv"
+    lines = ["a,city,y"]
+    for _ in range(150):
+        a, c = rng.normal(), int(rng.integers(3))
+        lines.append(f"{a:.4f},{cities[c]},{2 * a + 3 * c + rng.normal() * 0.1:.4f}")
+    data.write_text("\n".join(lines) + "\n")
+    run_dir = trained(
+        "tab_categorical",
+        ["model=mlp", "data=csv", f"data.path={data}", "data.target=y", "data.categorical=auto"]
+        + ["trainer.max_steps=30"],
+    )
+    _, val_idx = split_indices(len(lines) - 1, 0.2, 0)
+    val_csv = tmp_path / "val.csv"  # another column order than training's
+    rows = [lines[1 + i].split(",") for i in val_idx.tolist()]
+    val_csv.write_text("y,city,a\n" + "".join(f"{y},{c},{a}\n" for a, c, y in rows))
+    run = load_run(run_dir, "cpu", data=False)
+    inputs = read_csv(val_csv, run.extra, len(run.extra["feature_names"]), None)
+    _, metrics = predict(run, inputs, int(run.cfg.data.batch_size), 3)
+    assert metrics == evaluate_source(run_dir, "cpu")["metrics"]
+
+    new = tmp_path / "new.csv"
+    new.write_text("a,city\n0.5,Oslo\n0.5,Quito\n")
+    x = read_csv(new, run.extra, len(run.extra["feature_names"]), None).x
+    names = run.extra["feature_names"]
+    assert names == ["a", "city=Lima", "city=Oslo", "city=Pune"]
+    raw = x * torch.tensor(run.extra["x_std"]) + torch.tensor(run.extra["x_mean"])  # the encoding itself
+    torch.testing.assert_close(raw, torch.tensor([[0.5, 0.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]]))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a\n0.5\n")
+    with pytest.raises(DgtrainError, match=r"bad\.csv: missing column\(s\) city\. .* the columns a, city \("):
+        read_csv(bad, run.extra, len(names), None)
+
+
 def test_predict_csv_bad_input_names_the_file(trained, tmp_path_factory, tmp_path, capsys):
     run_dir, _ = tab_run(trained, tmp_path_factory)
     bad = tmp_path / "bad.csv"

@@ -74,16 +74,27 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
     if len(rows) < 2:
         raise DgtrainError(f"{path}: expected a header row and at least one data row.")
     header = [h.strip() for h in rows[0]]
-    missing = [n for n in names if n not in header]
+    # a feature one-hot encoded in training (data.categorical) is named `column=value`: re-encoded from the
+    # raw text column (a value training never saw gives zeros in that column's block)
+    onehot = {
+        n: n.split("=", 1) for n in names if n not in header and "=" in n and n.split("=", 1)[0] in header
+    }
+    # the columns of the training file (a one-hot block `city=...` comes from one text column `city`)
+    raw = list(dict.fromkeys(n if n in header or "=" not in n else n.split("=", 1)[0] for n in names))
+    missing = [c for c in raw if c not in header]
     if missing:
         raise DgtrainError(
             f"{path}: missing column(s) {', '.join(missing)}. The model was trained on the columns "
-            f"{', '.join(names)} (in any order; other columns are ignored)."
+            f"{', '.join(raw)} (in any order; other columns are ignored)."
         )
     if id_column is not None and id_column not in header:
         raise DgtrainError(f"{path}: --id-column={id_column!r} is not a column ({', '.join(header)}).")
     has_y = bool(targets) and all(t in header for t in targets)
-    cols = [header.index(n) for n in names] + ([header.index(t) for t in targets] if has_y else [])
+    # per feature: (column index, None) for a number, (column index, value) for a one-hot indicator
+    cols = [
+        (header.index(onehot[n][0]), onehot[n][1]) if n in onehot else (header.index(n), None) for n in names
+    ]
+    cols += [(header.index(t), None) for t in targets] if has_y else []
     values = []
     for r, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
@@ -91,7 +102,7 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
                 f"{path}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
             )
         try:
-            values.append([float(row[c]) for c in cols])
+            values.append([float(row[c]) if v is None else float(row[c].strip() == v) for c, v in cols])
         except ValueError as e:
             raise DgtrainError(
                 f"{path}, line {r}: a non-numeric value ({e}); feature columns must be numeric."
