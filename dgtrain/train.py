@@ -183,7 +183,7 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
 
 
 def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
-    """`data._target_` returns a DataBundle; it gets the run's `seed` if it takes one."""
+    """`data._target_` returns a DataBundle; it gets the run's `seed`, and `data.task`, if it takes them."""
     import inspect
 
     fn = locate(cfg.data.get("_target_"), allowed, key="data._target_")
@@ -191,8 +191,10 @@ def build_data(cfg: DictConfig, allowed: tuple[str, ...]) -> DataBundle:
         takes = inspect.signature(fn).parameters
         wants_seed = "seed" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values())
     except (TypeError, ValueError):
-        wants_seed = True
+        takes, wants_seed = {}, True
     extra = {"seed": cfg.seed} if wants_seed else {}
+    if "task" in takes and cfg.data.get("task") is not None:  # data=csv: regression or classification
+        extra["task"] = str(cfg.data.task)
     data = build(cfg.data, allowed=allowed, key="data", exclude=DATA_META_KEYS, **extra)
     if not isinstance(data, DataBundle):
         raise DgtrainError(

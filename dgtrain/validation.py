@@ -68,8 +68,17 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
 
     task = str(cfg.data.get("task"))
     model_name, data_name = _name(choices, "model", cfg.model), _name(choices, "data", cfg.data)
+    try:  # a data function that learns several tasks says which (data=csv: regression, classification)
+        data_tasks = getattr(locate(cfg.data._target_, allowed), "tasks", None)
+    except DgtrainError:
+        data_tasks = None
     if task not in TASKS:
         out.append(f"data.task={task!r} (data={data_name}): expected one of {', '.join(TASKS)}.")
+    elif data_tasks and task not in data_tasks:
+        out.append(
+            f"data.task={task} (data={data_name}): this data is {' or '.join(data_tasks)}; set "
+            f"data.task={' or data.task='.join(data_tasks)}."
+        )
     else:
         try:
             model_tasks = tuple(getattr(locate(cfg.model._target_, allowed), "tasks", TASKS))

@@ -350,6 +350,46 @@ def test_predict_csv_re_encodes_the_text_columns_training_one_hot_encoded(
         read_csv(bad, run.extra, len(names), None)
 
 
+def test_csv_classification_trains_and_predict_scores_labelled_rows_as_eval(
+    trained, tmp_path_factory, tmp_path, capsys
+):
+    """data=csv with data.task=classification: the MLP learns text labels; predict writes labels and,
+    given the label column, scores the validation rows exactly as `dgtrain eval`."""
+    from dgtrain.commands.predict import predict, read_csv
+    from dgtrain.data import split_indices
+    from dgtrain.evaluate import evaluate_source
+    from dgtrain.runs import load_run
+
+    rng = np.random.default_rng(5)
+    names = ["cat", "dog", "fish"]
+    data = tmp_path_factory.mktemp("cls") / "animals.csv"
+    lines = ["a,b,c,kind"]
+    for _ in range(240):
+        x = rng.normal(size=3)
+        lines.append(",".join(f"{v:.4f}" for v in x) + f",{names[int(np.argmax(x))]}")
+    data.write_text("\n".join(lines) + "\n")
+    run_dir = trained(
+        "tab_classes",
+        ["model=mlp", "data=csv", f"data.path={data}", "data.target=kind", "data.task=classification"]
+        + ["trainer.max_steps=60", "optimizer.lr=0.02"],
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["val/acc"] > 0.8  # chance is 1/3
+    _, val_idx = split_indices(len(lines) - 1, 0.2, 0)
+    val_csv = tmp_path / "val.csv"
+    val_csv.write_text("\n".join([lines[0]] + [lines[1 + i] for i in val_idx.tolist()]) + "\n")
+    run = load_run(run_dir, "cpu", data=False)
+    inputs = read_csv(val_csv, run.extra, 3, None)
+    assert inputs.y.dtype == torch.long
+    rows, metrics = predict(run, inputs, int(run.cfg.data.batch_size), 2)
+    assert metrics == evaluate_source(run_dir, "cpu")["metrics"]
+    assert {r["pred"] for r in rows} <= set(names) and set(rows[0]["probs"]) == set(names)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c,kind\n0.1,0.2,0.3,bird\n")
+    with pytest.raises(DgtrainError, match=r"bad\.csv, line 2: the target 'bird' is not one of the classes"):
+        read_csv(bad, run.extra, 3, None)
+
+
 def test_predict_csv_bad_input_names_the_file(trained, tmp_path_factory, tmp_path, capsys):
     run_dir, _ = tab_run(trained, tmp_path_factory)
     bad = tmp_path / "bad.csv"

@@ -515,6 +515,45 @@ def test_csv_from_excel_with_bom_semicolons_text_columns_and_dropped_ids(tmp_pat
     assert only.info.extra["feature_names"] == ["CRIM", "city=Lyon", "city=Nice", "city=Paris"]
 
 
+def test_csv_classification_labels_become_sorted_classes(tmp_path):
+    """data.task=classification: the target's labels are the classes (sorted; numerically when they are
+    numbers), y holds class indices, only the features are standardised; bad label columns are named."""
+    rng = np.random.default_rng(0)
+    f = tmp_path / "iris.csv"
+    rows = [
+        f"{rng.normal():.3f},{rng.normal():.3f},{('virginica', 'setosa', 'versicolor')[i % 3]}"
+        for i in range(60)
+    ]
+    f.write_text("a,b,species\n" + "\n".join(rows) + "\n")
+    b = csv(seed=0, path=str(f), target="species", task="classification")
+    assert b.info.task == "classification" and b.info.num_classes == 3
+    assert b.info.extra["class_names"] == ["setosa", "versicolor", "virginica"]
+    assert b.train.y.dtype == torch.long and b.train.y.ndim == 1 and "y_mean" not in b.info.extra
+    idx = torch.cat([b.train.y, b.val.y])
+    assert sorted(idx.tolist()) == sorted([(2, 0, 1)[i % 3] for i in range(60)])  # every row's own class
+    assert abs(float(b.train.x.mean())) < 1e-5  # the features are standardised
+
+    n = tmp_path / "digits.csv"
+    n.write_text("a,label\n" + "\n".join(f"{i / 7:.3f},{(10, 2, 1)[i % 3]}" for i in range(30)) + "\n")
+    assert csv(seed=0, path=str(n), target="label", task="classification").info.extra["class_names"] == [
+        "1",
+        "2",
+        "10",
+    ]  # numerically, not "1" < "10" < "2"
+    one = tmp_path / "one.csv"
+    one.write_text("a,label\n" + "\n".join(f"{i},x" for i in range(5)) + "\n")
+    with pytest.raises(DgtrainError, match=r"one class only \('x'\).*at least two"):
+        csv(seed=0, path=str(one), target="label", task="classification")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("a,label\n1,x\n2,\n3,y\n")
+    with pytest.raises(DgtrainError, match=r"empty\.csv, line 3: the target column 'label' is empty"):
+        csv(seed=0, path=str(empty), target="label", task="classification")
+    with pytest.raises(
+        DgtrainError, match=r"data.task='lm': data=csv learns regression .* or classification"
+    ):
+        csv(seed=0, path=str(f), target="species", task="lm")
+
+
 def test_csv_tab_separated_is_detected(tmp_path):
     f = tmp_path / "t.tsv"
     f.write_text("a\tb\ty\n" + "\n".join(f"{i}\t{i % 5}\t{3 * i}" for i in range(20)) + "\n")

@@ -25,6 +25,10 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        (
+            ["model=mlp", "data=csv", "data.path=x.csv", "data.target=y", "data.task=lm"],
+            "data.task=lm (data=csv): this data is regression or classification; set data.task=regression",
+        ),
         (["model=mlp", "model.hidden_size=-4"], "model.hidden_size=-4: must be a positive integer."),
         (["model=convnet", "model.channels=[16,-1]"], "model.channels=[16, -1]: must be a positive integer."),
         *(

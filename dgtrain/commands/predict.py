@@ -94,7 +94,20 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
     cols = [
         (header.index(onehot[n][0]), onehot[n][1]) if n in onehot else (header.index(n), None) for n in names
     ]
-    cols += [(header.index(t), None) for t in targets] if has_y else []
+    classes = {c: k for k, c in enumerate(extra.get("class_names") or [])}  # classification: label -> index
+    labels = []  # the target's class indices (classification)
+    if has_y and classes:
+        t = header.index(targets[0])
+        for r, row in enumerate(rows[1:], start=2):
+            label = row[t].strip() if t < len(row) else ""
+            if label not in classes:
+                raise DgtrainError(
+                    f"{path}, line {r}: the target {label!r} is not one of the classes the model was trained "
+                    f"on ({', '.join(list(classes)[:20])}). Fix the label, or leave the column out to predict only."
+                )
+            labels.append(classes[label])
+    elif has_y:
+        cols += [(header.index(t), None) for t in targets]
     values = []
     for r, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
@@ -109,9 +122,11 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
             ) from e
     data = torch.tensor(values, dtype=torch.float32)
     x, y = data[:, : len(names)], (data[:, len(names) :] if has_y else None)
+    if has_y and classes:
+        y = torch.tensor(labels, dtype=torch.long)
     if "x_mean" in extra:  # the training split's statistics, stored with the run
         x = (x - torch.tensor(extra["x_mean"])) / torch.tensor(extra["x_std"])
-        if y is not None:
+        if y is not None and "y_mean" in extra:
             y = (y - torch.tensor(extra["y_mean"])) / torch.tensor(extra["y_std"])
     ids = [rows[i][header.index(id_column)] for i in range(1, len(rows))] if id_column else None
     return Inputs(ids or [str(i) for i in range(len(values))], x, y)

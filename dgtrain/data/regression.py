@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv as _csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ def _bundle(
     extra: dict | None = None,
     feature_names: list[str] | None = None,
     target_names: list[str] | None = None,
+    class_names: list[str] | None = None,
 ) -> DataBundle:
+    """Regression (y: float, (N, out)), or classification when `class_names` is given (y: class indices,
+    (N,)); `standardise`: features (and regression targets) to zero mean and unit variance, with the
+    training split's statistics, which are stored for predict."""
     n = limit(len(x), max_examples)
     x, y = x[:n], y[:n]
     train_idx, val_idx = split_indices(n, val_fraction, seed)
@@ -42,6 +47,13 @@ def _bundle(
     extra["target_names"] = target_names or [f"y{i}" for i in range(y.shape[1])]
     if standardise:
         x, extra["x_mean"], extra["x_std"] = _standardise(x, train_idx)
+    if class_names is not None:
+        extra["class_names"] = list(class_names)
+        info = DataInfo(
+            task="classification", in_shape=tuple(x.shape[1:]), num_classes=len(class_names), extra=extra
+        )
+        return DataBundle(TensorPairs(x[train_idx], y[train_idx]), TensorPairs(x[val_idx], y[val_idx]), info)
+    if standardise:
         y, extra["y_mean"], extra["y_std"] = _standardise(y, train_idx)
     info = DataInfo(task="regression", in_shape=tuple(x.shape[1:]), out_dim=y.shape[1], extra=extra or {})
     return DataBundle(TensorPairs(x[train_idx], y[train_idx]), TensorPairs(x[val_idx], y[val_idx]), info)
@@ -168,8 +180,10 @@ def encode_columns(
     target: str | None,
     drop: list[str],
     categorical: str | list[str] | None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(features, target (N, 1), feature names). Numeric columns as they are; the text columns chosen by
+    labels: bool = False,
+) -> tuple[np.ndarray, Any, list[str]]:
+    """(features, target, feature names); the target is (N, 1) numbers, or with `labels` the column's
+    text values (classification). Numeric columns as they are; the text columns chosen by
     `categorical` one-hot encoded (`col=value` per category, sorted): "auto" every column holding a
     non-number, a list those columns, "none" (or null) no column, so any text value is an error."""
     if target is None or target not in header:
@@ -226,8 +240,34 @@ def encode_columns(
             names.append(h)
     if not blocks:
         raise DgtrainError(f"{p}: no feature columns left besides data.target={target!r} (data.drop={drop}).")
-    y = _numeric_column(p, rows, lines, header.index(target), target, "target")[:, None]
+    t = header.index(target)
+    y = (
+        [row[t].strip() for row in rows]
+        if labels
+        else _numeric_column(p, rows, lines, t, target, "target")[:, None]
+    )
     return np.concatenate(blocks, axis=1), y, names
+
+
+def class_indices(p: Path, values: list[str], lines: list[int], target: str) -> tuple[list[str], list[int]]:
+    """The classes of a label column (sorted; numerically when every label is a number) and each row's
+    class index. An empty label, or a single class, is an error naming the line or the column."""
+    empty = next((r for r, v in enumerate(values) if not v), None)
+    if empty is not None:
+        raise DgtrainError(
+            f"{p}, line {lines[empty]}: the target column {target!r} is empty; every row needs a class label. "
+            "Remove or fill the rows without one."
+        )
+    classes = sorted(set(values))
+    if all(_is_float(v) for v in classes):
+        classes.sort(key=float)
+    if len(classes) < 2:
+        raise DgtrainError(
+            f"{p}: the target column {target!r} holds one class only ({classes[0]!r}); a classifier needs "
+            "at least two. Check data.target, or use data.task=regression for a numeric target."
+        )
+    index = {c: k for k, c in enumerate(classes)}
+    return classes, [index[v] for v in values]
 
 
 def _numeric_column(
@@ -270,9 +310,17 @@ def csv(
     delimiter: str | None = None,
     drop: list[str] | None = None,
     categorical: str | list[str] | None = "none",
+    task: str = "regression",
 ) -> DataBundle:
-    """A CSV file (or .csv.gz) with a header row; `target` names the (numeric) column to predict, every
-    other column not in `drop` is a feature. Text columns are one-hot encoded when `categorical` says so."""
+    """A CSV file (or .csv.gz) with a header row; `target` names the column to predict, every other
+    column not in `drop` is a feature. Text columns are one-hot encoded when `categorical` says so.
+    `task` (data.task): regression (a numeric target), or classification: the target's values (text or
+    numbers) are the classes, in sorted order (numerically when every value is a number)."""
+    if task not in ("regression", "classification"):
+        raise DgtrainError(
+            f"data.task={task!r}: data=csv learns regression (a numeric data.target) or classification "
+            "(data.target holds class labels). Set data.task=regression or data.task=classification."
+        )
     if not path:
         raise DgtrainError("data=csv needs a file: set data.path=/path/to/file.csv and data.target=COLUMN.")
     p = Path(path).expanduser()
@@ -282,7 +330,21 @@ def csv(
             "and numeric columns, one of which is named by data.target."
         )
     header, rows, lines = read_table(p, path, delimiter)
-    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical)
+    labels = task == "classification"
+    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical, labels)
+    if labels:
+        classes, y = class_indices(p, y, lines, target)
+        return _bundle(
+            torch.from_numpy(x),
+            torch.tensor(y),
+            seed=seed,
+            val_fraction=val_fraction,
+            max_examples=max_examples,
+            standardise=True,
+            feature_names=features,
+            target_names=[target],
+            class_names=classes,
+        )
     return _bundle(
         torch.from_numpy(x),
         torch.from_numpy(y),
@@ -293,3 +355,6 @@ def csv(
         feature_names=features,
         target_names=[target],
     )
+
+
+csv.tasks = ("regression", "classification")  # data.task picks one (dgtrain/validation.py checks it)
