@@ -219,8 +219,6 @@ def check_overrides(argv: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from dgtrain.paths import blocked_dir
-
     args, _ = get_args_parser().parse_known_args(argv)
     parser = OverridesParser.create()
     given = set()
@@ -239,8 +237,7 @@ def check_overrides(argv: list[str]) -> str | None:
         for o in parsed:
             given.add(o.key_or_group)
             if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
-                static = str(o.value()).split("${", 1)[0]
-                blocked = blocked_dir(static) if static else None
+                blocked = blocked_pattern(str(o.value()))
                 if blocked:
                     return (
                         f"{o.key_or_group}={o.value()}: {blocked[0]} {blocked[1]}; the run's files could not "
@@ -249,14 +246,22 @@ def check_overrides(argv: list[str]) -> str | None:
     key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
     writes = not (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion)
     if writes and key not in given:  # the default (outputs/... or multirun/...), relative to the cwd
-        static = default_dir(key).split("${", 1)[0]
-        blocked = blocked_dir(static) if static else None
+        pattern = default_dir(key)
+        blocked = blocked_pattern(pattern)
         if blocked:
             return (
-                f"the default {key} ({default_dir(key)}): {blocked[0]} {blocked[1]}; the run's files could "
+                f"the default {key} ({pattern}): {blocked[0]} {blocked[1]}; the run's files could "
                 f"not be written. Move it away, or choose another directory ({key}=...)."
             )
     return None
+
+
+def blocked_pattern(pattern: str):
+    """`blocked_dir` for a run-dir pattern: its part before the first `${...}` (what exists already)."""
+    from dgtrain.paths import blocked_dir
+
+    static = pattern.split("${", 1)[0]
+    return blocked_dir(static) if static else None
 
 
 def default_dir(key: str) -> str:

@@ -302,9 +302,12 @@ def _fsdp_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def local_grads(params) -> list[torch.Tensor]:
-    """Each gradient as this rank holds it (an FSDP shard's local part); empty shards left out."""
+def local_grads(params, sharded: bool = True) -> list[torch.Tensor]:
+    """Each gradient as this rank holds it. `sharded` (FSDP): an FSDP shard's local part, empty shards
+    left out; else the gradients themselves (every step of the non-finite guard: kept lean)."""
     grads = [p.grad for p in params if p.grad is not None]
+    if not sharded:
+        return grads
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     return [g for g in grads if g.numel()]
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from dgtrain.errors import DgtrainError
+from dgtrain.tasks import no_reduce
 
 
 def evaluate_split(
-    s: Any, autocast: Any, split: str, batches: int | None = None, reduce: Any = None
+    s: Any, autocast: Any, split: str, batches: int | None = None, reduce: Any = no_reduce
 ) -> dict[str, float]:
     """Metrics of `s.model` on one split of `s.data`: val/... for "val", test/... for "test". Several
     processes (`reduce`): each scores its shard of the split, as the validation loader is sharded."""

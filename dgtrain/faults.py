@@ -32,7 +32,7 @@ def nonfinite_check(
     found = torch.zeros((), device=loss.device) if out is None else out.zero_()
     tensors = [loss.detach() if loss.requires_grad else loss]
     if check_grads:
-        tensors += local_grads(params) if sharded else [p.grad for p in params if p.grad is not None]
+        tensors += local_grads(params, sharded)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found
 

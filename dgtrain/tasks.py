@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def no_reduce(values: list) -> list:
+    """One process: a task's sums are the job's sums already (several: `Dist.sum_` adds them up)."""
+    return values
+
+
 class Task:
     name = ""
     monitor = "val/loss"  # the validation metric that decides "best" and is the sweep objective
@@ -28,7 +33,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(
-        self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast, reduce: Callable | None = None
+        self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast, reduce: Callable = no_reduce
     ) -> dict[str, float]:
         """Metrics over `batches`. `reduce` (several processes, each scoring its shard of the split): sums
         a list of per-rank sums over the ranks (`Dist.sum_`); metrics are then ratios of job-wide sums."""
@@ -61,7 +66,7 @@ class Regression(_InputTarget):
     name, monitor, mode = "regression", "val/mse", "min"
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):
         n, loss_sum, sse, y_sum, y_sq = 0, 0.0, 0.0, 0.0, 0.0
         for x, y in batches:
             with autocast():
@@ -70,8 +75,8 @@ class Regression(_InputTarget):
             sse = sse + (pred - y).pow(2).sum()
             y_sum, y_sq = y_sum + y.sum(0), y_sq + y.pow(2).sum(0)
             n += len(y)
-        if reduce is not None:  # several processes: the job's sums
-            loss_sum, sse, y_sum, y_sq, n = reduce([loss_sum, sse, y_sum, y_sq, n])
+        # several processes: the job's sums
+        loss_sum, sse, y_sum, y_sq, n = reduce([loss_sum, sse, y_sum, y_sq, n])
         sst = (y_sq - y_sum.pow(2) / n).sum()  # sum of squares about the validation mean
         loss, sse, sst = (float(t) for t in (loss_sum, sse, sst))
         return {
@@ -134,7 +139,7 @@ class Classification(_InputTarget):
         return {k: m.to(device) for k, m in out.items()}
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):
         n, loss_sum, correct = 0, 0.0, 0
         extra: dict[str, Any] | None = None
         for x, y in batches:
@@ -147,8 +152,8 @@ class Classification(_InputTarget):
                 extra = extra if extra is not None else self._metrics(logits.device)
                 for m in extra.values():
                     m.update(logits, y)
-        if reduce is not None:  # several processes: the job's sums (torchmetrics syncs its own states)
-            loss_sum, correct, n = reduce([loss_sum, correct, n])
+        # several processes: the job's sums (torchmetrics syncs its own states)
+        loss_sum, correct, n = reduce([loss_sum, correct, n])
         out = {"val/loss": float(loss_sum) / n, "val/acc": float(correct) / n}
         for name, m in (extra or {}).items():  # computed once, at the end: one transfer each
             if name == "confusion":
@@ -179,7 +184,7 @@ class Seq2Seq(Task):
         return loss_fn(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):
         tokens, loss_sum, correct, seq_correct, n_seq = 0, 0.0, 0, 0, 0
         for src, tgt in batches:
             target = tgt[:, 1:]
@@ -197,10 +202,10 @@ class Seq2Seq(Task):
             seq_correct = seq_correct + (hit | ~real).all(dim=1).sum()
             tokens = tokens + n_tok
             n_seq += len(src)
-        if reduce is not None:  # several processes: the job's sums
-            loss_sum, correct, seq_correct, tokens, n_seq = reduce(
-                [loss_sum, correct, seq_correct, tokens, n_seq]
-            )
+        # several processes: the job's sums
+        loss_sum, correct, seq_correct, tokens, n_seq = reduce(
+            [loss_sum, correct, seq_correct, tokens, n_seq]
+        )
         tokens = float(tokens)
         return {
             "val/loss": float(loss_sum) / tokens,
@@ -220,15 +225,14 @@ class LanguageModel(Task):
         return loss_fn(model(x).flatten(0, 1).float(), y.flatten())
 
     @torch.no_grad()
-    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=None):
+    def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):
         tokens, loss_sum = 0, 0.0
         for x, y in batches:
             with autocast():
                 logits = model(x).float()
             loss_sum = loss_sum + loss_fn(logits.flatten(0, 1), y.flatten()) * y.numel()
             tokens += y.numel()
-        if reduce is not None:  # several processes: the job's sums
-            loss_sum, tokens = reduce([loss_sum, tokens])
+        loss_sum, tokens = reduce([loss_sum, tokens])  # several processes: the job's sums
         loss = float(loss_sum) / tokens
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 

@@ -47,7 +47,7 @@ from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import make_optimizer
 from dgtrain.runs import write_data_info
-from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task
+from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task, no_reduce
 from dgtrain.telemetry import NO_CONTEXT, Telemetry
 from dgtrain.validation import check_config
 
@@ -418,14 +418,12 @@ def to_device(batches, device: torch.device):
         yield tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def evaluate(s: Setup, autocast, max_batches: int | None, reduce=None) -> dict[str, float]:
+def evaluate(s: Setup, autocast, max_batches: int | None, reduce=no_reduce) -> dict[str, float]:
     """The task's metrics on `s.val_loader` (at most `max_batches` batches). `reduce`: several processes,
     each scoring its shard of the split, combine their sums (`Dist.sum_`)."""
     s.model.eval()
     try:
         batches = to_device(itertools.islice(s.val_loader, max_batches), s.device)
-        if reduce is None:
-            return s.task.evaluate(s.model, batches, s.loss_fn, autocast)
         return s.task.evaluate(s.model, batches, s.loss_fn, autocast, reduce=reduce)
     finally:
         s.model.train()
@@ -464,7 +462,10 @@ class Loop:
         # DDP / FSDP2 wrap the model before the optimizer sees its parameters; s.model stays the user's
         self.model, self.task, self.device = wrap_model(s.model, d, s.device, precision), s.task, s.device
         self.autocast = autocast_for(s.device, "fp32" if d.sharded else precision)  # FSDP: its own policy
-        self.state = LoopState(global_batch=s.train_loader.batch_sampler.global_batch)
+        self.state = LoopState(
+            global_batch=s.train_loader.batch_sampler.global_batch,
+            counts_tokens=type(s.task).units is not Task.units,  # sequence tasks count their tokens
+        )
         tc = cfg.trainer
         self.accum = int(tc.grad_accum_steps)
         steps_per_epoch = max(1, len(s.train_loader) // self.accum)
@@ -489,11 +490,11 @@ class Loop:
         self.found = torch.zeros((), device=s.device)  # the guard's flag, reused when the host reads it
         self.stream = BatchStream(s.train_loader, s.device, self.state)
         self.augment, self.loss_fn = s.data.augment, s.loss_fn
-        self.counts_tokens = type(s.task).units is not Task.units  # sequence tasks count their tokens
-        self.state.counts_tokens = self.counts_tokens
         self.check_grads = not self.scaler.is_enabled()  # fp16: overflowing gradients are the scaler's
         self.sharded = d.sharded  # FSDP: gradients are DTensors, the guard checks their local shards
-        self.reduce = d.sum_ if d.enabled else None  # evaluation: each rank scores its shard; sums combined
+        self.reduce = (
+            d.sum_
+        )  # evaluation: each rank scores its shard, the sums are combined (alone: as they are)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
@@ -547,7 +548,7 @@ class Loop:
                 tel.after_backward()
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             st.samples += batch[0].shape[0]
-            if self.counts_tokens:
+            if st.counts_tokens:
                 units = self.task.units(batch)
                 if isinstance(units, int):
                     st.tokens += units
@@ -700,7 +701,7 @@ class Loop:
 @dataclass
 class Run:
     """What `fit` opens before its first step and closes after its last: the loop and the run's files,
-    sinks, callbacks and lock. Rank 0 alone writes files and logs (`writes`, `sinks`)."""
+    sinks, callbacks and lock. Rank 0 alone writes files and logs (`sinks` is empty on the others)."""
 
     cfg: DictConfig  # the config the run uses (debug modes applied)
     loop: Loop
@@ -709,6 +710,7 @@ class Run:
     sinks: list
     console: ConsoleLogger | None
     trainable: int  # parameters that train (model.freeze)
+    n_params: int  # all the model's parameters
     fast_dev: bool  # trainer.fast_dev_run: nothing is written but the log
     dist: Dist
 
@@ -768,17 +770,16 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
         f"{len(s.data.train):,} train / {len(s.data.val):,} val examples | {loop.max_steps} steps"
     )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
-    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, fast_dev, d)
+    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d)
 
 
 def close_run(run: Run, status: str) -> dict[str, Any]:
     """The run's summary (summary.json, the sinks' last word), the sinks closed, the run dir released."""
     loop, st, d = run.loop, run.loop.state, run.dist
-    s, task = loop.s, loop.task
-    n_params = sum(p.numel() for p in s.model.parameters())
+    task = loop.task
     # a resumed run's wall time counts its earlier processes too
     summary = make_summary(
-        status, st.step, st.epoch, st.final, st.best, task, loop.device, n_params, st.peak_cuda,
+        status, st.step, st.epoch, st.final, st.best, task, loop.device, run.n_params, st.peak_cuda,
         loop.wall_s(), loop.run_dir,
     )  # fmt: skip
     summary["telemetry"] = loop.telemetry.summary()

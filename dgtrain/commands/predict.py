@@ -95,25 +95,23 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
         (header.index(onehot[n][0]), onehot[n][1]) if n in onehot else (header.index(n), None) for n in names
     ]
     classes = {c: k for k, c in enumerate(extra.get("class_names") or [])}  # classification: label -> index
-    labels = []  # the target's class indices (classification)
-    if has_y and classes:
-        t = header.index(targets[0])
-        for r, row in enumerate(rows[1:], start=2):
-            label = row[t].strip() if t < len(row) else ""
+    label_col = header.index(targets[0]) if has_y and classes else None
+    if has_y and label_col is None:  # regression: the targets are numbers like the features
+        cols += [(header.index(t), None) for t in targets]
+    values, labels = [], []  # labels: the target's class indices (classification)
+    for r, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DgtrainError(
+                f"{path}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
+            )
+        if label_col is not None:
+            label = row[label_col].strip()
             if label not in classes:
                 raise DgtrainError(
                     f"{path}, line {r}: the target {label!r} is not one of the classes the model was trained "
                     f"on ({', '.join(list(classes)[:20])}). Fix the label, or leave the column out to predict only."
                 )
             labels.append(classes[label])
-    elif has_y:
-        cols += [(header.index(t), None) for t in targets]
-    values = []
-    for r, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DgtrainError(
-                f"{path}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
-            )
         try:
             values.append([float(row[c]) if v is None else float(row[c].strip() == v) for c, v in cols])
         except ValueError as e:
@@ -122,7 +120,7 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
             ) from e
     data = torch.tensor(values, dtype=torch.float32)
     x, y = data[:, : len(names)], (data[:, len(names) :] if has_y else None)
-    if has_y and classes:
+    if label_col is not None:
         y = torch.tensor(labels, dtype=torch.long)
     if "x_mean" in extra:  # the training split's statistics, stored with the run
         x = (x - torch.tensor(extra["x_mean"])) / torch.tensor(extra["x_std"])

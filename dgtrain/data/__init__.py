@@ -202,15 +202,10 @@ class DirectLoader:
         order = sampler.order(epoch)
         # pinned, so the copy is queued without waiting for the device
         on_device = order if ds.device.type == "cpu" else order.pin_memory().to(ds.device, non_blocking=True)
-        take, shard, same, g = ds.take, sampler.shard, on_device is order, sampler.global_batch
+        same = on_device is order  # data on the CPU: shard the order once per batch
         for b in range(start, len(sampler)):
-            if sampler.world == 1:  # one process: batch b is a slice of the order (the common case: lean)
-                idx_host = order[b * g : (b + 1) * g]
-                idx = idx_host if same else on_device[b * g : (b + 1) * g]
-            else:
-                idx_host = shard(order, b)
-                idx = idx_host if same else shard(on_device, b)
-            batch = take(idx, idx_host)
+            idx_host = sampler.shard(order, b)
+            batch = ds.take(idx_host if same else sampler.shard(on_device, b), idx_host)
             # page-locked batches copy to the GPU without blocking the host (`to(non_blocking=True)`)
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 

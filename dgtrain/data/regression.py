@@ -52,10 +52,10 @@ def _bundle(
         info = DataInfo(
             task="classification", in_shape=tuple(x.shape[1:]), num_classes=len(class_names), extra=extra
         )
-        return DataBundle(TensorPairs(x[train_idx], y[train_idx]), TensorPairs(x[val_idx], y[val_idx]), info)
-    if standardise:
-        y, extra["y_mean"], extra["y_std"] = _standardise(y, train_idx)
-    info = DataInfo(task="regression", in_shape=tuple(x.shape[1:]), out_dim=y.shape[1], extra=extra or {})
+    else:
+        if standardise:
+            y, extra["y_mean"], extra["y_std"] = _standardise(y, train_idx)
+        info = DataInfo(task="regression", in_shape=tuple(x.shape[1:]), out_dim=y.shape[1], extra=extra)
     return DataBundle(TensorPairs(x[train_idx], y[train_idx]), TensorPairs(x[val_idx], y[val_idx]), info)
 
 
@@ -332,28 +332,19 @@ def csv(
     header, rows, lines = read_table(p, path, delimiter)
     labels = task == "classification"
     x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical, labels)
+    classes = None
     if labels:
         classes, y = class_indices(p, y, lines, target)
-        return _bundle(
-            torch.from_numpy(x),
-            torch.tensor(y),
-            seed=seed,
-            val_fraction=val_fraction,
-            max_examples=max_examples,
-            standardise=True,
-            feature_names=features,
-            target_names=[target],
-            class_names=classes,
-        )
     return _bundle(
         torch.from_numpy(x),
-        torch.from_numpy(y),
+        torch.tensor(y) if labels else torch.from_numpy(y),
         seed=seed,
         val_fraction=val_fraction,
         max_examples=max_examples,
         standardise=True,
         feature_names=features,
         target_names=[target],
+        class_names=classes,
     )
 
 
