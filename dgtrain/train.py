@@ -45,7 +45,7 @@ from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
 from dgtrain.memory import rss_peak_mb
-from dgtrain.optim import make_optimizer
+from dgtrain.optim import grad_clearer, make_optimizer, step_function
 from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task, no_reduce
 from dgtrain.telemetry import NO_CONTEXT, Telemetry
@@ -476,6 +476,8 @@ class Loop:
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
         self.optimizer = make_optimizer(cfg, self.model, allowed, s.device)  # no decay on biases/norms
+        # optimizer.step() and zero_grad(set_to_none=True), without torch's wrapping where it does nothing
+        self.step_optimizer, self.clear_grads = step_function(self.optimizer), grad_clearer(self.optimizer)
         self.scheduler = build(cfg.scheduler, allowed=allowed, key="scheduler")(
             self.optimizer, total_steps=self.max_steps
         )
@@ -567,7 +569,7 @@ class Loop:
                 found_inf = torch.maximum(self.halted, found, out=self.halted)
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
             try:
-                self.optimizer.step()
+                self.step_optimizer()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
             st.unread.append(found)
@@ -582,10 +584,10 @@ class Loop:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
-                self.optimizer.step()
+                self.step_optimizer()
             st.unread.append(bad)
         st.losses.append(step_loss)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.clear_grads()
         self.scheduler.step()
         tel.after_step()
         st.step += 1

@@ -289,3 +289,69 @@ def test_schedules_step_exactly_like_torch_lambdalr(name):
     resumed.load_state_dict(ref.state_dict())
     resumed_opt.step(), resumed.step(), ref_opt.step(), ref.step()
     assert resumed.get_last_lr() == ref.get_last_lr()
+
+
+def test_gradients_are_cleared_like_zero_grad_and_an_optimizer_of_its_own_keeps_its_zero_grad():
+    """The loop clears gradients without torch's zero_grad wrapping; it must clear exactly the optimizer's
+    parameters (groups added later and groups rebuilt by load_state_dict included), and an optimizer
+    that defines its own zero_grad must still have it called."""
+    from dgtrain.optim import grad_clearer
+
+    w, b, frozen = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+    opt = torch.optim.Adam([w])
+    clear = grad_clearer(opt)
+    opt.add_param_group({"params": [b]})
+    opt.load_state_dict(opt.state_dict())  # a resume rebuilds param_groups
+    (w.sum() + b.sum() + frozen.sum()).backward()
+    clear()
+    assert w.grad is None and b.grad is None
+    assert frozen.grad is not None, "not the optimizer's: zero_grad leaves it too"
+
+    class Own(torch.optim.SGD):
+        calls = []
+
+        def zero_grad(self, set_to_none=True):
+            self.calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    own = Own([w], lr=0.1)
+    grad_clearer(own)()
+    assert Own.calls == [True]
+
+
+def test_the_lean_optimizer_step_still_runs_step_hooks_and_shows_in_the_profiler():
+    """The loop steps the optimizer past torch's profiling wrapper only while that wrapper would do
+    nothing: a step hook (the optimizer's own or a global one) or a running profiler gets torch's step."""
+    import torch.optim.optimizer as torch_optim
+
+    from dgtrain.optim import step_function
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([w], lr=0.1)
+    step = step_function(opt)
+    ref_w = torch.nn.Parameter(torch.ones(2))
+    ref = torch.optim.Adam([ref_w], lr=0.1)
+    for _ in range(3):
+        for p, o in ((w, opt), (ref_w, ref)):
+            p.grad = torch.tensor([0.5, -2.0])
+        step(), ref.step()
+    assert torch.equal(w, ref_w)
+    assert all(torch.equal(opt.state[w][k], ref.state[ref_w][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+    calls = []
+    own = opt.register_step_post_hook(lambda o, a, k: calls.append("own"))
+    glob = torch_optim.register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global"))
+    try:
+        w.grad = torch.ones(2)
+        step()
+    finally:
+        own.remove(), glob.remove()
+    assert calls == ["global", "own"]
+    w.grad = torch.ones(2)
+    step()
+    assert calls == ["global", "own"], "removed hooks are not called"
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        w.grad = torch.ones(2)
+        step()
+    assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
