@@ -459,6 +459,8 @@ def test_predict_reads_a_csv_as_training_does_bom_separator_gzip(trained, tmp_pa
     tabs = _excel(tmp_path / "val.tsv", lines, "\t")  # any name: a tabular model reads a table
     assert cli(tabs, "--delimiter", "\\t") == cli(tabs) == want
     assert cli(semi, "--delimiter", ";") == want
+    ids = [json.loads(r)["id"] for r in cli(semi, "--id-column", "b").splitlines()]
+    assert ids == [line.split(",")[1] for line in lines[1:]]  # the text as written, row by row
 
     with pytest.raises(
         DgtrainError, match=r"val_semi\.csv: missing column\(s\) a, b, c\. .* single field: .*--delimiter"
