@@ -4,9 +4,9 @@ model, batch by batch, on any device.
 INPUT is a CSV file (tabular models: read as training reads data.path, with its reader; the features are
 standardised with the training statistics stored in the run's data_info.json, never recomputed on the new
 file), a folder of PNG/JPEG images (converted to the training channels, resized to the training size,
-normalised as in training), an MNIST idx image file or a CIFAR-10 python batch. When the input carries the targets (the target column of a CSV, the labels of
-a CIFAR batch, `--labels` for an idx file), the metrics are printed too: computed exactly as `dgtrain eval`
-computes them.
+normalised as in training), an MNIST idx image file or a CIFAR-10 python batch. When the input carries
+the targets (the target column of a CSV, the labels of a CIFAR batch, `--labels` for an idx file), the
+metrics are printed too: computed exactly as `dgtrain eval` computes them.
 """
 
 from __future__ import annotations
