@@ -405,6 +405,107 @@ def test_predict_csv_bad_input_names_the_file(trained, tmp_path_factory, tmp_pat
     assert not out.exists()
 
 
+def _val_rows(data: Path) -> list[str]:
+    """The header and the validation split's rows of a training CSV (as its lines)."""
+    from dgtrain.data import split_indices
+
+    lines = [line for line in data.read_text(encoding="utf-8-sig").splitlines() if line]  # as read_table
+    _, val_idx = split_indices(len(lines) - 1, 0.2, 0)
+    return [lines[0]] + [lines[1 + i] for i in val_idx.tolist()]
+
+
+def _excel(path: Path, lines: list[str], sep: str) -> Path:
+    """What Excel in a European locale writes: a byte-order mark, `sep` between fields, CRLF, a blank
+    line before the last row."""
+    lines = [line.replace(",", sep) for line in lines]
+    path.write_bytes(("\r\n".join(lines[:-1] + ["", lines[-1]]) + "\r\n").encode("utf-8-sig"))
+    return path
+
+
+def test_predict_reads_a_csv_as_training_does_bom_separator_gzip(trained, tmp_path_factory, tmp_path, capsys):
+    """predict reads its input through training's reader: the validation rows written as Excel does
+    (BOM, ';', CRLF, a blank line) or gzipped give exactly the comma file's predictions and eval's metrics;
+    the separator is detected as in training, or given by --delimiter (one character, else exit 2)."""
+    import gzip
+
+    from dgtrain.commands.predict import predict, read_csv
+    from dgtrain.evaluate import evaluate_source
+    from dgtrain.runs import load_run
+
+    run_dir, data = tab_run(trained, tmp_path_factory)  # trained on a comma file, data.delimiter unset
+    lines = _val_rows(data)
+    plain = tmp_path / "val.csv"
+    plain.write_text("\n".join(lines) + "\n")
+    semi = _excel(tmp_path / "val_semi.csv", lines, ";")
+    run = load_run(run_dir, "cpu", data=False)
+    inputs = read_csv(semi, run.extra, 3, None)
+    _, metrics = predict(run, inputs, int(run.cfg.data.batch_size), 3)
+    assert metrics == evaluate_source(run_dir, "cpu")["metrics"]
+
+    def cli(path: Path, *more: str) -> str:
+        out = tmp_path / "pred.jsonl"
+        code, _, err = run_main(
+            "predict", [str(run_dir), str(path), "--out", str(out), "--device", "cpu", *more], capsys
+        )
+        assert code == 0 and "loss" in err
+        return out.read_text()
+
+    want = cli(plain)
+    assert len(want.splitlines()) == len(lines) - 1
+    assert cli(semi) == want
+    gz = tmp_path / "val_semi.csv.gz"
+    gz.write_bytes(gzip.compress(semi.read_bytes()))
+    assert cli(gz) == want
+    tabs = _excel(tmp_path / "val.tsv", lines, "\t")  # any name: a tabular model reads a table
+    assert cli(tabs, "--delimiter", "\\t") == cli(tabs) == want
+    assert cli(semi, "--delimiter", ";") == want
+    ids = [json.loads(r)["id"] for r in cli(semi, "--id-column", "b").splitlines()]
+    assert ids == [line.split(",")[1] for line in lines[1:]]  # the text as written, row by row
+
+    with pytest.raises(
+        DgtrainError, match=r"val_semi\.csv: missing column\(s\) a, b, c\. .* single field: .*--delimiter"
+    ):
+        run_main("predict", [str(run_dir), str(semi), "--delimiter", ","], capsys)
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a;b;c\n1;2;3\n\n1;2\n")
+    with pytest.raises(DgtrainError, match=r"ragged\.csv, line 4: 2 fields, expected 3 .*set --delimiter if"):
+        run_main("predict", [str(run_dir), str(ragged), "--delimiter", ";"], capsys)
+    p = run_cli(["predict", str(run_dir), str(semi), "--delimiter", ";;", "--out", "never.csv"], tmp_path)
+    assert p.returncode == 2 and "--delimiter=';;': must be one character" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "never.csv").exists()
+
+
+def test_predict_reads_the_input_with_the_runs_data_delimiter(trained, tmp_path_factory, tmp_path, capsys):
+    """A run trained with data.delimiter=';' on an Excel file (BOM, ';'): predict on its validation rows,
+    in the same format, gives eval's metrics; a comma file needs --delimiter=, (the run's ';' is the
+    default), and the error says so."""
+    data = _excel(
+        tmp_path_factory.mktemp("semi") / "sales.csv", tab_csv(tmp_path).read_text().splitlines(), ";"
+    )
+    run_dir = trained(
+        "tab_semicolon",
+        ["model=linreg", "data=csv", f"data.path={data}", "data.target=y", "data.delimiter=';'"]
+        + ["trainer.max_steps=20"],
+    )
+    from dgtrain.evaluate import evaluate_source
+
+    assert json.loads((run_dir / "data_info.json").read_text())["extra"]["feature_names"] == ["a", "b", "c"]
+    lines = [line.replace(";", ",") for line in _val_rows(data)]
+    val = _excel(tmp_path / "val.csv", lines, ";")
+    code, out, err = run_main("predict", [str(run_dir), str(val), "--device", "cpu"], capsys)
+    metrics = evaluate_source(run_dir, "cpu")["metrics"]  # as predict prints them
+    assert code == 0 and err == "".join(f"{k.removeprefix('val/'):<8} {v:.6g}\n" for k, v in metrics.items())
+    assert len(out.splitlines()) == len(lines)  # a header and one row per input row
+    comma = tmp_path / "val_comma.csv"
+    comma.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        DgtrainError, match=r"val_comma\.csv: missing column\(s\).* single field: .*--delimiter"
+    ):
+        run_main("predict", [str(run_dir), str(comma)], capsys)
+    again = run_main("predict", [str(run_dir), str(comma), "--delimiter", ",", "--device", "cpu"], capsys)
+    assert again == (0, out, err)
+
+
 def test_predict_idx_images_score_exactly_as_eval(trained, tmp_path_factory, tmp_path, capsys):
     from dgtrain.commands.predict import predict, read_idx
     from dgtrain.evaluate import evaluate_source

@@ -1,12 +1,12 @@
 """`dgtrain predict RUN_DIR INPUT [--out FILE]`: score new data with a trained regression or classification
 model, batch by batch, on any device.
 
-INPUT is a CSV file (tabular models: the features are standardised with the training statistics stored
-in the run's data_info.json, never recomputed on the new file), a folder of PNG/JPEG images (converted to
-the training channels, resized to the training size, normalised as in training), an MNIST idx image file
-or a CIFAR-10 python batch. When the input carries the targets (the target column of a CSV, the labels of
-a CIFAR batch, `--labels` for an idx file), the metrics are printed too: computed exactly as `dgtrain eval`
-computes them.
+INPUT is a CSV file (tabular models: read as training reads data.path, with its reader; the features are
+standardised with the training statistics stored in the run's data_info.json, never recomputed on the new
+file), a folder of PNG/JPEG images (converted to the training channels, resized to the training size,
+normalised as in training), an MNIST idx image file or a CIFAR-10 python batch. When the input carries
+the targets (the target column of a CSV, the labels of a CIFAR batch, `--labels` for an idx file), the
+metrics are printed too: computed exactly as `dgtrain eval` computes them.
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from dgtrain.errors import DgtrainError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+def _separator(value: str) -> str:
+    """--delimiter: what a shell passes for a tab when typed as '\\t' or tab, else the value as given."""
+    return "\t" if value in ("\\t", "tab") else value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dgtrain predict",
@@ -45,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", default=None, metavar="FILE", help="idx input: its labels file (for metrics)")
     p.add_argument("--id-column", default=None, help="CSV input: a column copied to the output as the id")
+    p.add_argument(
+        "--delimiter",
+        default=None,
+        type=_separator,
+        metavar="CHAR",
+        help="CSV input: the separator, one character (tab: '\\t' or tab; default: the run's data.delimiter "
+        "when set, else detected among , ; tab | as training does)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
     add_run_options(p)
     return p
@@ -61,19 +74,22 @@ class Inputs:
 # ------------------------------------------------------------------------------------------- readers
 
 
-def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str | None) -> Inputs:
+def read_csv(
+    path: Path,
+    extra: dict[str, Any],
+    n_features: int,
+    id_column: str | None,
+    delimiter: str | None = None,
+) -> Inputs:
+    """The table is read by training's own reader (dgtrain.data.regression.read_table): `.csv.gz`, a
+    UTF-8 byte-order mark, blank lines, and the separator `delimiter`, else sniffed among , ; tab and |."""
     import torch
+
+    from dgtrain.data.regression import read_table
 
     names = extra.get("feature_names") or [f"x{i}" for i in range(n_features)]
     targets = extra.get("target_names") or []
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DgtrainError(f"{path}: cannot be read as a UTF-8 CSV file ({e}).") from e
-    if len(rows) < 2:
-        raise DgtrainError(f"{path}: expected a header row and at least one data row.")
-    header = [h.strip() for h in rows[0]]
+    header, rows, lines = read_table(path, str(path), delimiter, min_rows=1, name="", option="--delimiter")
     # a feature one-hot encoded in training (data.categorical) is named `column=value`: re-encoded from the
     # raw text column (a value training never saw gives zeros in that column's block)
     onehot = {
@@ -83,9 +99,10 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
     raw = list(dict.fromkeys(n if n in header or "=" not in n else n.split("=", 1)[0] for n in names))
     missing = [c for c in raw if c not in header]
     if missing:
+        hint = " The header is a single field: give the file's separator with --delimiter."
         raise DgtrainError(
             f"{path}: missing column(s) {', '.join(missing)}. The model was trained on the columns "
-            f"{', '.join(raw)} (in any order; other columns are ignored)."
+            f"{', '.join(raw)} (in any order; other columns are ignored).{hint if len(header) < 2 else ''}"
         )
     if id_column is not None and id_column not in header:
         raise DgtrainError(f"{path}: --id-column={id_column!r} is not a column ({', '.join(header)}).")
@@ -99,11 +116,7 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
     if has_y and label_col is None:  # regression: the targets are numbers like the features
         cols += [(header.index(t), None) for t in targets]
     values, labels = [], []  # labels: the target's class indices (classification)
-    for r, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise DgtrainError(
-                f"{path}, line {r}: {len(row)} fields, expected {len(header)} (as in the header)."
-            )
+    for r, row in zip(lines, rows, strict=True):  # r: the line in the file (read_table checked the widths)
         if label_col is not None:
             label = row[label_col].strip()
             if label not in classes:
@@ -126,7 +139,7 @@ def read_csv(path: Path, extra: dict[str, Any], n_features: int, id_column: str 
         x = (x - torch.tensor(extra["x_mean"])) / torch.tensor(extra["x_std"])
         if y is not None and "y_mean" in extra:
             y = (y - torch.tensor(extra["y_mean"])) / torch.tensor(extra["y_std"])
-    ids = [rows[i][header.index(id_column)] for i in range(1, len(rows))] if id_column else None
+    ids = [row[header.index(id_column)] for row in rows] if id_column else None
     return Inputs(ids or [str(i) for i in range(len(values))], x, y)
 
 
@@ -227,15 +240,20 @@ def read_inputs(path: Path, run, args) -> Inputs:
         if len(in_shape) != 3:
             raise DgtrainError(f"{path}: a folder of images, but this model takes inputs shaped {in_shape}.")
         return read_image_folder(path, extra, in_shape)
-    if path.suffix.lower() == ".csv":
-        if len(in_shape) != 1:
-            raise DgtrainError(
-                f"{path}: a CSV file, but this model takes images shaped {in_shape}; give a folder of images, "
-                "an idx file or a CIFAR batch."
-            )
-        return read_csv(path, extra, in_shape[0], args.id_column)
+    if len(in_shape) == 1:  # a tabular model: any file is a table, read as training read data.path
+        delimiter = args.delimiter
+        if delimiter is None:  # the separator training was told (data=csv), else detected as training does
+            delimiter = run.cfg.data.get("delimiter")
+        return read_csv(path, extra, in_shape[0], args.id_column, delimiter)
+    if path.suffix.lower() == ".csv" or path.name.lower().endswith(".csv.gz"):
+        raise DgtrainError(
+            f"{path}: a CSV file, but this model takes images shaped {in_shape}; give a folder of images, "
+            "an idx file or a CIFAR batch."
+        )
     if len(in_shape) != 3:
-        raise DgtrainError(f"{path}: expected a .csv file for this tabular model.")
+        raise DgtrainError(
+            f"{path}: this model takes inputs shaped {in_shape}; predict reads tables and images."
+        )
     with path.open("rb") as f:
         head = f.read(4)
     if head[:3] == b"\x00\x00\x08" or path.suffix == ".gz":

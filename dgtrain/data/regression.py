@@ -126,15 +126,29 @@ def _columns(header: list[str]) -> str:
     return ", ".join(names) + (f", ... ({len(header)} in all)" if len(header) > 20 else "")
 
 
-def read_table(p: Path, path: str, delimiter: str | None) -> tuple[list[str], list[list[str]], list[int]]:
+def read_table(
+    p: Path,
+    path: str,
+    delimiter: str | None,
+    *,
+    min_rows: int = 2,
+    name: str = "data.path=",
+    option: str = "data.delimiter",
+) -> tuple[list[str], list[list[str]], list[int]]:
     """Header, data rows and their line numbers in the file (blank lines skipped). `.gz` files are
     decompressed (as pandas reads them); a UTF-8 byte-order mark (what Excel writes) is dropped; the
-    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |."""
+    delimiter is `delimiter`, else sniffed from the start of the file among , ; tab and |.
+
+    Training reads its data.path; `dgtrain predict` reads its input file through this same function, so
+    the messages name the file with `name` + path (training: `data.path=...`) and the setting that picks
+    the separator with `option` (training: data.delimiter, predict: --delimiter); `min_rows`: the
+    fewest data rows accepted."""
     import gzip
 
     if delimiter is not None and len(str(delimiter)) != 1:
+        unset = "null" if option.startswith("data.") else "leave it out"  # a config key, or a CLI option
         raise DgtrainError(
-            f"data.delimiter={delimiter!r}: must be one character (',', ';', '\\t', '|'), or null to detect it."
+            f"{option}={delimiter!r}: must be one character (',', ';', '\\t', '|'), or {unset} to detect it."
         )
     gz = p.suffix == ".gz"
     try:
@@ -155,19 +169,20 @@ def read_table(p: Path, path: str, delimiter: str | None) -> tuple[list[str], li
     except (OSError, EOFError, UnicodeDecodeError, _csv.Error) as e:
         what = type(e).__name__ if isinstance(e, UnicodeDecodeError) else str(e).split(":")[0][:80]
         raise DgtrainError(
-            f"data.path={path}: cannot be read as a {'gzipped ' if gz else ''}UTF-8 CSV file ({what}). "
+            f"{name}{path}: cannot be read as a {'gzipped ' if gz else ''}UTF-8 CSV file ({what}). "
             "Expected a text CSV file (optionally .csv.gz) with a header row."
         ) from None
-    if len(numbered) < 3:
+    if len(numbered) < 1 + min_rows:
+        want = f"{min_rows} data row{'s' if min_rows != 1 else ''}"
         raise DgtrainError(
-            f"data.path={p}: expected a header row and at least 2 data rows, found {len(numbered)} rows."
+            f"{name}{p}: expected a header row and at least {want}, found {len(numbered)} rows."
         )
     header = [h.strip() for h in numbered[0][1]]
     for r, row in numbered[1:]:
         if len(row) != len(header):
             raise DgtrainError(
                 f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
-                f"{delimiter!r}, set data.delimiter if that is wrong)."
+                f"{delimiter!r}, set {option} if that is wrong)."
             )
     return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
 
