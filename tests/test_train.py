@@ -332,7 +332,7 @@ def test_the_lean_optimizer_step_still_runs_step_hooks_and_shows_in_the_profiler
     ref_w = torch.nn.Parameter(torch.ones(2))
     ref = torch.optim.Adam([ref_w], lr=0.1)
     for _ in range(3):
-        for p, o in ((w, opt), (ref_w, ref)):
+        for p in (w, ref_w):
             p.grad = torch.tensor([0.5, -2.0])
         step(), ref.step()
     assert torch.equal(w, ref_w)
