@@ -24,17 +24,12 @@ class FactorLR(LambdaLR):
     The loop steps the schedule after every optimizer step, and LRScheduler's generic `step` (order
     warnings, a context manager, rebuilt lists) costs about 10 us on the host: a tenth of a small
     model's whole step on CPU. After torch's own first step (which keeps its misuse warnings), this one
-    sets each group's lr to `base_lr * factor(step)` directly; tensor lrs take torch's path. It also
-    takes back the wrapper LRScheduler puts around `optimizer.step` (it exists only for that first
-    warning, and costs another 3 us per step)."""
+    sets each group's lr to `base_lr * factor(step)` directly; tensor lrs take torch's path."""
 
     def step(self, epoch: int | None = None) -> None:
         groups = self.optimizer.param_groups
         if epoch is not None or self._step_count <= 1 or not getattr(self, "_float_lrs", False):
             super().step(epoch)
-            wrapper = self.optimizer.__dict__.get("step")
-            if self._step_count == 2 and getattr(wrapper, "_wrapped_by_lr_sched", False):
-                del self.optimizer.step  # the class's own step again
             self._float_lrs = all(type(g["lr"]) is float for g in groups)
             return
         self._step_count += 1
@@ -72,8 +67,12 @@ def step_function(optimizer: Optimizer):
     range and the loops over its global and per-optimizer step hooks, which costs 20-40 us on the host
     per call: more than a small model's whole update. This calls the class's own step directly whenever
     that wrapper would do nothing else: no step hook registered (globally or on this optimizer), no
-    profiler recording, no wrapper on the instance (the schedule's, until its first step). Otherwise,
-    and for optimizers torch has not wrapped, it is `optimizer.step()` as it was."""
+    profiler recording, no other wrapper on the instance. Otherwise, and for optimizers torch has not
+    wrapped, it is `optimizer.step()` as it was.
+
+    A learning-rate schedule wraps `optimizer.step` on the instance only so that its first `step()` can
+    warn when it is called before the optimizer's; once the optimizer has stepped through it and the
+    schedule has had that first step (the loop steps it after every update), the wrapper is taken off."""
     import torch.optim.optimizer as torch_optim
 
     cls_step = type(optimizer).step
@@ -84,13 +83,25 @@ def step_function(optimizer: Optimizer):
         return lambda: optimizer.step()
     profiling = torch.autograd._profiler_enabled
 
+    calls = 0
+
     def step() -> None:
+        nonlocal calls
+        calls += 1
+        wrapper = optimizer.__dict__.get("step")
         if (
-            global_pre
+            calls > 1
+            and getattr(wrapper, "_wrapped_by_lr_sched", False)
+            and getattr(optimizer, "_opt_called", 0)
+        ):
+            del optimizer.step  # the schedule's first step has seen the optimizer's: its check is done
+            wrapper = None
+        if (
+            wrapper is not None
+            or global_pre
             or global_post
             or optimizer._optimizer_step_pre_hooks
             or optimizer._optimizer_step_post_hooks
-            or "step" in optimizer.__dict__
             or profiling()
         ):
             optimizer.step()

@@ -355,3 +355,28 @@ def test_the_lean_optimizer_step_still_runs_step_hooks_and_shows_in_the_profiler
         w.grad = torch.ones(2)
         step()
     assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
+
+
+def test_the_lean_optimizer_step_takes_off_a_schedules_wrapper_after_its_first_step():
+    """Any torch schedule (scheduler=step is StepLR) wraps optimizer.step for its first-step check; the
+    loop's step takes that wrapper off afterwards, with no warning and the same lrs and weights."""
+    import warnings
+
+    from dgtrain.optim import step_function
+
+    def make():
+        w = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([w], lr=0.5)
+        return w, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    w, opt, sched = make()
+    ref_w, ref, ref_sched = make()
+    step = step_function(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "called before optimizer.step()" nor "overridden"
+        for _ in range(5):
+            w.grad, ref_w.grad = torch.ones(2), torch.ones(2)
+            step(), ref.step()
+            sched.step(), ref_sched.step()
+    assert "step" not in opt.__dict__, "the schedule's wrapper is off"
+    assert torch.equal(w, ref_w) and sched.get_last_lr() == ref_sched.get_last_lr() == [0.125]
