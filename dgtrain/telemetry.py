@@ -8,9 +8,9 @@ outside logging steps:
 - every `telemetry.graph_every` steps (and on the first), the first micro-batch's forward runs under
   `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor saved for backward; its graph is
   then walked from the loss (`graph/nodes`, `graph/saved_mb`);
-- on CUDA, on the first step of each log interval, the allocator's peak is read and reset at each phase
-  boundary (`mem/cuda_peak_fwd_mb`, `_bwd_mb`, `_opt_mb`); every read also feeds the interval's peak,
-  so `mem/cuda_peak_mb` still covers every step.
+- on CUDA, on those same sampled steps, the allocator's peak is read and reset at each phase boundary
+  (`mem/cuda_peak_fwd_mb`, `_bwd_mb`, `_opt_mb`); every read also feeds the interval's peak, so
+  `mem/cuda_peak_mb` still covers every step.
 """
 
 from __future__ import annotations
@@ -220,13 +220,12 @@ class Telemetry:
         cfg: Any,
         model: nn.Module,
         device: torch.device,
-        log_every: int,
     ):
         self.enabled = bool(cfg.enabled)
         self.graph_every = int(cfg.graph_every)
         if self.graph_every < 1:
             raise DgtrainError(f"telemetry.graph_every={self.graph_every}: must be at least 1.")
-        self.model, self.device, self.log_every = model, device, int(log_every)
+        self.model, self.device = model, device
         self.cuda = device.type == "cuda"
         self.peak_tflops = peak_tflops(device, cfg.get("peak_tflops"))
         self.count_flops = flops_counter(model) if self.enabled else None
@@ -265,13 +264,11 @@ class Telemetry:
         self.signatures[shapes] = self.signatures.get(shapes, 0) + 1
         if self.count_flops is not None:
             self.flops += self.count_flops(shapes)
-        if first_micro:
-            step = self.step
-            if self.cuda and step % self.log_every == 0:
-                self._probing = True
-            if step == 0 or (step + 1) % self.graph_every == 0:
-                self._counter = SavedTensors(parameter_storages(self.model))
-                self._sampled_shapes = format_shapes(shapes)
+        if first_micro and (self.step == 0 or (self.step + 1) % self.graph_every == 0):  # a sampled step
+            self._counter = SavedTensors(parameter_storages(self.model))
+            self._sampled_shapes = format_shapes(shapes)
+            # CUDA: its phases' peaks too (allocator reads cost tens of us: too much for every step)
+            self._probing = self.cuda
         if self._probing:
             self._mark(None)  # what the data transfer allocated before the forward
             return self

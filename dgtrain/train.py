@@ -498,7 +498,7 @@ class Loop:
             d.sum_
         )  # evaluation: each rank scores its shard, the sums are combined (alone: as they are)
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
-        self.telemetry = Telemetry(cfg.telemetry, self.model, s.device, self.log_every)
+        self.telemetry = Telemetry(cfg.telemetry, self.model, s.device)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
         self.config_plain = ckpt_io.plain_config(cfg)
         self.sinks: list = []

@@ -75,7 +75,7 @@ def direct_cost(overrides: list[str], repeats: int = 2000) -> dict[str, float]:
     s = setup(cfg, resolve_device("cpu"))
     s.model.train()
     batch = next(iter(s.train_loader))
-    tel = Telemetry(cfg.telemetry, s.model, resolve_device("cpu"), int(cfg.trainer.log_every))
+    tel = Telemetry(cfg.telemetry, s.model, resolve_device("cpu"))
 
     def fwd():
         return s.task.loss(s.model, batch, s.loss_fn)

@@ -189,7 +189,8 @@ def test_cuda_memory_and_phase_peaks(compose, tmp_path):
     result = _fit(
         compose,
         tmp_path,
-        ["model=transformer", "device=cuda", "trainer.max_steps=6", "trainer.log_every=3", "precision=bf16"],
+        ["model=transformer", "device=cuda", "trainer.max_steps=6", "trainer.log_every=3", "precision=bf16"]
+        + ["telemetry.graph_every=3"],  # sampled (and phase-probed) steps 1, 3 and 6: one in each interval
     )
     for r in result.history:
         for key in ("alloc", "reserved", "peak", "active_peak", "peak_fwd", "peak_bwd", "peak_opt"):
@@ -228,3 +229,35 @@ def test_allocator_figures_read_from_the_nested_stats_equal_torchs_flat_ones(mon
     assert len(ours) == 8
     for key, value in ours.items():
         assert value == torchs[key], key
+
+
+def test_cuda_phase_probes_run_on_the_sampled_steps_only(monkeypatch):
+    """Reading the CUDA allocator costs tens of microseconds, so its phase peaks are probed on the steps
+    whose graph is sampled (the first, then every graph_every), not every step; each probe feeds the
+    next logging step's phase peaks. The allocator is stood in for, so this runs without a GPU."""
+    from omegaconf import OmegaConf
+
+    import dgtrain.telemetry as tm
+
+    reads = []
+    peaks = {"allocated": 1 << 20, "active": 1 << 20, "reserved": 2 << 20}
+    monkeypatch.setattr(tm, "cuda_peak_bytes", lambda d: reads.append(tel.step) or peaks)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+    monkeypatch.setattr(tm, "memory_metrics", lambda d, earlier_peaks=None: {})
+    model = torch.nn.Linear(3, 1)
+    cfg = OmegaConf.create({"enabled": True, "graph_every": 10, "peak_tflops": 1.0})  # no device name asked
+    tel = tm.Telemetry(cfg, model, torch.device("cuda"))
+    x = torch.randn(4, 3)
+    phases = []
+    for _ in range(25):
+        with tel.forward((x,)):
+            loss = model(x).sum()
+        tel.after_forward(loss)
+        loss.backward()
+        tel.after_backward()
+        tel.after_step()
+        phases.append(sorted(k for k in tel.metrics(1.0, None) if "peak_" in k))
+    assert sorted(set(reads)) == [0, 9, 19], "probed steps: the first, then every graph_every-th"
+    assert len(reads) == 3 * 4, "before and after forward, after backward, after the update"
+    probed = ["mem/cuda_peak_bwd_mb", "mem/cuda_peak_fwd_mb", "mem/cuda_peak_opt_mb"]
+    assert [i for i, p in enumerate(phases) if p] == [0, 9, 19] and phases[9] == probed
