@@ -1,4 +1,5 @@
-"""`trainer.compile`: the model's forward through `torch.compile`, and what compiling cost.
+"""`trainer.compile`: the model's forward and the training loss through `torch.compile`, and what
+compiling cost.
 
 The module object is left as it is: only its `forward` is replaced, on the instance, by the compiled one.
 So the optimizer, the checkpoints and `model.safetensors` see the model's own parameter names (no
@@ -10,12 +11,19 @@ marked dynamic before the first call (`torch._dynamo.maybe_mark_dynamic`), so on
 length: a run compiles once for training and once for evaluation, however many lengths it meets, and a
 resumed run compiles the same graph as the uninterrupted one (exact resume). Fixed-shape data (images,
 tables, LM windows) compiles static graphs, which are the fastest.
+
+The training loss (`dgtrain.tasks.float_loss`: the cast of the predictions to float32 and the loss) is
+compiled as a graph of its own (`Compiled.criterion`), apart from the model, so DDP and FSDP see the
+same compiled model as without it. Compiled, the cast, log-softmax and reduction of a cross-entropy run
+as fused kernels that read the logits instead of writing float32 copies of them: for GPT-2's 50,304-way
+head that is several GB of memory traffic per step saved.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,11 +69,13 @@ def _dynamo_compile_s() -> float:
 
 
 class Compiled:
-    """What compiling has cost so far, as metrics: `perf/recompiles` (compilations after the first: one for
-    the first evaluation, more means shapes or guards are changing) and `perf/compile_s` (cumulative)."""
+    """What compiling has cost so far, as metrics: `perf/recompiles` (compilations after the first of each
+    compiled function: one for the first evaluation, more means shapes or guards are changing) and
+    `perf/compile_s` (cumulative)."""
 
-    def __init__(self, enabled: bool, mode: str | None = None):
-        self.enabled, self.mode = enabled, mode
+    def __init__(self, enabled: bool, mode: str | None = None, task: str | None = None):
+        self.enabled, self.mode, self.task = enabled, mode, task
+        self.functions = 0  # compiled functions: each compiles at least once
         self._frames0 = _dynamo_frames() if enabled else 0
         self._seconds0 = _dynamo_compile_s() if enabled else 0.0
 
@@ -77,33 +87,46 @@ class Compiled:
         if not self.enabled:
             return {}
         return {
-            "perf/recompiles": max(self.compiles - 1, 0),
+            "perf/recompiles": max(self.compiles - max(self.functions, 1), 0),
             "perf/compile_s": round(_dynamo_compile_s() - self._seconds0, 3),
         }
 
-
-def compile_model(model: nn.Module, value: Any, task: str | None = None) -> Compiled:
-    """Replace `model.forward` by its compiled version when `trainer.compile` asks for it (in place)."""
-    enabled, mode = parse_mode(value)
-    if not enabled:
-        return Compiled(False)
-    t0 = time.perf_counter()
-    compiled = torch.compile(model.forward, mode=mode)
-    if task in VARIABLE_LENGTH_TASKS:
+    def compile(self, fn: Callable) -> Callable:
+        """`fn` through torch.compile in this mode; variable-length tasks mark their tensors' dims dynamic."""
+        if not self.enabled:
+            return fn
+        compiled = torch.compile(fn, mode=self.mode)
+        self.functions += 1
+        if self.task not in VARIABLE_LENGTH_TASKS:
+            return compiled
         from torch._dynamo import maybe_mark_dynamic
 
-        def forward(*args, **kwargs):
+        def dynamic(*args, **kwargs):
             for t in args:
                 if isinstance(t, torch.Tensor):
                     for dim in range(t.ndim):
                         maybe_mark_dynamic(t, dim)
             return compiled(*args, **kwargs)
 
-        model.forward = forward
-    else:
-        model.forward = compiled
+        return dynamic
+
+    def criterion(self, loss_fn: Callable) -> Callable:
+        """The training criterion (`float_loss(loss_fn)`), compiled when trainer.compile is on."""
+        from dgtrain.tasks import float_loss
+
+        return self.compile(float_loss(loss_fn))
+
+
+def compile_model(model: nn.Module, value: Any, task: str | None = None) -> Compiled:
+    """Replace `model.forward` by its compiled version when `trainer.compile` asks for it (in place)."""
+    enabled, mode = parse_mode(value)
+    compiled = Compiled(enabled, mode, task)
+    if not enabled:
+        return compiled
+    t0 = time.perf_counter()
+    model.forward = compiled.compile(model.forward)
     log.info(
         f"trainer.compile={value}: forward compiled on first use (mode {mode or 'default'}; "
         f"set-up {time.perf_counter() - t0:.2f}s)"
     )
-    return Compiled(True, mode)
+    return compiled

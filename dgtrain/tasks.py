@@ -20,6 +20,18 @@ def no_reduce(values: list) -> list:
     return values
 
 
+def float_loss(loss_fn: Callable) -> Callable:
+    """The training criterion: `loss_fn` on float32 predictions (under autocast a model returns bf16 or
+    fp16 ones), so every loss is computed and reduced in float32. With trainer.compile the loop compiles
+    this whole function, so the cast is fused into the loss instead of writing a float32 copy of the
+    predictions (for an LM, of every logit)."""
+
+    def criterion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_fn(pred.float(), target)
+
+    return criterion
+
+
 class Task:
     name = ""
     monitor = "val/loss"  # the validation metric that decides "best" and is the sweep objective
@@ -29,8 +41,13 @@ class Task:
         """Tokens in a batch: a device tensor or a host int, never a host sync (None: not a sequence task)."""
         return None
 
-    def loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+    def outputs(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the training loss compares: the model's predictions for `batch` and their targets."""
         raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch, loss_fn: Callable) -> torch.Tensor:
+        """The training loss of `batch`: `loss_fn` on the predictions in float32 (`float_loss`)."""
+        return float_loss(loss_fn)(*self.outputs(model, batch))
 
     def evaluate(
         self, model: nn.Module, batches: Iterable, loss_fn: Callable, autocast, reduce: Callable = no_reduce
@@ -57,9 +74,9 @@ class Task:
 class _InputTarget(Task):
     """Tasks whose batches are (inputs, targets) and whose model output meets the loss directly."""
 
-    def loss(self, model, batch, loss_fn):
+    def outputs(self, model, batch):
         x, y = batch
-        return loss_fn(model(x).float(), y)
+        return model(x), y
 
 
 class Regression(_InputTarget):
@@ -178,10 +195,9 @@ class Seq2Seq(Task):
     def units(self, batch):
         return (batch[1][:, 1:] != self.pad_id).sum()
 
-    def loss(self, model, batch, loss_fn):
+    def outputs(self, model, batch):
         src, tgt = batch
-        logits = model(src, tgt[:, :-1])
-        return loss_fn(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+        return model(src, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten()
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):
@@ -220,9 +236,9 @@ class LanguageModel(Task):
     def units(self, batch):
         return batch[1].numel()  # a host int: known from the shape, no device work
 
-    def loss(self, model, batch, loss_fn):
+    def outputs(self, model, batch):
         x, y = batch
-        return loss_fn(model(x).flatten(0, 1).float(), y.flatten())
+        return model(x).flatten(0, 1), y.flatten()
 
     @torch.no_grad()
     def evaluate(self, model, batches, loss_fn, autocast=contextlib.nullcontext, reduce=no_reduce):

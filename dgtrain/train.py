@@ -491,15 +491,15 @@ class Loop:
         self.halted = torch.zeros((), device=s.device)  # nonfinite=fail: 1 from the first bad step on
         self.found = torch.zeros((), device=s.device)  # the guard's flag, reused when the host reads it
         self.stream = BatchStream(s.train_loader, s.device, self.state)
-        self.augment, self.loss_fn = s.data.augment, s.loss_fn
+        self.augment = s.data.augment
         self.check_grads = not self.scaler.is_enabled()  # fp16: overflowing gradients are the scaler's
         self.sharded = d.sharded  # FSDP: gradients are DTensors, the guard checks their local shards
-        self.reduce = (
-            d.sum_
-        )  # evaluation: each rank scores its shard, the sums are combined (alone: as they are)
+        # evaluation: each rank scores its shard, the sums are combined (alone: as they are)
+        self.reduce = d.sum_
         # per-batch graph and memory figures; per step only host-side bookkeeping (docs/telemetry.md)
         self.telemetry = Telemetry(cfg.telemetry, self.model, s.device)
         self.compiled = compile_model(s.model, tc.compile, s.task.name)  # in place: plain state_dict keys
+        self.criterion = self.compiled.criterion(s.loss_fn)  # the loss on float32 predictions (compiled too)
         self.config_plain = ckpt_io.plain_config(cfg)
         self.sinks: list = []
         self.history: list[dict[str, Any]] = []
@@ -542,7 +542,7 @@ class Loop:
             # several processes: gradients are reduced on the last micro-batch only
             with sync_context(self.model, micro == accum - 1) if self.dist.enabled else NO_CONTEXT:
                 with tel.forward(batch), self.autocast():
-                    loss = self.task.loss(self.model, batch, self.loss_fn)
+                    loss = self.criterion(*self.task.outputs(self.model, batch))
                     if accum > 1:
                         loss = loss / accum
                 tel.after_forward(loss)  # sampled steps: measure this batch's graph before backward

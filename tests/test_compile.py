@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dgtrain.compile import compile_model, parse_mode
 from dgtrain.data import DataInfo
 from dgtrain.errors import DgtrainError
 from dgtrain.models.transformer import Transformer
+from dgtrain.tasks import make_task
 from tests.conftest import read_metrics, run_cli
 
 
@@ -47,13 +47,15 @@ def test_varying_sequence_lengths_compile_one_graph(monkeypatch):
     model = Transformer.from_data(info, d_model=16, n_heads=2, n_layers=1, dropout=0.1)
     keys = list(model.state_dict())
     compiled = compile_model(model, True, "seq2seq")
+    criterion = compiled.criterion(torch.nn.CrossEntropyLoss(ignore_index=0))  # its own graph
+    task = make_task("seq2seq", pad_id=0)
     g = torch.Generator().manual_seed(0)
     for i, length in enumerate(range(3, 11)):
         b = 4 if i % 2 else 3
         src = torch.randint(3, 13, (b, length), generator=g)
         tgt = torch.randint(3, 13, (b, length + 1), generator=g)
-        F.cross_entropy(model(src, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten()).backward()
-    assert compiled.compiles == 1 and compiled.metrics()["perf/recompiles"] == 0
+        criterion(*task.outputs(model, (src, tgt))).backward()
+    assert compiled.compiles == 2 and compiled.metrics()["perf/recompiles"] == 0  # the model, the loss
     model.eval()
     with torch.no_grad():
         model(src, tgt[:, :-1])
@@ -171,3 +173,31 @@ def test_compiled_run_resumes_exactly_and_saves_plain_weights(tmp_path):
     rows = [r for r in read_metrics(ref) if "perf/compile_s" in r]
     assert rows and rows[0]["perf/compile_s"] > 0 and rows[-1]["perf/recompiles"] == 0
     assert json.loads((ref / "summary.json").read_text())["status"] == "completed"
+
+
+def test_the_compiled_training_loss_equals_the_eager_one():
+    """trainer.compile also compiles the training criterion (the float32 cast and the loss, fused): an
+    LM's loss and the gradient of its bf16 logits match the eager criterion's."""
+    why = _inductor_works()
+    if why:
+        pytest.skip(why)
+    import torch._dynamo
+
+    from dgtrain.compile import Compiled
+    from dgtrain.tasks import float_loss
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 997, generator=g).bfloat16()
+    target = torch.randint(0, 997, (64,), generator=g)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    grads = []
+    for criterion in (float_loss(loss_fn), Compiled(True, None, "lm").criterion(loss_fn)):
+        x = logits.clone().requires_grad_()
+        loss = criterion(x, target)
+        loss.backward()
+        grads.append((loss.detach(), x.grad.float()))
+    (eager, eager_grad), (fused, fused_grad) = grads
+    assert eager.dtype == fused.dtype == torch.float32
+    assert torch.allclose(eager, fused, rtol=1e-5) and torch.allclose(eager_grad, fused_grad, atol=1e-6)
+    torch._dynamo.reset()
