@@ -37,6 +37,8 @@ log = logging.getLogger("dgtrain")
 MODES: dict[Any, str | None] = {True: None, "default": None, "reduce-overhead": "reduce-overhead"}
 MODES.update({"max-autotune": "max-autotune", "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs"})
 VARIABLE_LENGTH_TASKS = ("seq2seq",)
+# the mode the training loss compiles in, where the run's mode records CUDA graphs
+WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def parse_mode(value: Any) -> tuple[bool, str | None]:
@@ -91,11 +93,12 @@ class Compiled:
             "perf/compile_s": round(_dynamo_compile_s() - self._seconds0, 3),
         }
 
-    def compile(self, fn: Callable) -> Callable:
-        """`fn` through torch.compile in this mode; variable-length tasks mark their tensors' dims dynamic."""
+    def compile(self, fn: Callable, mode: str | None = None) -> Callable:
+        """`fn` through torch.compile in `mode` (default: this run's); variable-length tasks mark their
+        tensors' dims dynamic."""
         if not self.enabled:
             return fn
-        compiled = torch.compile(fn, mode=self.mode)
+        compiled = torch.compile(fn, mode=mode or self.mode)
         self.functions += 1
         if self.task not in VARIABLE_LENGTH_TASKS:
             return compiled
@@ -111,10 +114,12 @@ class Compiled:
         return dynamic
 
     def criterion(self, loss_fn: Callable) -> Callable:
-        """The training criterion (`float_loss(loss_fn)`), compiled when trainer.compile is on."""
+        """The training criterion (`float_loss(loss_fn)`), compiled when trainer.compile is on; never into
+        CUDA graphs: the loop keeps each step's loss until the next logging step, and a CUDA graph's
+        output is overwritten by its next replay (its few fused kernels gain little from graphs anyway)."""
         from dgtrain.tasks import float_loss
 
-        return self.compile(float_loss(loss_fn))
+        return self.compile(float_loss(loss_fn), mode=WITHOUT_CUDAGRAPHS.get(self.mode, self.mode))
 
 
 def compile_model(model: nn.Module, value: Any, task: str | None = None) -> Compiled:

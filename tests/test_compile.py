@@ -201,3 +201,20 @@ def test_the_compiled_training_loss_equals_the_eager_one():
     assert eager.dtype == fused.dtype == torch.float32
     assert torch.allclose(eager, fused, rtol=1e-5) and torch.allclose(eager_grad, fused_grad, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_the_training_loss_never_compiles_into_cuda_graphs(monkeypatch):
+    """The loop keeps each step's loss until the next logging step, but a CUDA graph's output is
+    overwritten by its next replay: under reduce-overhead and max-autotune the model's forward is
+    compiled in the run's mode, the loss in the same mode without CUDA graphs."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    for value, model_mode, loss_mode in [
+        (True, None, None),
+        ("reduce-overhead", "reduce-overhead", "default"),
+        ("max-autotune", "max-autotune", "max-autotune-no-cudagraphs"),
+    ]:
+        modes.clear()
+        model = torch.nn.Linear(2, 1)
+        compile_model(model, value, "regression").criterion(torch.nn.MSELoss())
+        assert modes == [model_mode, loss_mode], value
