@@ -93,9 +93,9 @@ class Compiled:
             "perf/compile_s": round(_dynamo_compile_s() - self._seconds0, 3),
         }
 
-    def compile(self, fn: Callable, mode: str | None = None) -> Callable:
+    def compile(self, fn: Callable, mode: str | None = None, dims: tuple[int, ...] | None = None) -> Callable:
         """`fn` through torch.compile in `mode` (default: this run's); variable-length tasks mark their
-        tensors' dims dynamic."""
+        tensors' dims dynamic (`dims`, default every dim)."""
         if not self.enabled:
             return fn
         compiled = torch.compile(fn, mode=mode or self.mode)
@@ -107,7 +107,7 @@ class Compiled:
         def dynamic(*args, **kwargs):
             for t in args:
                 if isinstance(t, torch.Tensor):
-                    for dim in range(t.ndim):
+                    for dim in range(t.ndim) if dims is None else dims:
                         maybe_mark_dynamic(t, dim)
             return compiled(*args, **kwargs)
 
@@ -119,7 +119,9 @@ class Compiled:
         output is overwritten by its next replay (its few fused kernels gain little from graphs anyway)."""
         from dgtrain.tasks import float_loss
 
-        return self.compile(float_loss(loss_fn), mode=WITHOUT_CUDAGRAPHS.get(self.mode, self.mode))
+        # sequence tasks: the predictions are (tokens, vocabulary): only the number of tokens varies
+        mode = WITHOUT_CUDAGRAPHS.get(self.mode, self.mode)
+        return self.compile(float_loss(loss_fn), mode=mode, dims=(0,))
 
 
 def compile_model(model: nn.Module, value: Any, task: str | None = None) -> Compiled:
