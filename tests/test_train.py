@@ -380,3 +380,37 @@ def test_the_lean_optimizer_step_takes_off_a_schedules_wrapper_after_its_first_s
             sched.step(), ref_sched.step()
     assert "step" not in opt.__dict__, "the schedule's wrapper is off"
     assert torch.equal(w, ref_w) and sched.get_last_lr() == ref_sched.get_last_lr() == [0.125]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=convnet"],
+        ["model=transformer", "model.d_model=16", "model.n_layers=1", "trainer.grad_accum_steps=2"],
+        ["model=transformer", "model.d_model=16", "model.n_layers=1", "trainer.nonfinite=skip"],
+    ],
+    ids=["convnet", "seq2seq-accum", "seq2seq-skip"],
+)
+def test_a_step_with_a_fused_optimizer_reads_nothing_back(compose, tmp_path, monkeypatch, overrides):
+    """With an optimizer that takes the guard's flag (fused Adam: the CUDA default, and torch has one on
+    CPU too), a training step queues its work and never waits for the device: no value comes back to
+    the host (graph-sampled steps included) until a logging step reads the window."""
+    from dgtrain.train import Loop, setup
+
+    cfg = compose([*overrides, "optimizer.fused=true", "telemetry.graph_every=2", "device=cpu"])
+    s = setup(cfg)
+    loop = Loop(cfg, s, "fp32", tmp_path)
+    assert loop.on_device
+    s.model.train()
+    loop.train_step()  # the first step: lazy optimizer state, the schedule's first-step check
+
+    def no_read(*a, **k):
+        raise AssertionError("a host read during a training step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    for _ in range(4):
+        loop.train_step()
+    monkeypatch.undo()
+    metrics = loop.train_metrics()  # the logging step reads the window: five finite losses
+    assert metrics["train/loss"] > 0 and loop.state.step == 5

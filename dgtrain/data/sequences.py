@@ -16,6 +16,7 @@ import inspect
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -74,8 +75,9 @@ class PaddedPairs(InMemory):
         # width is rounded to a multiple plus one, so that what the model sees is a multiple
         self.src = self._padded([s for s, _ in pairs], 0)
         self.tgt = self._padded([t for _, t in pairs], 1)
-        self.src_len = torch.tensor([len(s) for s, _ in pairs])
-        self.tgt_len = torch.tensor([len(t) for _, t in pairs])
+        # host metadata (numpy): a batch's width is known without reading a tensor, on any device
+        self.src_len = np.array([len(s) for s, _ in pairs], dtype=np.int64)
+        self.tgt_len = np.array([len(t) for _, t in pairs], dtype=np.int64)
         self.device = self.src.device
 
     def width(self, longest: int, shift: int) -> int:
@@ -94,7 +96,8 @@ class PaddedPairs(InMemory):
         return self.pairs[i]
 
     def take(self, idx, idx_host):
-        width_src, width_tgt = int(self.src_len[idx_host].max()), int(self.tgt_len[idx_host].max())
+        rows = idx_host.numpy()
+        width_src, width_tgt = int(self.src_len[rows].max()), int(self.tgt_len[rows].max())
         width_src, width_tgt = self.width(width_src, 0), self.width(width_tgt, 1)
         return self.src[idx, :width_src], self.tgt[idx, :width_tgt]
 
