@@ -59,3 +59,25 @@ def test_bench_nonfinite_guard_times_the_guard_the_loop_runs(tmp_path):
     plain, host, fused, guarded = (float(cells[i]) for i in (1, 2, 4, 5))
     assert min(plain, host, fused, guarded) > 0
     assert float(cells[3].rstrip("%")) == pytest.approx(100 * (host / plain - 1), abs=1.0)  # printed rounded
+
+
+def test_the_memory_ratio_leaves_out_only_the_data_kept_on_the_gpu():
+    """The peak-memory target leaves out the datasets dgtrain keeps on the GPU: bench counts those (train
+    and validation) and nothing that stays on the host."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def split(mb, device):
+        return SimpleNamespace(device=torch.device(device), nbytes=lambda: mb * 2**20)
+
+    on_gpu = SimpleNamespace(train=split(96, "cuda"), val=split(32, "cuda"))
+    assert bench.resident_mb(on_gpu) == 128
+    assert bench.resident_mb(SimpleNamespace(train=split(96, "cpu"), val=split(32, "cpu"))) == 0
+    assert bench.resident_mb(SimpleNamespace(train=object(), val=object())) == 0  # token files: not held
