@@ -8,7 +8,7 @@ without it and the other way round, and `model.generate` (greedy decoding) stays
 
 Sequence batches (seq2seq) change length from batch to batch. Their batch and time dimensions are
 marked dynamic before the first call (`torch._dynamo.maybe_mark_dynamic`), so one graph serves every
-length: a run compiles once for training and once for evaluation, however many lengths it meets, and a
+length: the model compiles once for training and once for evaluation, however many lengths it meets, and a
 resumed run compiles the same graph as the uninterrupted one (exact resume). Fixed-shape data (images,
 tables, LM windows) compiles static graphs, which are the fastest.
 

@@ -64,7 +64,7 @@ def grad_clearer(optimizer: Optimizer):
 
 def step_function(optimizer: Optimizer):
     """A function that does `optimizer.step()`. torch wraps every optimizer class's step in a profiler
-    range and the loops over its global and per-optimizer step hooks, which costs 20-40 us on the host
+    range and loops over the global and per-optimizer step hooks, which costs 20-40 us on the host
     per call: more than a small model's whole update. This calls the class's own step directly whenever
     that wrapper would do nothing else: no step hook registered (globally or on this optimizer), no
     profiler recording, no other wrapper on the instance. Otherwise, and for optimizers torch has not
