@@ -3,6 +3,8 @@ known weights, accumulates gradients correctly and stops on a non-finite loss.""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -414,3 +416,35 @@ def test_a_step_with_a_fused_optimizer_reads_nothing_back(compose, tmp_path, mon
     monkeypatch.undo()
     metrics = loop.train_metrics()  # the logging step reads the window: five finite losses
     assert metrics["train/loss"] > 0 and loop.state.step == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=convnet"],  # device-resident digits, fused Adam, channels_last
+        ["model=transformer", "model.d_model=32", "model.n_layers=1", "precision=bf16"],  # seq2seq widths
+        ["model=mlp", "data.device_resident=false"],  # pinned host batches, non-blocking copies
+    ],
+    ids=["convnet", "seq2seq-bf16", "mlp-host-data"],
+)
+def test_cuda_training_steps_never_synchronize(compose, tmp_path, overrides):
+    """On CUDA with the defaults, a training step (graph-sampled and memory-probed ones included) makes
+    no synchronizing CUDA call: torch's sync debug mode turns any into an error."""
+    from dgtrain.train import Loop, setup
+
+    cfg = compose([*overrides, "device=cuda", "telemetry.graph_every=2"])
+    s = setup(cfg)
+    loop = Loop(cfg, s, "bf16" if "precision=bf16" in overrides else "fp32", tmp_path)
+    assert loop.on_device
+    s.model.train()
+    loop.train_step()  # the first step: lazy state, the schedule's first-step check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            loop.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(loop.train_metrics()["train/loss"])
