@@ -57,8 +57,10 @@ class Case:
 def cases(device: str) -> dict[str, Case]:
     cuda = device == "cuda"
     bf16 = ["precision=bf16"] if cuda else []
-    if cuda:  # GPT-2 small: d=768, 12 layers, 12 heads, T=1024, vocab 50,257 padded to 50,304
+    if cuda:  # GPT-2 small: d=768, 12 layers, 12 heads, T=1024, vocab 50,257 padded to 50,304; as GPT-2
+        # (and nanoGPT) the head is tied to the token embedding and has no bias: 124M parameters
         lm = ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "data.seq_len=1024"]
+        lm += ["model.tie_weights=true", "model.head_bias=false", "model.init=gpt2"]
         lm += ["model.max_positions=1024", "data.batch_size=16", "model.dropout=0.0", *bf16]
         vocab = 50257
     else:
@@ -381,9 +383,10 @@ def run_lightning(b: Built, steps: int, L) -> float:  # noqa: N803
 
 def lm_flops_per_token(model, seq_len: int) -> float:
     """nanoGPT's estimate: 6N + 12·L·H·Q·T, N without the embedding tables (lookups, no FLOPs); the
-    output head counts, as nanoGPT's tied `wte` does."""
-    n = sum(p.numel() for p in model.parameters())
-    n -= model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    output head counts, as nanoGPT's tied `wte` does (tied or not, the head's matrix is counted once)."""
+    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    if model.head.weight is not model.tok_emb.weight:  # untied: the embedding table is a lookup apart
+        n -= model.tok_emb.weight.numel()
     layers, heads = len(model.decoder), model.decoder[0].self_attn.n_heads
     q = model.tok_emb.embedding_dim // heads
     return 6 * n + 12 * layers * heads * q * seq_len

@@ -38,6 +38,22 @@ def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
     assert rows["lm"]["flops_per_token"] == 6 * n + 12 * 2 * 4 * 16 * 64
 
 
+def test_lm_flops_count_a_tied_head_once():
+    """GPT-2 (the CUDA case) ties the head to the token embedding: the head's matrix still counts, once,
+    so tied and untied models of the same shape do the same FLOPs; without a head bias, V fewer."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    from dgtrain.models.transformer import Transformer
+
+    def flops(**kw):
+        return bench.lm_flops_per_token(Transformer(512, arch="decoder", d_model=64, n_layers=2, **kw), 64)
+
+    assert flops(tie_weights=True) == flops() > flops(tie_weights=True, head_bias=False) == flops() - 6 * 512
+
+
 @pytest.mark.slow
 def test_bench_nonfinite_guard_times_the_guard_the_loop_runs(tmp_path):
     """scripts/bench_nonfinite_guard.py on CPU: plain vs the host-read guard, and fused Adam vs fused Adam

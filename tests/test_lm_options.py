@@ -61,3 +61,17 @@ def test_random_windows_fill_every_batch_and_resume_exactly():
     assert sum(len(x) for x, _ in val) == len(corpus.val)
     with pytest.raises(DgtrainError, match="data.sampling='shuffled'"):
         text(seed=0, max_chars=5000, sampling="shuffled")
+
+
+def test_gpt2_head_has_no_bias_when_asked(compose):
+    """model.head_bias=false: GPT-2's output head (no bias), tied or not; built from the config too."""
+    from dgtrain.train import setup
+
+    with_bias = Transformer(50, arch="decoder", d_model=32, n_layers=1, vocab_multiple=64)
+    plain = Transformer(50, arch="decoder", d_model=32, n_layers=1, vocab_multiple=64, head_bias=False)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert plain.head.bias is None and n(with_bias) - n(plain) == 64  # the padded vocabulary's biases
+    tied = Transformer(50, arch="decoder", d_model=32, n_layers=1, tie_weights=True, head_bias=False)
+    assert "head.bias" not in tied.state_dict() and tied(torch.randint(0, 50, (2, 5))).shape == (2, 5, 50)
+    s = setup(compose(["model=transformer", "model.head_bias=false", "device=cpu"]))
+    assert s.model.head.bias is None

@@ -159,6 +159,7 @@ class Transformer(nn.Module):
         bos_id: int | None = None,
         eos_id: int | None = None,
         tie_weights: bool = False,
+        head_bias: bool = True,
         init: str = "default",
         activation_checkpointing: bool = False,
         vocab_multiple: int = 1,
@@ -192,10 +193,13 @@ class Transformer(nn.Module):
             DecoderBlock(d_model, n_heads, d_ff, dropout, cross=arch == "encdec") for _ in range(n_layers)
         )
         self.ln_f = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size)
+        # GPT-2 has no bias on its output head: without it, backward skips a reduction over every logit
+        self.head = nn.Linear(d_model, vocab_size, bias=bool(head_bias))
         if init == "gpt2":
             self._gpt2_init(n_layers)
-        if tie_weights:  # one matrix embeds tokens and scores them (GPT-2, nanoGPT); the head keeps its bias
+        if (
+            tie_weights
+        ):  # one matrix embeds tokens and scores them (GPT-2, nanoGPT); a head bias stays its own
             self.head.weight = self.tok_emb.weight
 
     def _gpt2_init(self, n_layers: int) -> None:
