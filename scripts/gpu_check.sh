@@ -30,6 +30,9 @@ echo "bench rc=$?" >> "$OUT/bench_cuda.txt"
 timeout "${LM_S:-200}" $PY scripts/bench.py --device cuda --repeats 1 --cases lm --runners dgtrain hand resident \
   --json "$OUT/bench_lm.json" > "$OUT/bench_lm.txt" 2>&1
 echo "bench lm rc=$?" >> "$OUT/bench_lm.txt"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/pytest_gpu.txt" 2>&1
+# every file with `gpu` tests (grep -l 'mark.gpu' tests/*.py), the quick ones first (the CUDA smoke recipes
+# train for longer); -v: a timeout still leaves each finished test's result
+timeout "${TESTS_S:-150}" $PY -m pytest -v -m gpu -p no:cacheprovider tests/test_train.py tests/test_telemetry.py \
+  tests/test_checkpoint.py tests/test_sweep.py tests/test_recipes.py > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
 tail -n 12 "$OUT/bench_cuda.txt" "$OUT/bench_lm.txt" "$OUT/pytest_gpu.txt"
