@@ -1,7 +1,7 @@
 """dgtrain's loop against the loops its users would otherwise write: same model, same data, one process.
 
     python scripts/bench.py [--device cpu|cuda] [--cases linreg mlp ...] [--steps N] [--repeats R]
-                            [--compile auto|on|off] [--threads T] [--json FILE]
+                            [--compile auto|on|off] [--threads T] [--json FILE] [--set KEY=VALUE ...]
 
 Runners, for each case:
 - dgtrain:   `dgtrain.train.fit` on the composed config (defaults plus the case's overrides, logging every
@@ -423,6 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: GPU table)"
     )
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every case and runner, after the case's own (e.g. data.batch_size=48)",
+    )
     args = ap.parse_args(argv)
 
     logging.getLogger("dgtrain").setLevel(logging.WARNING)
@@ -457,10 +465,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: CUDA only, skipped", file=sys.stderr)
                 continue
             steps = args.steps or (50 if args.device == "cuda" else 100 if not case.lm else 30)
-            overrides = [*case.overrides, f"device={args.device}"]
-            if case.lm:
-                b = int(next(o for o in overrides if o.startswith("data.batch_size=")).split("=")[1])
-                t = int(next(o for o in overrides if o.startswith("data.seq_len=")).split("=")[1])
+            overrides = [*case.overrides, f"device={args.device}", *args.extra]
+            if case.lm:  # the last setting of a key wins, as in Hydra
+                b = int([o for o in overrides if o.startswith("data.batch_size=")][-1].split("=")[1])
+                t = int([o for o in overrides if o.startswith("data.seq_len=")][-1].split("=")[1])
                 overrides += token_files(
                     Path(tmp), case.extra["vocab"], (4 * steps + 8) * b * (t + 1) + 4 * t
                 )
@@ -484,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                     peaks[r] = peak_mb(device)
             med = {r: statistics.median(v) for r, v in times.items() if v}
             row = {"case": name, "steps": steps, "compile": compile_, "ms": times, "median_ms": med}
+            row["batch_size"] = int(cfg.data.batch_size)
             row["peak_mb"], row["resident_data_mb"] = peaks, data_mb
             if peaks.get("dgtrain") and peaks.get("hand"):  # the memory target: less the resident dataset
                 row["dgtrain_peak/hand"] = (peaks["dgtrain"] - data_mb) / peaks["hand"]

@@ -16,7 +16,8 @@ def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--cases", "linreg", "lm", "--steps", "3"]
-        + ["--repeats", "2", "--runners", "dgtrain", "hand", "resident", "--json", str(out)],
+        + ["--repeats", "2", "--runners", "dgtrain", "hand", "resident", "--json", str(out)]
+        + ["--set", "data.batch_size=8"],  # after each case's own settings
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
@@ -30,6 +31,7 @@ def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
     rows = {r["case"]: r for r in res["cases"]}
     for name in ("linreg", "lm"):
         row = rows[name]
+        assert row["batch_size"] == 8
         assert all(len(row["ms"][r]) == 2 and min(row["ms"][r]) > 0 for r in ("dgtrain", "hand", "resident"))
         assert row["dgtrain/hand"] == pytest.approx(row["median_ms"]["dgtrain"] / row["median_ms"]["hand"])
     # nanoGPT's count for the CPU LM (d=64, 2 layers, 4 heads, T=64, vocab 512): 6N + 12*L*H*Q*T
