@@ -11,18 +11,37 @@ import pytest
 from tests.conftest import REPO, cli_env
 
 
-@pytest.mark.slow
-def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
-    out = tmp_path / "bench.json"
-    p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--cases", "linreg", "lm", "--steps", "3"]
-        + ["--repeats", "2", "--runners", "dgtrain", "hand", "resident", "--json", str(out)]
-        + ["--set", "data.batch_size=8"],  # after each case's own settings
+def run_script(tmp_path, name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python scripts/<name> ARGS` as a user runs it, from a scratch folder."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
         cwd=tmp_path,
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def import_bench():
+    """scripts/bench.py as a module (scripts/ is not a package)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    return bench
+
+
+@pytest.mark.slow
+def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run_script(
+        tmp_path,
+        "bench.py",
+        *["--cases", "linreg", "lm", "--steps", "3", "--repeats", "2"],
+        *["--runners", "dgtrain", "hand", "resident", "--json", str(out)],
+        *["--set", "data.batch_size=8"],  # after each case's own settings
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| linreg |" in p.stdout and "dgtrain/hand" in p.stdout
@@ -43,11 +62,7 @@ def test_bench_compares_dgtrain_with_the_hand_and_resident_loops(tmp_path):
 def test_lm_flops_count_a_tied_head_once():
     """GPT-2 (the CUDA case) ties the head to the token embedding: the head's matrix still counts, once,
     so tied and untied models of the same shape do the same FLOPs; without a head bias, V fewer."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    bench = import_bench()
     from dgtrain.models.transformer import Transformer
 
     def flops(**kw):
@@ -60,15 +75,7 @@ def test_lm_flops_count_a_tied_head_once():
 def test_bench_nonfinite_guard_times_the_guard_the_loop_runs(tmp_path):
     """scripts/bench_nonfinite_guard.py on CPU: plain vs the host-read guard, and fused Adam vs fused Adam
     with the guard as found_inf (torch has a fused Adam on CPU), one row per model with positive times."""
-    p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_nonfinite_guard.py"), "--steps", "2", "--rounds", "1"]
-        + ["--models", "mlp"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = run_script(tmp_path, "bench_nonfinite_guard.py", "--steps", "2", "--rounds", "1", "--models", "mlp")
     assert p.returncode == 0, p.stdout + p.stderr
     header, row = p.stdout.splitlines()[1:3]
     assert header.split()[:8] == ["model", "plain", "ms", "host", "ms", "host", "%", "fused"]
@@ -86,11 +93,7 @@ def test_the_memory_ratio_leaves_out_only_the_data_kept_on_the_gpu():
 
     import torch
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    bench = import_bench()
 
     def split(mb, device):
         return SimpleNamespace(device=torch.device(device), nbytes=lambda: mb * 2**20)
