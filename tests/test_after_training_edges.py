@@ -1,0 +1,48 @@
+"""Rough edges of the after-training commands that a user hits: outputs that already exist, damaged run
+files, relative paths, runs of a kind a command cannot serve. Each test failed before its fix.
+
+The runs come from tests/test_after_training.py's module fixture (tiny, trained in-process once)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgtrain.errors import DgtrainError
+from tests import test_after_training as at
+from tests.test_after_training import digits_run, run_main
+
+trained = at.trained  # the module-scoped fixture that trains each tiny run once
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_export_out_never_deletes_a_folder_or_file_it_did_not_write(trained, tmp_path, capsys):
+    run_dir = digits_run(trained)
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DgtrainError, match=r"--out=.*models already holds files.*notes.txt"):
+        run_main("export", [str(run_dir), "--format", "torchscript", "--out", str(mine)], capsys)
+    assert (mine / "notes.txt").read_text() == "keep me" and [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    a_file = tmp_path / "model.ts"
+    a_file.write_text("keep me too")
+    with pytest.raises(DgtrainError, match=r"--out=.*model.ts is a file; export writes a folder"):
+        run_main("export", [str(run_dir), "--format", "torchscript", "--out", str(a_file)], capsys)
+    assert a_file.read_text() == "keep me too" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.ts",
+        "models",
+    ]
+
+    # an earlier export's folder, and an empty one, are replaced as before
+    out = tmp_path / "ts"
+    for _ in range(2):
+        assert (
+            run_main("export", [str(run_dir), "--format", "torchscript", "--out", str(out)], capsys)[0] == 0
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "model.ts"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_main("export", [str(run_dir), "--format", "torchscript", "--out", str(empty)], capsys)[0] == 0
+    assert (empty / "model.ts").is_file()
