@@ -46,3 +46,27 @@ def test_export_out_never_deletes_a_folder_or_file_it_did_not_write(trained, tmp
     empty.mkdir()
     assert run_main("export", [str(run_dir), "--format", "torchscript", "--out", str(empty)], capsys)[0] == 0
     assert (empty / "model.ts").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+def test_predict_out_a_folder_exits_2_and_a_pipe_stays_a_pipe(trained, tmp_path_factory, tmp_path, capsys):
+    import os
+    import threading
+
+    run_dir, data = at.tab_run(trained, tmp_path_factory)
+    with pytest.raises(DgtrainError, match=r"--out=.* is a folder; give a file name"):
+        run_main("predict", [str(run_dir), str(data), "--out", str(tmp_path)], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+    # a named pipe (as /dev/stdout or /dev/null are special files): written into, never replaced by a file
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, _, _ = run_main("predict", [str(run_dir), str(data), "--out", str(fifo), "--device", "cpu"], capsys)
+    reader.join(timeout=30)
+    assert code == 0 and fifo.is_fifo() and not reader.is_alive()
+    assert got[0].startswith("id,y_pred\n") and got[0].count("\n") == 201

@@ -342,6 +342,12 @@ def main(argv: list[str]) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise DgtrainError(f"--batch-size={args.batch_size}: must be at least 1.")
     fmt = args.format or ("jsonl" if args.out and Path(args.out).suffix in (".jsonl", ".json") else "csv")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # checked before anything is scored
+        if out.is_dir():
+            raise DgtrainError(f"--out={out} is a folder; give a file name (pred.csv, pred.jsonl).")
+        if not out.parent.is_dir():
+            raise DgtrainError(f"--out={out}: the folder {out.parent} does not exist.")
     from dgtrain.runs import load_run
 
     run = load_run(Path(args.source), args.device, tuple(args.allow_target), data=False)
@@ -358,13 +364,14 @@ def main(argv: list[str]) -> int:
     batch_size = args.batch_size or int(run.cfg.data.batch_size)
     rows, metrics = predict(run, inputs, batch_size, args.top_k)
     text = "".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else _csv_text(rows)
-    if args.out:
+    if out is not None:
         from dgtrain.checkpoint import atomic_write
 
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise DgtrainError(f"--out={out}: the folder {out.parent} does not exist.")
-        atomic_write(out, lambda f: f.write(text.encode()))
+        if out.exists() and not out.is_file():  # a device or a pipe (/dev/stdout, a FIFO): write into it
+            with out.open("w") as f:
+                f.write(text)
+        else:  # a file: all or nothing
+            atomic_write(out, lambda f: f.write(text.encode()))
         print(f"{len(rows)} predictions -> {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
