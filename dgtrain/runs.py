@@ -81,8 +81,18 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
             raise DgtrainError(
                 f"{d}: no config.yaml next to the weights; give a checkpoint (.pt) of the run instead."
             )
-        cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
-        assert isinstance(cfg, dict)
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many kinds for a damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DgtrainError(
+                f"{f}: not a readable config ({reason}); give a checkpoint (.pt) of the run instead, "
+                "which holds its own copy of the config."
+            ) from None
+        if not isinstance(cfg, dict):
+            raise DgtrainError(
+                f"{f}: not a run's config (a YAML mapping); give a checkpoint (.pt) of the run instead."
+            )
         return cfg
 
     def weights_of(state: dict[str, Any]) -> Any:  # an FSDP checkpoint's shards are read later, by path
@@ -165,6 +175,8 @@ def load_run(
         from dgtrain.train import setup
 
         s = setup(cfg)
+    from safetensors import SafetensorError
+
     try:
         if isinstance(weights, Path) and weights.is_dir():  # FSDP shards, gathered into one process
             from dgtrain.distributed import load_sharded
@@ -176,6 +188,11 @@ def load_run(
             load_model(s.model, str(weights), device=str(s.device))
         else:
             s.model.load_state_dict(weights)
+    except SafetensorError as e:  # a damaged file (before the model is touched)
+        raise DgtrainError(
+            f"{weights_name}: not a readable safetensors file, truncated or corrupt ({str(e)[:200]}). "
+            "Give one of the run's checkpoints (.pt) instead."
+        ) from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise DgtrainError(
             f"{weights_name}: the weights do not fit the model its config builds ({str(e).splitlines()[0][:200]})."

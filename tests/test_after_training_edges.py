@@ -70,3 +70,25 @@ def test_predict_out_a_folder_exits_2_and_a_pipe_stays_a_pipe(trained, tmp_path_
     reader.join(timeout=30)
     assert code == 0 and fifo.is_fifo() and not reader.is_alive()
     assert got[0].startswith("id,y_pred\n") and got[0].count("\n") == 201
+
+
+# ------------------------------------------------------------------------------------------ damaged runs
+
+
+def test_a_damaged_model_safetensors_or_config_yaml_exits_2_naming_the_file(trained, tmp_path, capsys):
+    import shutil
+
+    from dgtrain.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run(trained), run)
+    weights = (run / "model.safetensors").read_bytes()
+    for damaged in (weights[:300], b""):  # cut short by a full disk or a copy; an empty file
+        (run / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(DgtrainError, match=r"model.safetensors: not a readable safetensors file"):
+            load_run(run, "cpu", data=False)
+    (run / "model.safetensors").write_bytes(weights)
+    for text in ("model: [\n", "- a list\n"):
+        (run / "config.yaml").write_text(text)
+        with pytest.raises(DgtrainError, match=r"config.yaml: not a (readable|run's) config.*checkpoint"):
+            load_run(run, "cpu", data=False)
