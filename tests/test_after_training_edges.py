@@ -5,6 +5,8 @@ The runs come from tests/test_after_training.py's module fixture (tiny, trained 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dgtrain.errors import DgtrainError
@@ -92,3 +94,31 @@ def test_a_damaged_model_safetensors_or_config_yaml_exits_2_naming_the_file(trai
         (run / "config.yaml").write_text(text)
         with pytest.raises(DgtrainError, match=r"config.yaml: not a (readable|run's) config.*checkpoint"):
             load_run(run, "cpu", data=False)
+
+
+# ------------------------------------------------------------------------------------- data=tokens runs
+
+
+def tokens_run(trained, tmp_path_factory) -> Path:
+    """A decoder LM on token ids above 255 (as GPT-2's are): ids no byte or char vocabulary decodes."""
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    rng.integers(0, 300, 6000).astype(np.uint16).tofile(folder / "train.bin")
+    overrides = [f"data.train_path={folder / 'train.bin'}", "data.vocab_size=300", "data.seq_len=16"]
+    return trained(
+        "tokens",
+        ["model=transformer", "data=tokens", *overrides, "model.d_model=32", "trainer.max_steps=3"],
+    )
+
+
+def test_sample_and_sample_every_refuse_a_data_tokens_run(trained, tmp_path_factory, compose, capsys):
+    from dgtrain.validation import problems
+
+    run = tokens_run(trained, tmp_path_factory)
+    with pytest.raises(DgtrainError, match=r"trained on token ids \(data=tokens\)"):
+        run_main("sample", [str(run), "--max-new-tokens", "5", "--device", "cpu"], capsys)
+    cfg = compose(["model=transformer", "data=tokens", "data.train_path=x.bin", "trainer.sample_every=5"])
+    assert any("trainer.sample_every=5 with data=tokens" in p for p in problems(cfg))
+    assert not any("sample_every" in p for p in problems(compose(["model=transformer", "data=text"])))
