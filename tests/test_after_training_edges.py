@@ -122,3 +122,17 @@ def test_sample_and_sample_every_refuse_a_data_tokens_run(trained, tmp_path_fact
     cfg = compose(["model=transformer", "data=tokens", "data.train_path=x.bin", "trainer.sample_every=5"])
     assert any("trainer.sample_every=5 with data=tokens" in p for p in problems(cfg))
     assert not any("sample_every" in p for p in problems(compose(["model=transformer", "data=text"])))
+
+
+def test_explain_and_export_label_a_data_tokens_run_with_its_ids(trained, tmp_path_factory, tmp_path, capsys):
+    import json
+
+    from dgtrain.runs import load_run
+
+    run = tokens_run(trained, tmp_path_factory)
+    assert run_main("explain", [str(run), "--out", str(tmp_path / "ex"), "--device", "cpu"], capsys)[0] == 0
+    tokens = json.loads((tmp_path / "ex" / "explain.json").read_text())["tokens"]
+    example = load_run(run, "cpu").setup.data.val[0][0].tolist()
+    assert tokens == " ".join(map(str, example))  # not bytes: ids above 255 have no character
+    side = at._export(run, "pt2", tmp_path / "pt2")
+    assert side["vocabulary"] == {"level": "ids", "vocab_size": 300}

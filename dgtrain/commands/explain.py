@@ -153,8 +153,10 @@ def _token_labels(run, tokens: list[int]) -> list[str]:
     extra = run.extra
     if run.info["task"] == "lm" and extra.get("level", "char") == "char" and extra.get("vocab"):
         return [repr(extra["vocab"][t])[1:-1] or " " for t in tokens]
-    if run.info["task"] == "lm":
+    if run.info["task"] == "lm" and extra.get("level") == "byte":
         return [repr(chr(t))[1:-1] if 32 <= t < 127 else f"x{t:02x}" for t in tokens]
+    if run.info["task"] == "lm":  # data=tokens: ids of a tokenizer dgtrain does not keep
+        return [str(t) for t in tokens]
     first = int(extra.get("first_symbol", 3))
     special = {
         run.info.get("pad_id"): "<pad>",
@@ -204,7 +206,7 @@ def explain_attention(run, out: Path, index: int) -> tuple[list[Path], dict[str,
                 fig.savefig(f, dpi=100)
                 plt.close(fig)
                 files.append(f)
-    sep = "" if run.info["task"] == "lm" else " "
+    sep = "" if run.info["task"] == "lm" and run.extra.get("level") else " "  # characters or bytes: as text
     text = sep.join(_token_labels(run, src.tolist()))
     return files, {"example": index, "tokens": text, "parts": {k: len(v) for k, v in maps.items()}}
 

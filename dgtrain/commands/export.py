@@ -246,7 +246,10 @@ def sidecar(run, fmt: str, names, args, dims, checks: dict[str, Any]) -> dict[st
     if "class_names" in extra:
         side["class_names"] = extra["class_names"]
     if info["task"] == "lm":
-        side["vocabulary"] = {"level": extra.get("level", "char"), "chars": extra.get("vocab")}
+        if extra.get("level"):
+            side["vocabulary"] = {"level": extra["level"], "chars": extra.get("vocab")}
+        else:  # data=tokens: the ids of a tokenizer dgtrain does not keep
+            side["vocabulary"] = {"level": "ids", "vocab_size": info.get("vocab_size")}
         side["context"] = info.get("max_len")
     if info["task"] == "seq2seq":
         side["tokens"] = {k: info[k] for k in ("pad_id", "bos_id", "eos_id", "vocab_size")}
