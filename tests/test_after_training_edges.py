@@ -136,3 +136,18 @@ def test_explain_and_export_label_a_data_tokens_run_with_its_ids(trained, tmp_pa
     assert tokens == " ".join(map(str, example))  # not bytes: ids above 255 have no character
     side = at._export(run, "pt2", tmp_path / "pt2")
     assert side["vocabulary"] == {"level": "ids", "vocab_size": 300}
+
+
+# ------------------------------------------------------------------------------------ output folders
+
+
+def test_explain_and_graph_out_naming_a_file_exit_2_and_leave_it(trained, tmp_path, capsys):
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(DgtrainError, match=r"--out=.*report.txt is a file; explain writes a folder"):
+        run_main("explain", [str(digits_run(trained)), "--out", str(a_file)], capsys)
+    with pytest.raises(
+        DgtrainError, match=r"graph.out=.*report.txt is a file; dgtrain graph writes a folder"
+    ):
+        run_main("graph", ["model=linreg", f"graph.out={a_file}"], capsys)
+    assert a_file.read_text() == "keep me"

@@ -274,6 +274,10 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.num < 1 or args.steps < 1:
         raise DgtrainError(f"--num={args.num}, --steps={args.steps}: both must be at least 1.")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DgtrainError(
+            f"--out={args.out} is a file; explain writes a folder (PNGs and explain.json). Give a folder path."
+        )
     from dgtrain.runs import load_run, out_dir
 
     run = load_run(Path(args.source), args.device, tuple(args.allow_target))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from dgtrain.errors import DgtrainError
@@ -42,6 +43,11 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     for key in ("batches", "depth"):
         if opts[key] < 1:
             raise DgtrainError(f"graph.{key}={opts[key]}: must be at least 1.")
+    if opts["out"] and Path(opts["out"]).exists() and not Path(opts["out"]).is_dir():
+        raise DgtrainError(
+            f"graph.out={opts['out']} is a file; dgtrain graph writes a folder (.md, .dot, graph.json). "
+            "Give a folder path."
+        )
     return opts, overrides
 
 
