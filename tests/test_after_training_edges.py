@@ -151,3 +151,19 @@ def test_explain_and_graph_out_naming_a_file_exit_2_and_leave_it(trained, tmp_pa
     ):
         run_main("graph", ["model=linreg", f"graph.out={a_file}"], capsys)
     assert a_file.read_text() == "keep me"
+
+
+def test_plot_out_a_folder_or_an_unknown_suffix_exits_2_and_no_suffix_gets_png(trained, tmp_path, capsys):
+    run_dir = str(digits_run(trained))
+    folder = tmp_path / "figs.png"
+    folder.mkdir()
+    with pytest.raises(DgtrainError, match=r"--out=.*figs.png is a folder; give a file name"):
+        run_main("plot", [run_dir, "-o", str(folder)], capsys)
+    with pytest.raises(DgtrainError, match=r"--out=.*curves.txt: matplotlib cannot write .txt files.*png"):
+        run_main("plot", [run_dir, "-o", str(tmp_path / "curves.txt")], capsys)
+    code, out, _ = run_main("plot", [run_dir, "-o", str(tmp_path / "curves")], capsys)
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'curves.png'}"  # the file it really wrote
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "figs.png"]
+    assert run_main("plot", [run_dir, "-o", str(tmp_path / "curves.pdf")], capsys)[0] == 0
+    assert (tmp_path / "curves.pdf").read_bytes()[:4] == b"%PDF"

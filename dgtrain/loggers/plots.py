@@ -189,9 +189,10 @@ def compare(run_dirs: list[Path], out: Path, metrics: list[str] | None = None) -
         groups = panels([row for _, rows in runs for row in rows], _monitor(run_dirs[0]))
     if not groups:
         raise DgtrainError(f"{', '.join(map(str, run_dirs))}: no metrics logged yet, nothing to plot.")
+    from dgtrain.checkpoint import atomic_write
+
     fig = figure(runs, groups)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    atomic_write(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png"))  # never half a file
     pyplot().close(fig)
     return out
 
