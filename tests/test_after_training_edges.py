@@ -167,3 +167,13 @@ def test_plot_out_a_folder_or_an_unknown_suffix_exits_2_and_no_suffix_gets_png(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "figs.png"]
     assert run_main("plot", [run_dir, "-o", str(tmp_path / "curves.pdf")], capsys)[0] == 0
     assert (tmp_path / "curves.pdf").read_bytes()[:4] == b"%PDF"
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def test_sample_max_len_below_1_exits_2(trained, capsys):
+    run = str(at.s2s_run(trained))
+    for bad in ("0", "-3"):  # 0 was ignored (the data's length used), -3 printed an empty output
+        with pytest.raises(DgtrainError, match=rf"--max-len={bad}: must be at least 1"):
+            run_main("sample", [run, "--input", "1 2 3", "--max-len", bad], capsys)

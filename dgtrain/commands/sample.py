@@ -51,6 +51,8 @@ def _check(args) -> None:
         problems.append(f"--num-samples={args.num_samples}: must be at least 1.")
     if args.beam is not None and args.beam < 1:
         problems.append(f"--beam={args.beam}: must be at least 1.")
+    if args.max_len is not None and args.max_len < 1:
+        problems.append(f"--max-len={args.max_len}: must be at least 1 (output tokens).")
     if args.prompt is not None and args.prompt_file is not None:
         problems.append("--prompt and --prompt-file: give one of them.")
     if problems:
