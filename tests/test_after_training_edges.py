@@ -177,3 +177,11 @@ def test_sample_max_len_below_1_exits_2(trained, capsys):
     for bad in ("0", "-3"):  # 0 was ignored (the data's length used), -3 printed an empty output
         with pytest.raises(DgtrainError, match=rf"--max-len={bad}: must be at least 1"):
             run_main("sample", [run, "--input", "1 2 3", "--max-len", bad], capsys)
+
+
+def test_sample_every_below_1_is_refused_before_training(compose):
+    from dgtrain.validation import problems
+
+    for bad in (0, -1):  # -1 sampled 200 tokens at every step (step % -1 == 0)
+        cfg = compose(["model=transformer", "data=text", f"trainer.sample_every={bad}"])
+        assert f"trainer.sample_every={bad}: must be a positive integer, or null." in problems(cfg)
