@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,13 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
     def weights_of(state: dict[str, Any]) -> Any:  # an FSDP checkpoint's shards are read later, by path
         return Path(state["sharded"]) if state.get("sharded") else state["model"]
 
+    def run_dir_of_folder(folder: Path) -> Path:
+        """The run dir of a folder of checkpoints; "." (a command run inside checkpoints/) by its real name."""
+        named = Path(os.path.abspath(folder)) if folder.name in ("", ".", "..") else folder
+        return named.parent if named.name == "checkpoints" else folder
+
     def run_dir_of(ckpt: Path) -> Path:
-        return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir_of_folder(ckpt.parent)
 
     if not source.exists():
         raise DgtrainError(f"{source}: no such file or directory; give a run dir, a checkpoint or weights.")
@@ -115,7 +121,8 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         if found is None:
             raise DgtrainError(f"{source}: no model.safetensors and no checkpoint (step_*.pt) to load.")
         path, state = found
-        return state["config"], f"{path} (step {state['step']})", weights_of(state), source
+        run_dir = source if d != source else run_dir_of_folder(source)  # RUN_DIR, or RUN_DIR/checkpoints
+        return state["config"], f"{path} (step {state['step']})", weights_of(state), run_dir
     if source.suffix == ".safetensors":
         return run_config(source.parent), str(source), source, source.parent
     state = ckpt_io.load(source)

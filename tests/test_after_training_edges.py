@@ -185,3 +185,23 @@ def test_sample_every_below_1_is_refused_before_training(compose):
     for bad in (0, -1):  # -1 sampled 200 tokens at every step (step % -1 == 0)
         cfg = compose(["model=transformer", "data=text", f"trainer.sample_every={bad}"])
         assert f"trainer.sample_every={bad}: must be a positive integer, or null." in problems(cfg)
+
+
+# ------------------------------------------------------------------------------------------ relative paths
+
+
+def test_a_checkpoint_named_from_inside_its_folder_finds_its_run_dir(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dgtrain.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run(trained), run)
+    ckpt = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    monkeypatch.chdir(run / "checkpoints")
+    for source in (ckpt.name, f"./{ckpt.name}", "."):  # the file, or the folder, from inside checkpoints/
+        loaded = load_run(source, "cpu", data=False)
+        assert loaded.run_dir.resolve() == run.resolve(), source
+        assert loaded.setup.data is None  # sized from the run's data_info.json, the data not rebuilt
+    assert run_main("explain", [ckpt.name, "--num", "1", "--steps", "2", "--device", "cpu"], capsys)[0] == 0
+    assert (run / "explain" / "explain.json").is_file() and not (run / "checkpoints" / "explain").exists()
