@@ -155,7 +155,13 @@ def load(path: Path | str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x]
+        if "Unsupported operand" in str(e):  # not a pickle at all: a YAML or text file, an image, ...
+            raise CheckpointError(
+                f"checkpoint {path} is not a checkpoint: torch.load cannot read it (not a file torch.save "
+                "wrote). Give a run dir, a checkpoint (.pt) or a model.safetensors."
+            ) from None
+        # the line naming what was refused ("GLOBAL posix.system ..."), not torch's advice around it
+        lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
         first = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data "

@@ -205,3 +205,29 @@ def test_a_checkpoint_named_from_inside_its_folder_finds_its_run_dir(trained, tm
         assert loaded.setup.data is None  # sized from the run's data_info.json, the data not rebuilt
     assert run_main("explain", [ckpt.name, "--num", "1", "--steps", "2", "--device", "cpu"], capsys)[0] == 0
     assert (run / "explain" / "explain.json").is_file() and not (run / "checkpoints" / "explain").exists()
+
+
+# ------------------------------------------------------------------------------------------ wrong files
+
+
+def test_a_file_that_is_no_pickle_is_called_no_checkpoint_not_an_unsafe_one(trained, tmp_path, capsys):
+    import os
+
+    import torch
+
+    from dgtrain import checkpoint as ckpt_io
+
+    config = digits_run(trained) / "config.yaml"  # `dgtrain eval RUN/config.yaml`, a natural slip
+    with pytest.raises(
+        DgtrainError, match=r"config.yaml is not a checkpoint: torch.load cannot read it"
+    ) as e:
+        run_main("eval", [str(config)], capsys)
+    assert "Python objects" not in str(e.value) and "file an issue" not in str(e.value)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"refused.*\(.*GLOBAL posix.system") as e:
+        ckpt_io.load(tmp_path / "evil.pt")  # the refused global is named, not torch's generic advice
