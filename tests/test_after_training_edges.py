@@ -231,3 +231,20 @@ def test_a_file_that_is_no_pickle_is_called_no_checkpoint_not_an_unsafe_one(trai
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ckpt_io.CheckpointError, match=r"refused.*\(.*GLOBAL posix.system") as e:
         ckpt_io.load(tmp_path / "evil.pt")  # the refused global is named, not torch's generic advice
+
+
+def test_export_a_csv_classifier(trained, tmp_path_factory, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    data = tmp_path_factory.mktemp("cls") / "pets.csv"
+    rows = [f"{a:.3f},{b:.3f},{'cat' if a > b else 'dog'}" for a, b in rng.normal(size=(120, 2))]
+    data.write_text("a,b,kind\n" + "\n".join(rows) + "\n")
+    run = trained(
+        "csv_classifier",
+        ["model=mlp", "data=csv", f"data.path={data}", "data.target=kind", "data.task=classification"]
+        + ["trainer.max_steps=5"],
+    )
+    side = at._export(run, "torchscript", tmp_path / "ts")  # was a KeyError: 'y_mean'
+    assert side["class_names"] == ["cat", "dog"] and side["normalisation"]["feature_names"] == ["a", "b"]
+    assert "y_mean" not in side["normalisation"] and "targets" not in side["normalisation"]

@@ -238,9 +238,11 @@ def sidecar(run, fmt: str, names, args, dims, checks: dict[str, Any]) -> dict[st
     if "x_mean" in extra:
         side["normalisation"] = {
             "features": "x = (value - x_mean) / x_std, columns in the order of feature_names",
-            "targets": "y = output * y_std + y_mean",
-            **{k: extra[k] for k in ("feature_names", "x_mean", "x_std", "target_names", "y_mean", "y_std")},
+            **{k: extra[k] for k in ("feature_names", "x_mean", "x_std")},
         }
+        if "y_mean" in extra:  # regression; a classifier's targets are classes (class_names)
+            side["normalisation"]["targets"] = "y = output * y_std + y_mean"
+            side["normalisation"].update({k: extra[k] for k in ("target_names", "y_mean", "y_std")})
     elif "feature_names" in extra:
         side["feature_names"] = extra["feature_names"]
     if "class_names" in extra:
