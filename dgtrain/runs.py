@@ -165,6 +165,11 @@ def load_run(
     from dgtrain.validation import check_config
 
     source = Path(source)
+    device = str(device)
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise DgtrainError(
+            f"--device={device}: expected auto, cpu, cuda or cuda:N."
+        )  # not the stored config's
     config, weights_name, weights, run_dir = resolve_source(source)
     ckpt_io.check_stored_config(config, tuple(allow), source)  # before anything is imported or built
     cfg = OmegaConf.create(config)

@@ -248,3 +248,9 @@ def test_export_a_csv_classifier(trained, tmp_path_factory, tmp_path):
     side = at._export(run, "torchscript", tmp_path / "ts")  # was a KeyError: 'y_mean'
     assert side["class_names"] == ["cat", "dog"] and side["normalisation"]["feature_names"] == ["a", "b"]
     assert "y_mean" not in side["normalisation"] and "targets" not in side["normalisation"]
+
+
+def test_a_bad_device_option_is_named_as_the_option_not_as_the_stored_config(trained, capsys):
+    with pytest.raises(DgtrainError) as e:
+        run_main("eval", [str(digits_run(trained)), "--device", "gpu"], capsys)
+    assert str(e.value) == "--device=gpu: expected auto, cpu, cuda or cuda:N."  # said "the stored config..."
