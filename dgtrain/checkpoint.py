@@ -133,6 +133,13 @@ def save_state_weights(state: dict[str, torch.Tensor], path: Path | str) -> Path
     return path
 
 
+def refused_global(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused ("GLOBAL posix.system ..."),
+    not its advice around it (which suggests weights_only=False)."""
+    lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
+    return lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+
+
 def load(path: Path | str) -> dict[str, Any]:
     """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects.
 
@@ -160,9 +167,7 @@ def load(path: Path | str) -> dict[str, Any]:
                 f"checkpoint {path} is not a checkpoint: torch.load cannot read it (not a file torch.save "
                 "wrote). Give a run dir, a checkpoint (.pt) or a model.safetensors."
             ) from None
-        # the line naming what was refused ("GLOBAL posix.system ..."), not torch's advice around it
-        lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
-        first = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+        first = refused_global(e)
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data "
             f"({first[:200]}). dgtrain loads checkpoints only with torch.load(weights_only=True) because "

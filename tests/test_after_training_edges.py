@@ -254,3 +254,26 @@ def test_a_bad_device_option_is_named_as_the_option_not_as_the_stored_config(tra
     with pytest.raises(DgtrainError) as e:
         run_main("eval", [str(digits_run(trained)), "--device", "gpu"], capsys)
     assert str(e.value) == "--device=gpu: expected auto, cpu, cuda or cuda:N."  # said "the stored config..."
+
+
+def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(trained, tmp_path):
+    import os
+
+    import torch
+
+    from dgtrain.finetune import read_weights
+
+    config = digits_run(trained) / "config.yaml"
+    with pytest.raises(
+        DgtrainError, match=r"config.yaml: cannot be read .*\(not a file torch.save wrote\)"
+    ) as e:
+        read_weights(config)
+    assert "weights_only` set to `False" not in str(e.value)  # torch's advice to load it unsafely, cut short
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(DgtrainError, match=r"holds Python objects other than tensors.*GLOBAL posix.system"):
+        read_weights(tmp_path / "evil.pt")
