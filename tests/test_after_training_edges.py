@@ -277,3 +277,10 @@ def test_init_from_a_file_that_is_no_checkpoint_says_what_it_is(trained, tmp_pat
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(DgtrainError, match=r"holds Python objects other than tensors.*GLOBAL posix.system"):
         read_weights(tmp_path / "evil.pt")
+
+
+def test_graph_given_a_run_dir_says_it_takes_overrides(trained, capsys):
+    run = str(digits_run(trained))
+    with pytest.raises(DgtrainError, match=r"dgtrain graph takes the overrides a training run takes") as e:
+        run_main("graph", [run], capsys)
+    assert "EQUAL" not in str(e.value)  # Hydra's grammar error, before
