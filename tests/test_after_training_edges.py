@@ -284,3 +284,13 @@ def test_graph_given_a_run_dir_says_it_takes_overrides(trained, capsys):
     with pytest.raises(DgtrainError, match=r"dgtrain graph takes the overrides a training run takes") as e:
         run_main("graph", [run], capsys)
     assert "EQUAL" not in str(e.value)  # Hydra's grammar error, before
+
+
+def test_the_export_folder_gets_the_usual_permissions(trained, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    at._export(digits_run(trained), "torchscript", tmp_path / "ts")
+    assert stat.S_IMODE((tmp_path / "ts").stat().st_mode) == 0o777 & ~umask  # was 0700 (mkdtemp's)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -332,6 +333,9 @@ def export_run(run, fmt: str, out: Path, atol: float, log=print) -> dict[str, An
     dynamic = _dynamic_shapes(run, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from dgtrain.checkpoint import _UMASK
+
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: the export is shared like the rest of the run
     try:
         try:
             fn = EXPORTERS[fmt](module, args, names, dynamic, tmp / FORMATS[fmt])
