@@ -294,3 +294,19 @@ def test_the_export_folder_gets_the_usual_permissions(trained, tmp_path):
     os.umask(umask)
     at._export(digits_run(trained), "torchscript", tmp_path / "ts")
     assert stat.S_IMODE((tmp_path / "ts").stat().st_mode) == 0o777 & ~umask  # was 0700 (mkdtemp's)
+
+
+def test_eval_with_batches_says_how_many_examples_it_scored(trained, capsys):
+    import json
+
+    run = digits_run(trained)
+    _, out, _ = run_main("eval", [str(run), "--batches", "1", "--device", "cpu", "--json"], capsys)
+    result = json.loads(out)
+    from omegaconf import OmegaConf
+
+    batch = int(OmegaConf.load(run / "config.yaml").data.batch_size)
+    assert result["scored"] == batch < result["examples"]
+    _, out, _ = run_main("eval", [str(run), "--batches", "1", "--device", "cpu"], capsys)
+    assert f"| {batch} of {result['examples']} validation examples" in out  # said all of them
+    _, out, _ = run_main("eval", [str(run), "--device", "cpu"], capsys)
+    assert f"| {result['examples']} validation examples" in out
