@@ -310,3 +310,21 @@ def test_eval_with_batches_says_how_many_examples_it_scored(trained, capsys):
     assert f"| {batch} of {result['examples']} validation examples" in out  # said all of them
     _, out, _ = run_main("eval", [str(run), "--device", "cpu"], capsys)
     assert f"| {result['examples']} validation examples" in out
+
+
+# ------------------------------------------------------------------------------------------------ explain
+
+
+def test_explain_num_larger_than_a_batch_explains_that_many_images(trained, tmp_path, capsys):
+    import json
+
+    from omegaconf import OmegaConf
+
+    run = digits_run(trained)
+    num = int(OmegaConf.load(run / "config.yaml").data.batch_size) + 3  # more than the first batch holds
+    argv = [str(run), "--num", str(num), "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "ex")]
+    assert run_main("explain", argv, capsys)[0] == 0
+    info = json.loads((tmp_path / "ex" / "explain.json").read_text())
+    assert len(info["examples"]) == num and (tmp_path / "ex" / f"ig_{num - 1}.png").is_file()
+    with pytest.raises(DgtrainError, match=r"--num=100000: the validation split has \d+ images"):
+        run_main("explain", [str(run), "--num", "100000", "--out", str(tmp_path / "ex2")], capsys)

@@ -94,7 +94,15 @@ def explain_images(run, out: Path, num: int, steps: int) -> tuple[list[Path], di
     import torch
 
     model, device = run.model, run.device
-    x, y = next(iter(run.setup.val_loader))
+    xs, ys = [], []
+    for xb, yb in run.setup.val_loader:  # as many batches as --num takes (it was cut to the first one)
+        xs.append(xb)
+        ys.append(yb)
+        if sum(len(b) for b in xs) >= num:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    if len(x) < num:
+        raise DgtrainError(f"--num={num}: the validation split has {len(x)} images; give at most that many.")
     x, y = x[:num].to(device), y[:num].to(device)
     with torch.no_grad():
         pred = model(x).argmax(-1)
