@@ -328,3 +328,18 @@ def test_explain_num_larger_than_a_batch_explains_that_many_images(trained, tmp_
     assert len(info["examples"]) == num and (tmp_path / "ex" / f"ig_{num - 1}.png").is_file()
     with pytest.raises(DgtrainError, match=r"--num=100000: the validation split has \d+ images"):
         run_main("explain", [str(run), "--num", "100000", "--out", str(tmp_path / "ex2")], capsys)
+
+
+def test_explain_again_leaves_no_maps_of_the_earlier_explanation(trained, tmp_path, capsys):
+    run = str(digits_run(trained))
+    out = tmp_path / "ex"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for num in ("5", "2"):
+        argv = [run, "--num", num, "--steps", "1", "--device", "cpu", "--out", str(out)]
+        assert run_main("explain", argv, capsys)[0] == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        ["explain.json", "images.png", "notes.txt"]
+        + [f"{m}_{i}.png" for m in ("ig", "saliency") for i in (0, 1)]
+    )

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
+
+# the files explain writes (and replaces: nothing else in the folder is touched)
+OUTPUT_NAMES = re.compile(
+    r"(saliency|ig)_\d+\.png|attention_(encoder|decoder)_layer\d+_head\d+\.png|(images|features)\.png|explain\.json"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -292,6 +298,11 @@ def main(argv: list[str]) -> int:
     task, in_shape = run.info["task"], tuple(run.info.get("in_shape") or ())
     out = Path(args.out) if args.out else out_dir(run, "explain")
     out.mkdir(parents=True, exist_ok=True)
+    for (
+        old
+    ) in out.iterdir():  # an earlier explain's maps (a larger --num, another model) would pass as this one's
+        if OUTPUT_NAMES.fullmatch(old.name) and old.is_file():
+            old.unlink()
     if task in ("lm", "seq2seq"):
         files, info = explain_attention(run, out, args.index)
     elif task == "classification" and len(in_shape) == 3:
