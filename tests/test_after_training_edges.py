@@ -343,3 +343,15 @@ def test_explain_again_leaves_no_maps_of_the_earlier_explanation(trained, tmp_pa
         ["explain.json", "images.png", "notes.txt"]
         + [f"{m}_{i}.png" for m in ("ig", "saliency") for i in (0, 1)]
     )
+
+
+def test_graph_again_leaves_no_files_of_the_earlier_drawing(tmp_path, capsys):
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    for batches in ("2", "1"):
+        argv = ["model=mlp", "device=cpu", f"graph.batches={batches}", f"graph.out={out}"]
+        assert run_main("graph", argv, capsys)[0] == 0
+    names = {p.name for p in out.iterdir()}
+    assert "autograd_2.md" not in names and "autograd_2.dot" not in names  # batch 2 of the earlier drawing
+    assert {"notes.md", "graph.json", "modules.md", "autograd_1.md"} <= names

@@ -16,7 +16,7 @@ Draw the graph one real batch builds: the module-level data flow and the op-leve
 (shapes, bytes saved for backward), as Mermaid (.md) and Graphviz (.dot; .svg/.png when `dot` is
 installed), and print a compact tree. Any training override (data=..., model.d_model=...) applies.
 
-  graph.out=DIR      output folder (default ./graph_<model>)
+  graph.out=DIR      output folder (default ./graph_<model>); an earlier drawing's files there are replaced
   graph.batches=N    graph N batches, of different shapes where the data has them (default 1)
   graph.depth=D      module-level diagram: draw modules D levels deep as one box (default 2)
 """
