@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     """`dgtrain plot RUN_DIR [RUN_DIR ...] [-o OUT] [--metric KEY ...]`."""
     p = argparse.ArgumentParser(
         prog="dgtrain plot",
-        description="Overlay the curves of one or more dgtrain runs (their metrics.jsonl) in one PNG.",
+        description="Overlay the curves of one or more dgtrain runs (their metrics.jsonl) in one figure.",
     )
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     p.add_argument(
@@ -31,10 +31,10 @@ def main(argv: list[str]) -> int:
         "metric, learning rate and memory panels",
     )
     args = p.parse_args(argv)
-    from dgtrain.loggers.plots import INSTALL_HINT, compare, pyplot
+    from dgtrain.loggers.plots import INSTALL_HINT, compare
 
     try:
-        pyplot()
+        import matplotlib  # noqa: F401
     except ImportError as e:
         raise DgtrainError(
             f"dgtrain plot needs matplotlib, which is not installed ({e}): {INSTALL_HINT}"
