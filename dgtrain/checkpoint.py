@@ -306,6 +306,19 @@ def read_wandb_id(run_dir: Path) -> str | None:
     return (p.read_text().strip() or None) if p.is_file() else None
 
 
+def final_weights_current(run_dir: Path) -> bool:
+    """Whether `run_dir/model.safetensors` holds the run's latest weights. It is written when a run completes;
+    a resumed continuation that then stopped or failed leaves newer checkpoints beside the older file, and
+    its summary.json says so."""
+    if not (run_dir / "model.safetensors").is_file():
+        return False
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return True  # no readable summary: nothing says the file is stale
+    return status not in ("stopped", "failed") or not list_checkpoints(run_dir / "checkpoints")
+
+
 def newest_valid(
     directory: Path, why: str, run_id: str | None = None, remove_corrupt: bool = False
 ) -> tuple[Path, dict] | None:

@@ -21,10 +21,11 @@ log = logging.getLogger("dgtrain")
 
 
 def weights_file(path: str | Path) -> Path:
-    """A run dir means its final `model.safetensors`, else its newest valid checkpoint."""
+    """A run dir means its final `model.safetensors` (unless a resumed run went on past it and stopped),
+    else its newest valid checkpoint."""
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "model.safetensors").is_file():
+        if ckpt_io.final_weights_current(p):
             return p / "model.safetensors"
         ckpts = ckpt_io.newest_valid(p / "checkpoints" if (p / "checkpoints").is_dir() else p, "init_from")
         if ckpts is None:

@@ -113,11 +113,14 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         state = ckpt_io.load(source)
         return state["config"], f"{source} (step {state['step']})", weights_of(state), run_dir_of(source)
     if source.is_dir():
-        if (source / "model.safetensors").is_file():
+        if ckpt_io.final_weights_current(source):  # else a resumed run went on past it: its newest checkpoint
             w = source / "model.safetensors"
             return run_config(source), str(w), w, source
         d = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         found = ckpt_io.newest_valid(d, f"dgtrain {source}")
+        if found is None and (source / "model.safetensors").is_file():  # the checkpoints are unreadable
+            w = source / "model.safetensors"
+            return run_config(source), str(w), w, source
         if found is None:
             raise DgtrainError(f"{source}: no model.safetensors and no checkpoint (step_*.pt) to load.")
         path, state = found

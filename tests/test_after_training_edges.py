@@ -355,3 +355,35 @@ def test_graph_again_leaves_no_files_of_the_earlier_drawing(tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert "autograd_2.md" not in names and "autograd_2.dot" not in names  # batch 2 of the earlier drawing
     assert {"notes.md", "graph.json", "modules.md", "autograd_1.md"} <= names
+
+
+# ------------------------------------------------------------------------------------ resumed, then stopped
+
+
+def test_a_run_resumed_past_its_final_weights_and_stopped_loads_its_newest_checkpoint(trained, tmp_path):
+    """A completed run (model.safetensors) resumed with more steps and stopped by SIGTERM: summary.json says
+    stopped, and its newest checkpoint holds later weights than model.safetensors."""
+    import json
+    import shutil
+
+    import torch
+
+    from dgtrain import checkpoint as ckpt_io
+    from dgtrain.finetune import weights_file
+    from dgtrain.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run(trained), run)
+    assert load_run(run, "cpu", data=False).weights_name.endswith("model.safetensors")  # completed: final
+    state = ckpt_io.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1])
+    state["step"] = 999
+    state["model"] = {k: v + 1 for k, v in state["model"].items()}  # the weights the continuation reached
+    ckpt_io.save(state, run / "checkpoints" / "step_00000999.pt")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "stopped", "steps": 999}))
+
+    loaded = load_run(run, "cpu", data=False)
+    assert loaded.weights_name.endswith("step_00000999.pt (step 999)")  # was model.safetensors: step 30
+    for name, t in loaded.model.state_dict().items():
+        assert torch.equal(t, state["model"][name])
+    assert weights_file(run).name == "step_00000999.pt"  # init_from=RUN_DIR as well
