@@ -387,3 +387,22 @@ def test_a_run_resumed_past_its_final_weights_and_stopped_loads_its_newest_check
     for name, t in loaded.model.state_dict().items():
         assert torch.equal(t, state["model"][name])
     assert weights_file(run).name == "step_00000999.pt"  # init_from=RUN_DIR as well
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def test_a_closed_pipe_stops_a_command_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    # `dgtrain ls | head -1`: the reader leaves before the command writes
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dgtrain", "ls"], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
