@@ -406,3 +406,15 @@ def test_a_closed_pipe_stops_a_command_quietly(tmp_path):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_explain_without_matplotlib_exits_2_before_writing_anything(trained, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    argv = [str(digits_run(trained)), "--num", "1", "--steps", "1", "--out", str(tmp_path / "ex")]
+    with pytest.raises(
+        DgtrainError, match=r"matplotlib not installed here: pip install 'dgtrain\[explain\]'"
+    ):
+        run_main("explain", argv, capsys)
+    assert not (tmp_path / "ex").exists()  # it wrote saliency_0.png and ig_0.png, then failed

@@ -284,10 +284,27 @@ def explain_features(run, out: Path, steps: int) -> tuple[list[Path], dict[str, 
     return [f], result
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules (blocked)
+        return False
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.num < 1 or args.steps < 1:
         raise DgtrainError(f"--num={args.num}, --steps={args.steps}: both must be at least 1.")
+    missing = [
+        name for name, module in (("matplotlib", "matplotlib"), ("Pillow", "PIL")) if not _installed(module)
+    ]
+    if missing:  # checked first: a missing one half-way through left some PNGs and a traceback
+        raise DgtrainError(
+            f"dgtrain explain draws with matplotlib and Pillow; {' and '.join(missing)} not installed here: "
+            "pip install 'dgtrain[explain]'."
+        )
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise DgtrainError(
             f"--out={args.out} is a file; explain writes a folder (PNGs and explain.json). Give a folder path."
