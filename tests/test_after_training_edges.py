@@ -418,3 +418,29 @@ def test_explain_without_matplotlib_exits_2_before_writing_anything(trained, tmp
     ):
         run_main("explain", argv, capsys)
     assert not (tmp_path / "ex").exists()  # it wrote saliency_0.png and ig_0.png, then failed
+
+
+def test_sample_beam_over_the_vocabulary_or_max_len_past_the_positions_exits_2(trained, capsys):
+    from dgtrain.runs import load_run
+
+    run = at.s2s_run(trained)
+    model = load_run(run, "cpu", data=False).model
+    beam, too_long = str(model.vocab_size + 1), str(model.max_positions)
+    with pytest.raises(
+        DgtrainError, match=rf"--beam={beam}: at most the vocabulary size"
+    ):  # was topk's error
+        run_main("sample", [str(run), "--input", "1 2", "--beam", beam, "--device", "cpu"], capsys)
+    with pytest.raises(DgtrainError, match=rf"--max-len={too_long}: the model has max_positions"):
+        run_main("sample", [str(run), "--input", "1 2", "--max-len", too_long, "--device", "cpu"], capsys)
+    argv = [
+        str(run),
+        "--input",
+        "1 2",
+        "--beam",
+        "2",
+        "--max-len",
+        str(model.max_positions - 1),
+        "--device",
+        "cpu",
+    ]
+    assert run_main("sample", argv, capsys)[0] == 0
