@@ -168,11 +168,19 @@ def load_run(
     from dgtrain.validation import check_config
 
     source = Path(source)
+    # the command's own options first, so that their problems are not blamed on the stored config
     device = str(device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise DgtrainError(f"--device={device}: expected auto, cpu, cuda or cuda:N.")
+    from dgtrain.config import PROTECTED_PACKAGES
+
+    bad = [str(p) for p in allow if str(p).strip().rstrip(".").split(".")[0] in PROTECTED_PACKAGES]
+    if bad:
         raise DgtrainError(
-            f"--device={device}: expected auto, cpu, cuda or cuda:N."
-        )  # not the stored config's
+            f"--allow-target {bad[0]}: {bad[0].rstrip('.')} cannot be allowed as a whole (it holds callables "
+            "that run commands or load pickles, or dgtrain already admits its safe classes by name). Name "
+            "only your own package, for example --allow-target mypkg."
+        )
     config, weights_name, weights, run_dir = resolve_source(source)
     ckpt_io.check_stored_config(config, tuple(allow), source)  # before anything is imported or built
     cfg = OmegaConf.create(config)

@@ -444,3 +444,10 @@ def test_sample_beam_over_the_vocabulary_or_max_len_past_the_positions_exits_2(t
         "cpu",
     ]
     assert run_main("sample", argv, capsys)[0] == 0
+
+
+def test_a_refused_allow_target_option_is_named_as_the_option(trained, capsys):
+    with pytest.raises(DgtrainError) as e:
+        run_main("eval", [str(digits_run(trained)), "--allow-target", "os"], capsys)
+    assert str(e.value).startswith("--allow-target os: os cannot be allowed as a whole")
+    assert "stored config" not in str(e.value)
