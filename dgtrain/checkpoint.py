@@ -306,6 +306,21 @@ def read_wandb_id(run_dir: Path) -> str | None:
     return (p.read_text().strip() or None) if p.is_file() else None
 
 
+def run_checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run dir's checkpoints are: `<run_dir>/checkpoints`, or the run's own `checkpoint.dir` (from its
+    config.yaml) when it was set and that folder is found from here."""
+    default = run_dir / "checkpoints"
+    if default.is_dir():
+        return default
+    try:
+        stored = (OmegaConf.load(run_dir / "config.yaml").get("checkpoint") or {}).get("dir")
+    except Exception:  # noqa: BLE001 - no config.yaml, or a damaged one (reported when the run is loaded)
+        stored = None
+    if stored and Path(str(stored)).expanduser().is_dir():
+        return Path(str(stored)).expanduser()
+    return default
+
+
 def final_weights_current(run_dir: Path) -> bool:
     """Whether `run_dir/model.safetensors` holds the run's latest weights. It is written when a run completes;
     a resumed continuation that then stopped or failed leaves newer checkpoints beside the older file, and
@@ -316,7 +331,7 @@ def final_weights_current(run_dir: Path) -> bool:
         status = json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return True  # no readable summary: nothing says the file is stale
-    return status not in ("stopped", "failed") or not list_checkpoints(run_dir / "checkpoints")
+    return status not in ("stopped", "failed") or not list_checkpoints(run_checkpoint_dir(run_dir))
 
 
 def newest_valid(

@@ -116,7 +116,8 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         if ckpt_io.final_weights_current(source):  # else a resumed run went on past it: its newest checkpoint
             w = source / "model.safetensors"
             return run_config(source), str(w), w, source
-        d = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        d = ckpt_io.run_checkpoint_dir(source)  # RUN_DIR/checkpoints, or the run's checkpoint.dir
+        d = d if d.is_dir() else source
         found = ckpt_io.newest_valid(d, f"dgtrain {source}")
         if found is None and (source / "model.safetensors").is_file():  # the checkpoints are unreadable
             w = source / "model.safetensors"
@@ -124,7 +125,7 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         if found is None:
             raise DgtrainError(f"{source}: no model.safetensors and no checkpoint (step_*.pt) to load.")
         path, state = found
-        run_dir = source if d != source else run_dir_of_folder(source)  # RUN_DIR, or RUN_DIR/checkpoints
+        run_dir = source if d != source else run_dir_of_folder(source)  # RUN_DIR, or a checkpoints folder
         return state["config"], f"{path} (step {state['step']})", weights_of(state), run_dir
     if source.suffix == ".safetensors":
         return run_config(source.parent), str(source), source, source.parent

@@ -451,3 +451,25 @@ def test_a_refused_allow_target_option_is_named_as_the_option(trained, capsys):
         run_main("eval", [str(digits_run(trained)), "--allow-target", "os"], capsys)
     assert str(e.value).startswith("--allow-target os: os cannot be allowed as a whole")
     assert "stored config" not in str(e.value)
+
+
+def test_a_stopped_run_with_its_own_checkpoint_dir_is_found_from_its_run_dir(trained, tmp_path):
+    """checkpoint.dir=ELSEWHERE and no model.safetensors (stopped by a signal): RUN_DIR finds ELSEWHERE."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from dgtrain.finetune import weights_file
+    from dgtrain.runs import load_run
+
+    run, elsewhere = tmp_path / "run", tmp_path / "ckpts"
+    shutil.copytree(digits_run(trained), run)
+    shutil.move(run / "checkpoints", elsewhere)
+    (run / "model.safetensors").unlink()
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.checkpoint.dir = str(elsewhere)
+    OmegaConf.save(cfg, run / "config.yaml")
+    newest = sorted(elsewhere.glob("step_*.pt"))[-1]
+    loaded = load_run(run, "cpu", data=False)  # was "no model.safetensors and no checkpoint"
+    assert loaded.weights_name.startswith(str(newest)) and loaded.run_dir == run
+    assert weights_file(run) == newest  # init_from=RUN_DIR
