@@ -473,3 +473,17 @@ def test_a_stopped_run_with_its_own_checkpoint_dir_is_found_from_its_run_dir(tra
     loaded = load_run(run, "cpu", data=False)  # was "no model.safetensors and no checkpoint"
     assert loaded.weights_name.startswith(str(newest)) and loaded.run_dir == run
     assert weights_file(run) == newest  # init_from=RUN_DIR
+
+
+def test_predict_labels_with_an_input_that_takes_none_exits_2(trained, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    run = str(digits_run(trained))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    labels = tmp_path / "labels-idx1-ubyte"
+    labels.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x03")
+    with pytest.raises(DgtrainError, match=r"--labels=.*: labels go with an idx image file"):
+        run_main("predict", [run, str(tmp_path), "--labels", str(labels), "--device", "cpu"], capsys)
+    code, out, err = run_main("predict", [run, str(tmp_path), "--device", "cpu"], capsys)
+    assert code == 0 and out.startswith("id,pred") and "a.png" in out

@@ -233,6 +233,18 @@ def read_cifar(path: Path, extra: dict[str, Any], in_shape: tuple[int, ...]) -> 
 
 
 def read_inputs(path: Path, run, args) -> Inputs:
+    inputs = _read_inputs(path, run, args)
+    if (
+        args.labels and inputs.y is None
+    ):  # only an idx file takes --labels: elsewhere it scored nothing, silently
+        raise DgtrainError(
+            f"--labels={args.labels}: labels go with an idx image file; {path} carries its own targets (the "
+            "target column of a CSV, a CIFAR batch's labels) or none (a folder of images)."
+        )
+    return inputs
+
+
+def _read_inputs(path: Path, run, args) -> Inputs:
     extra, in_shape = run.extra, tuple(run.info.get("in_shape") or ())
     if not path.exists():
         raise DgtrainError(f"{path}: no such file or folder.")
