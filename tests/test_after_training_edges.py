@@ -487,3 +487,9 @@ def test_predict_labels_with_an_input_that_takes_none_exits_2(trained, tmp_path,
         run_main("predict", [run, str(tmp_path), "--labels", str(labels), "--device", "cpu"], capsys)
     code, out, err = run_main("predict", [run, str(tmp_path), "--device", "cpu"], capsys)
     assert code == 0 and out.startswith("id,pred") and "a.png" in out
+
+
+def test_predict_labels_with_a_csv_exits_2(trained, tmp_path_factory, tmp_path, capsys):
+    run_dir, data = at.tab_run(trained, tmp_path_factory)
+    with pytest.raises(DgtrainError, match=r"--labels=.*: labels go with an idx image file"):
+        run_main("predict", [str(run_dir), str(data), "--labels", str(data)], capsys)

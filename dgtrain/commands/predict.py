@@ -233,15 +233,19 @@ def read_cifar(path: Path, extra: dict[str, Any], in_shape: tuple[int, ...]) -> 
 
 
 def read_inputs(path: Path, run, args) -> Inputs:
-    inputs = _read_inputs(path, run, args)
-    if (
-        args.labels and inputs.y is None
-    ):  # only an idx file takes --labels: elsewhere it scored nothing, silently
+    image_model = len(run.info.get("in_shape") or ()) == 3
+    if args.labels and not (image_model and path.is_file() and _is_idx(path)):  # else ignored, silently
         raise DgtrainError(
             f"--labels={args.labels}: labels go with an idx image file; {path} carries its own targets (the "
             "target column of a CSV, a CIFAR batch's labels) or none (a folder of images)."
         )
-    return inputs
+    return _read_inputs(path, run, args)
+
+
+def _is_idx(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:3] == b"\x00\x00\x08" or path.suffix == ".gz"
 
 
 def _read_inputs(path: Path, run, args) -> Inputs:
@@ -266,11 +270,11 @@ def _read_inputs(path: Path, run, args) -> Inputs:
         raise DgtrainError(
             f"{path}: this model takes inputs shaped {in_shape}; predict reads tables and images."
         )
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head[:3] == b"\x00\x00\x08" or path.suffix == ".gz":
+    if _is_idx(path):
         return read_idx(path, Path(args.labels) if args.labels else None, extra, in_shape)
-    if head[:1] == b"\x80":  # a pickle: a CIFAR-10 python batch
+    with path.open("rb") as f:
+        head = f.read(1)
+    if head == b"\x80":  # a pickle: a CIFAR-10 python batch
         return read_cifar(path, extra, in_shape)
     raise DgtrainError(
         f"{path}: not a CSV, idx or CIFAR-10 batch file (and not a folder of images). "
