@@ -493,3 +493,15 @@ def test_predict_labels_with_a_csv_exits_2(trained, tmp_path_factory, tmp_path, 
     run_dir, data = at.tab_run(trained, tmp_path_factory)
     with pytest.raises(DgtrainError, match=r"--labels=.*: labels go with an idx image file"):
         run_main("predict", [str(run_dir), str(data), "--labels", str(data)], capsys)
+
+
+def test_predict_out_a_symlink_writes_through_it(trained, tmp_path_factory, tmp_path, capsys):
+    run_dir, data = at.tab_run(trained, tmp_path_factory)
+    real = tmp_path / "real.csv"
+    real.write_text("old\n")
+    link = tmp_path / "pred.csv"
+    link.symlink_to(real)  # as /dev/stdout -> /proc/self/fd/1, or a results folder kept elsewhere
+    assert (
+        run_main("predict", [str(run_dir), str(data), "--out", str(link), "--device", "cpu"], capsys)[0] == 0
+    )
+    assert link.is_symlink() and real.read_text().startswith("id,y_pred\n")  # the link was replaced by a file

@@ -383,7 +383,8 @@ def main(argv: list[str]) -> int:
     if out is not None:
         from dgtrain.checkpoint import atomic_write
 
-        if out.exists() and not out.is_file():  # a device or a pipe (/dev/stdout, a FIFO): write into it
+        if out.is_symlink() or (out.exists() and not out.is_file()):
+            # a link (/dev/stdout is one), a device or a pipe: written through, never replaced by a file
             with out.open("w") as f:
                 f.write(text)
         else:  # a file: all or nothing
