@@ -102,6 +102,17 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def write_output(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """A file the user named (`--out`): atomically when it is new or a regular file; written through when it
+    is a symbolic link (/dev/stdout is one), a device or a pipe, which a rename would replace by a file."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with open(path, "wb") as f:
+            write(f)
+        return path
+    return atomic_write(path, write)
+
+
 def save(state: dict[str, Any], path: Path | str) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 

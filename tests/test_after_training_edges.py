@@ -505,3 +505,12 @@ def test_predict_out_a_symlink_writes_through_it(trained, tmp_path_factory, tmp_
         run_main("predict", [str(run_dir), str(data), "--out", str(link), "--device", "cpu"], capsys)[0] == 0
     )
     assert link.is_symlink() and real.read_text().startswith("id,y_pred\n")  # the link was replaced by a file
+
+
+def test_plot_out_a_symlink_writes_through_it(trained, tmp_path, capsys):
+    real = tmp_path / "real.png"
+    real.write_bytes(b"old")
+    link = tmp_path / "curves.png"
+    link.symlink_to(real)
+    assert run_main("plot", [str(digits_run(trained)), "-o", str(link)], capsys)[0] == 0
+    assert link.is_symlink() and real.read_bytes()[:4] == b"\x89PNG"

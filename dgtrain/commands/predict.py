@@ -381,14 +381,9 @@ def main(argv: list[str]) -> int:
     rows, metrics = predict(run, inputs, batch_size, args.top_k)
     text = "".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else _csv_text(rows)
     if out is not None:
-        from dgtrain.checkpoint import atomic_write
+        from dgtrain.checkpoint import write_output
 
-        if out.is_symlink() or (out.exists() and not out.is_file()):
-            # a link (/dev/stdout is one), a device or a pipe: written through, never replaced by a file
-            with out.open("w") as f:
-                f.write(text)
-        else:  # a file: all or nothing
-            atomic_write(out, lambda f: f.write(text.encode()))
+        write_output(out, lambda f: f.write(text.encode()))  # a file: all or nothing; a link or pipe: through
         print(f"{len(rows)} predictions -> {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
