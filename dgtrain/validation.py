@@ -104,8 +104,8 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     for key, low in (("grad_accum_steps", 1), ("log_every", 1), ("max_epochs", 1)):
         if tc[key] is not None and int(tc[key]) < low:
             out.append(f"trainer.{key}={tc[key]}: must be at least {low}.")
-    for key in ("max_steps", "eval_every", "eval_batches"):
-        if tc[key] is not None and int(tc[key]) < 1:
+    for key in ("max_steps", "eval_every", "eval_batches", "sample_every"):
+        if tc.get(key) is not None and int(tc[key]) < 1:
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")
@@ -143,6 +143,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     freeze = cfg.model.get("freeze")
     if freeze is not None and not isinstance(freeze, (list, ListConfig)):
         out.append(f"model.freeze={freeze}: expected a list of globs, e.g. model.freeze=['net.*'].")
+    if tc.get("sample_every") and str(cfg.data.get("_target_")) == "dgtrain.data.tokens.tokens":
+        out.append(
+            f"trainer.sample_every={tc.sample_every} with data=tokens: the token ids come from a tokenizer "
+            "dgtrain does not keep, so it cannot turn samples into text. Drop trainer.sample_every."
+        )
     tel = cfg.get("telemetry")
     if tel is not None and int(tel.graph_every) < 1:
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")
