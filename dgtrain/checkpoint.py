@@ -319,7 +319,8 @@ def read_wandb_id(run_dir: Path) -> str | None:
 
 def run_checkpoint_dir(run_dir: Path) -> Path:
     """Where a run dir's checkpoints are: `<run_dir>/checkpoints`, or the run's own `checkpoint.dir` (from its
-    config.yaml) when it was set and that folder is found from here."""
+    config.yaml) when it was set and that folder is found: from here, or (relative) from the folder the
+    run was started in."""
     default = run_dir / "checkpoints"
     if default.is_dir():
         return default
@@ -327,9 +328,13 @@ def run_checkpoint_dir(run_dir: Path) -> Path:
         stored = (OmegaConf.load(run_dir / "config.yaml").get("checkpoint") or {}).get("dir")
     except Exception:  # noqa: BLE001 - no config.yaml, or a damaged one (reported when the run is loaded)
         stored = None
-    if stored and Path(str(stored)).expanduser().is_dir():
-        return Path(str(stored)).expanduser()
-    return default
+    if not stored:
+        return default
+    stored = Path(str(stored)).expanduser()
+    if stored.is_dir():
+        return stored
+    base = None if stored.is_absolute() else launch_dir(run_dir)
+    return base / stored if base is not None and (base / stored).is_dir() else default
 
 
 def final_weights_current(run_dir: Path) -> bool:
@@ -485,6 +490,25 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def launch_dir(run_dir: Path) -> Path | None:
+    """The folder the run was started from: run.json's `cwd`, else Hydra's record of it (a run dir
+    written before run.json kept it)."""
+    try:
+        cwd = json.loads((Path(run_dir) / RUN_FILE).read_text()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        cwd = None
+    if not cwd:
+        import yaml
+
+        try:
+            cwd = yaml.safe_load((Path(run_dir) / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"][
+                "cwd"
+            ]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return None
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
+
+
 def read_run_id(run_dir: Path) -> str | None:
     try:
         data = json.loads((Path(run_dir) / RUN_FILE).read_text())
@@ -573,7 +597,8 @@ class Checkpointer:
             self._release()
 
     def write_run_file(self) -> None:
-        info = {"run_id": self.run_id, "started": _now(), "pid": os.getpid()}
+        # cwd: relative data paths in the config are relative to it (commands run elsewhere find them)
+        info = {"run_id": self.run_id, "started": _now(), "pid": os.getpid(), "cwd": os.getcwd()}
         text = json.dumps(info, indent=2) + "\n"
         atomic_write(self.run_dir / RUN_FILE, lambda f: f.write(text.encode()))
 

@@ -12,6 +12,7 @@ features and targets, the image normalisation, the class and feature names.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 from dgtrain.errors import DgtrainError
 
 DATA_INFO_FILE = "data_info.json"
+log = logging.getLogger("dgtrain")
 
 
 def _plain(v: Any) -> Any:
@@ -188,6 +190,8 @@ def load_run(
     cfg.allowed_targets = list(allow)  # the stored list is not trusted
     cfg.device = device
     cfg.init_from = None  # the run's own weights are loaded; its fine-tuning source may be gone
+    if run_dir is not None:
+        rebase_data_paths(cfg, run_dir)
     try:
         check_config(cfg)
     except DgtrainError as e:
@@ -224,6 +228,29 @@ def load_run(
     s.model.eval()
     info = stored or data_info_dict(s.data.info)
     return LoadedRun(source, weights_name, run_dir, cfg, s, info)
+
+
+DATA_PATH_KEYS = ("path", "root", "test_root", "train_path", "val_path", "meta_path")
+
+
+def rebase_data_paths(cfg, run_dir: Path) -> None:
+    """A stored config's relative data paths (data.path=reg.csv) are relative to the folder the run was
+    started from. A command run from another folder finds them there, when they do not exist from here."""
+    from dgtrain.checkpoint import launch_dir
+
+    base = launch_dir(run_dir)
+    data = cfg.get("data")
+    if base is None or not hasattr(data, "get"):
+        return
+    for key in DATA_PATH_KEYS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value or "${" in value:
+            continue
+        p = Path(value).expanduser()
+        if p.is_absolute() or p.exists() or not (base / p).exists():
+            continue
+        data[key] = str(base / p)
+        log.info(f"data.{key}={value}: read from {data[key]}, relative to the folder the run started in")
 
 
 def _setup_from_info(cfg, stored: dict[str, Any]):

@@ -5,6 +5,7 @@ The runs come from tests/test_after_training.py's module fixture (tiny, trained 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,22 @@ def test_a_checkpoint_named_from_inside_its_folder_finds_its_run_dir(trained, tm
 
 
 # ------------------------------------------------------------------------------------------ wrong files
+
+
+def test_a_run_with_a_relative_data_path_is_evaluated_from_another_folder(
+    trained, tmp_path_factory, monkeypatch, capsys
+):
+    home = tmp_path_factory.mktemp("project")
+    at.tab_csv(home)  # home/train.csv
+    monkeypatch.chdir(home)
+    run = trained("csv_relative", ["model=linreg", "data=csv", "data.path=train.csv", "data.target=y"])
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    # was exit 2: "data.path=train.csv: file not found", the path read from the command's folder
+    code, out, _ = run_main("eval", [str(run), "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["metrics"]["val/r2"] == pytest.approx(
+        json.loads((run / "summary.json").read_text())["final"]["val/r2"]
+    )
 
 
 def test_a_file_that_is_no_pickle_is_called_no_checkpoint_not_an_unsafe_one(trained, tmp_path, capsys):
@@ -453,7 +470,7 @@ def test_a_refused_allow_target_option_is_named_as_the_option(trained, capsys):
     assert "stored config" not in str(e.value)
 
 
-def test_a_stopped_run_with_its_own_checkpoint_dir_is_found_from_its_run_dir(trained, tmp_path):
+def test_a_stopped_run_with_its_own_checkpoint_dir_is_found_from_its_run_dir(trained, tmp_path, monkeypatch):
     """checkpoint.dir=ELSEWHERE and no model.safetensors (stopped by a signal): RUN_DIR finds ELSEWHERE."""
     import shutil
 
@@ -473,6 +490,12 @@ def test_a_stopped_run_with_its_own_checkpoint_dir_is_found_from_its_run_dir(tra
     loaded = load_run(run, "cpu", data=False)  # was "no model.safetensors and no checkpoint"
     assert loaded.weights_name.startswith(str(newest)) and loaded.run_dir == run
     assert weights_file(run) == newest  # init_from=RUN_DIR
+    # a relative checkpoint.dir, the run started in tmp_path and the command run from another folder
+    cfg.checkpoint.dir = "ckpts"
+    OmegaConf.save(cfg, run / "config.yaml")
+    (run / "run.json").write_text(json.dumps({"run_id": "abc", "cwd": str(tmp_path)}))
+    monkeypatch.chdir(run)
+    assert load_run(run, "cpu", data=False).weights_name.startswith(str(newest))
 
 
 def test_predict_labels_with_an_input_that_takes_none_exits_2(trained, tmp_path, capsys):
