@@ -771,6 +771,12 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
         f"{type(s.model).__name__} {n_params:,} parameters ({trainable:,} trainable) | "
         f"{len(s.data.train):,} train / {len(s.data.val):,} val examples | {loop.max_steps} steps"
     )
+    if resumed is not None and loop.state.step >= loop.max_steps:
+        log.warning(
+            f"resume: the checkpoint is at step {loop.state.step}, and this run trains {loop.max_steps} steps "
+            "in all, so there is nothing left to train. To train further, raise trainer.max_steps (or "
+            "trainer.max_epochs)."
+        )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
     return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d)
 

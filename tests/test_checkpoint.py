@@ -210,6 +210,16 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(compose, tmp_
     assert not list(ckdir.glob(".*.tmp")), "resuming clears what the killed writer left"
 
 
+def test_resuming_a_run_already_past_max_steps_says_there_is_nothing_to_train(compose, tmp_path, caplog):
+    from dgtrain.train import fit
+
+    fit(compose(["model=linreg", "trainer.max_steps=12", "checkpoint.every=6"]), tmp_path)
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        result = fit(compose(["model=linreg", "trainer.max_steps=6", "resume=auto"]), tmp_path)
+    assert result.summary["steps"] == 12 and result.summary["status"] == "completed"
+    assert "the checkpoint is at step 12" in caplog.text and "raise trainer.max_steps" in caplog.text
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
