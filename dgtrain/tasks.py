@@ -95,12 +95,21 @@ class Regression(_InputTarget):
         # several processes: the job's sums
         loss_sum, sse, y_sum, y_sq, n = reduce([loss_sum, sse, y_sum, y_sq, n])
         sst = (y_sq - y_sum.pow(2) / n).sum()  # sum of squares about the validation mean
-        loss, sse, sst = (float(t) for t in (loss_sum, sse, sst))
+        loss, sse, sst, sq = (float(t) for t in (loss_sum, sse, sst, y_sq.sum()))
         return {
             "val/loss": loss / n,
             "val/mse": sse / (n * y_sum.numel()),
-            "val/r2": 1.0 - sse / max(sst, 1e-12),
+            "val/r2": r2_score(sse, sst, sq),
         }
+
+
+def r2_score(sse: float, sst: float, sum_sq: float) -> float:
+    """1 - SSE/SST. Targets that do not vary (one example, a constant column: SST is zero, or float noise
+    below 1e-6 of the sum of squares it was computed from) leave it undefined; as scikit-learn's r2_score
+    does, that gives 1.0 for exact predictions and 0.0 otherwise, never a huge negative number."""
+    if sst <= 1e-6 * sum_sq:
+        return 1.0 if sse == 0.0 else 0.0
+    return 1.0 - sse / sst
 
 
 METRIC_NAMES = "top<k> (top-k accuracy, e.g. top5), f1 (macro F1), confusion (confusion matrix PNG)"

@@ -30,6 +30,24 @@ def test_topk_f1_and_confusion_match_a_hand_count():
     assert task.summary()["confusion_matrix"] == [[0, 0, 0], [1, 1, 0], [1, 0, 1]]
 
 
+def test_regression_r2_matches_scikit_learn_also_for_targets_that_do_not_vary():
+    from sklearn.metrics import r2_score
+
+    from dgtrain.tasks import make_task
+
+    task, model, mse = make_task("regression"), torch.nn.Identity(), torch.nn.MSELoss()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(40, 2, generator=g)
+    pred = y + 0.3 * torch.randn(40, 2, generator=g)
+    out = task.evaluate(model, [(pred[:25], y[:25]), (pred[25:], y[25:])], mse)
+    assert out["val/r2"] == pytest.approx(r2_score(y.numpy(), pred.numpy(), multioutput="variance_weighted"))
+    # a constant target (predict on a one-row file): r2 is undefined; it was -4e10 here
+    same, near = torch.full((3, 1), 0.7), torch.tensor([[0.5], [0.7], [0.9]])
+    assert task.evaluate(model, [(near, same)], mse)["val/r2"] == r2_score(same, near) == 0.0
+    assert task.evaluate(model, [(same, same)], mse)["val/r2"] == r2_score(same, same) == 1.0
+    assert task.evaluate(model, [(near[:1], same[:1])], mse)["val/r2"] == 0.0
+
+
 def test_unknown_metric_and_too_large_k_are_refused():
     with pytest.raises(DgtrainError, match="unknown metric 'auroc'"):
         Classification().configure_metrics(["auroc"], 10)
