@@ -177,6 +177,19 @@ def test_a_csv_with_only_the_target_column_is_refused(tmp_path):
         csv(seed=0, path=_table(tmp_path, "y\n1\n2\n3\n"), target="y")
 
 
+@pytest.mark.parametrize(
+    "body, found",
+    [("", "found an empty file."), ("a,y\n", "found 0 data row(s)"), ("a,y\n1,2\n", "found 1 data row(s)")],
+)
+def test_a_csv_with_too_few_rows_counts_its_data_rows(tmp_path, body, found):
+    """The message counts data rows, as it asks for them: 'at least 2 data rows, found 2 rows' for a
+    header and one row contradicted itself."""
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=_table(tmp_path, body), target="y")
+    assert "expected a header row and at least 2 data rows, " + found in str(e.value)
+    assert e.value.exit_code == 2
+
+
 def test_errors_quote_a_cut_field_never_a_whole_line_of_the_file(tmp_path):
     secret = "root:$6$saltsalt$" + "x" * 80 + ":19000:0:99999:7:::"
     with pytest.raises(DgtrainError) as e:

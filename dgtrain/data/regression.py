@@ -174,9 +174,8 @@ def read_table(
         ) from None
     if len(numbered) < 1 + min_rows:
         want = f"{min_rows} data row{'s' if min_rows != 1 else ''}"
-        raise DgtrainError(
-            f"{name}{p}: expected a header row and at least {want}, found {len(numbered)} rows."
-        )
+        found = "an empty file" if not numbered else f"{len(numbered) - 1} data row(s) below the header"
+        raise DgtrainError(f"{name}{p}: expected a header row and at least {want}, found {found}.")
     header = [h.strip() for h in numbered[0][1]]
     for r, row in numbered[1:]:
         if len(row) != len(header):
