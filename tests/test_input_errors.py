@@ -190,6 +190,16 @@ def test_a_csv_with_too_few_rows_counts_its_data_rows(tmp_path, body, found):
     assert e.value.exit_code == 2
 
 
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    """Columns are matched by name (predict reads its input by the training feature names): with two
+    columns named 'a', predict fed the first one twice and scored silently wrong predictions."""
+    path = _table(tmp_path, "a,a,y\n" + "".join(f"{i},{i % 3},{i % 5}\n" for i in range(10)))
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=path, target="y")
+    assert f"data.path={path}: the header names column(s) 'a' more than once" in str(e.value)
+    assert "Rename the duplicates" in str(e.value)
+
+
 def test_errors_quote_a_cut_field_never_a_whole_line_of_the_file(tmp_path):
     secret = "root:$6$saltsalt$" + "x" * 80 + ":19000:0:99999:7:::"
     with pytest.raises(DgtrainError) as e:

@@ -177,6 +177,13 @@ def read_table(
         found = "an empty file" if not numbered else f"{len(numbered) - 1} data row(s) below the header"
         raise DgtrainError(f"{name}{p}: expected a header row and at least {want}, found {found}.")
     header = [h.strip() for h in numbered[0][1]]
+    # columns are found by name (data.target, data.drop, predict's input): a name given twice is ambiguous
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise DgtrainError(
+            f"{name}{p}: the header names column(s) {', '.join(_field(h, 30) for h in twice)} more than once; "
+            "columns are matched by name, so each needs its own. Rename the duplicates in the header row."
+        )
     for r, row in numbered[1:]:
         if len(row) != len(header):
             raise DgtrainError(
