@@ -154,10 +154,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default."
         )
     bs = cfg.data.get("batch_size")
-    if bs is None or int(bs) < 1:
+    if _whole(bs) is None or _whole(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")
-    if int(cfg.data.get("num_workers", 0) or 0) < 0:
-        out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    workers = cfg.data.get("num_workers", 0)
+    if workers is not None and (_whole(workers) is None or _whole(workers) < 0):
+        out.append(f"data.num_workers={workers}: must be a whole number, 0 or more.")
     try:
         check_pad_to_multiple(cfg.data.get("pad_to_multiple"))
     except DgtrainError as e:
@@ -165,7 +166,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     resident = flag(cfg.data.get("device_resident", "auto"))
     if resident not in ("auto", "true", "false"):
         out.append(f"data.device_resident={resident}: expected auto, true or false.")
-    elif resident == "true" and int(cfg.data.get("num_workers", 0) or 0) > 0:
+    elif resident == "true" and (_whole(workers) or 0) > 0:
         out.append(
             f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
             "device-resident batches are drawn in this process. Set one of them differently."
@@ -241,6 +242,12 @@ def _number(v) -> float | None:
         return None
 
 
+def _whole(v) -> int | None:
+    """v as an integer when it is a whole number (not a bool, not 1.5, not text), else None."""
+    x = _number(v)
+    return int(x) if x is not None and math.isfinite(x) and x == int(x) else None
+
+
 def argument_problems(cfg: DictConfig) -> list[str]:
     """Sizes that must be positive integers, fractions that must lie in their interval."""
     out = []
@@ -251,7 +258,7 @@ def argument_problems(cfg: DictConfig) -> list[str]:
         for k in names:
             v = node.get(k)
             values = list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else [v]
-            if v is not None and not all(_number(x) is not None and _number(x) >= 1 for x in values):
+            if v is not None and not all(_whole(x) is not None and _whole(x) >= 1 for x in values):
                 out.append(
                     f"{group}.{k}={v}: must be a positive integer" + (", or null." if k == "d_ff" else ".")
                 )

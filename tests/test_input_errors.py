@@ -30,6 +30,17 @@ from dgtrain.validation import check_config, problems
             "data.task=lm (data=csv): this data is regression or classification; set data.task=regression",
         ),
         (["model=mlp", "model.hidden_size=-4"], "model.hidden_size=-4: must be a positive integer."),
+        # a size that is text was a traceback, a fraction was truncated (batch_size=1.5 trained on 1)
+        (["data.batch_size=abc"], "data.batch_size=abc: must be a positive integer."),
+        (["data.batch_size=1.5"], "data.batch_size=1.5: must be a positive integer."),
+        (["data.batch_size=true"], "data.batch_size=True: must be a positive integer."),
+        (["data.num_workers=abc"], "data.num_workers=abc: must be a whole number, 0 or more."),
+        (["data.num_workers=1.5"], "data.num_workers=1.5: must be a whole number, 0 or more."),
+        (["data.max_examples=1.5"], "data.max_examples=1.5: must be a positive integer."),
+        (
+            ["model=convnet", "model.channels=[16,2.5]"],
+            "model.channels=[16, 2.5]: must be a positive integer.",
+        ),
         (["model=convnet", "model.channels=[16,-1]"], "model.channels=[16, -1]: must be a positive integer."),
         *(
             (
