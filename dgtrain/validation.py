@@ -185,6 +185,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(
             f"optimizer.lr={lr}: must be a finite, non-negative number (for example optimizer.lr=0.001)."
         )
+    out += optimizer_problems(cfg.optimizer)
     out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -240,6 +241,26 @@ def _number(v) -> float | None:
         return float(v)
     except (TypeError, ValueError):
         return None
+
+
+def optimizer_problems(node: DictConfig) -> list[str]:
+    """torch.optim's own bounds on the usual arguments, checked here: a bad value was an internal-error
+    traceback from the optimizer's constructor (or a str/float comparison inside it)."""
+    out: list[str] = []
+    if not str(node.get("_target_", "")).startswith("torch.optim."):
+        return out  # a user's own optimizer keeps its own rules
+    for k in ("weight_decay", "momentum", "eps"):
+        v = node.get(k)
+        if v is not None and not (_number(v) is not None and math.isfinite(_number(v)) and _number(v) >= 0):
+            out.append(f"optimizer.{k}={v}: must be a finite number, 0 or more.")
+    betas = node.get("betas")
+    if betas is not None:
+        values = list(betas) if isinstance(betas, (list, tuple, ListConfig)) else [betas]
+        if len(values) != 2 or not all(_number(b) is not None and 0 <= _number(b) < 1 for b in values):
+            out.append(
+                f"optimizer.betas={betas}: expected two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.999]."
+            )
+    return out
 
 
 def _whole(v) -> int | None:

@@ -25,6 +25,21 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # torch.optim's bounds: these were internal-error tracebacks from the optimizer's constructor
+        (
+            ["optimizer=sgd", "optimizer.momentum=abc"],
+            "optimizer.momentum=abc: must be a finite number, 0 or more.",
+        ),
+        (
+            ["optimizer=sgd", "optimizer.momentum=-1"],
+            "optimizer.momentum=-1: must be a finite number, 0 or more.",
+        ),
+        (["optimizer.weight_decay=abc"], "optimizer.weight_decay=abc: must be a finite number, 0 or more."),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: must be a finite number, 0 or more."),
+        (["+optimizer.eps=-1"], "optimizer.eps=-1: must be a finite number, 0 or more."),
+        (["optimizer.betas=abc"], "optimizer.betas=abc: expected two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: expected two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: expected two numbers in [0, 1)"),
         (
             ["model=mlp", "data=csv", "data.path=x.csv", "data.target=y", "data.task=lm"],
             "data.task=lm (data=csv): this data is regression or classification; set data.task=regression",
