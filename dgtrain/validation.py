@@ -186,6 +186,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             f"optimizer.lr={lr}: must be a finite, non-negative number (for example optimizer.lr=0.001)."
         )
     out += optimizer_problems(cfg.optimizer)
+    out += scheduler_problems(cfg.scheduler)
     out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -260,6 +261,27 @@ def optimizer_problems(node: DictConfig) -> list[str]:
             out.append(
                 f"optimizer.betas={betas}: expected two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.999]."
             )
+    return out
+
+
+def scheduler_problems(node: DictConfig) -> list[str]:
+    """The arguments of dgtrain's schedulers (dgtrain/optim.py): text was a traceback at the first step,
+    step_size=0 a division by zero, and a negative warmup silently changed the schedule."""
+    out: list[str] = []
+    if not str(node.get("_target_", "")).startswith("dgtrain.optim."):
+        return out
+    warmup, size = node.get("warmup_steps"), node.get("step_size")
+    if warmup is not None and (_whole(warmup) is None or _whole(warmup) < 0):
+        out.append(f"scheduler.warmup_steps={warmup}: must be a whole number of steps, 0 or more.")
+    if size is not None and (_whole(size) is None or _whole(size) < 1):
+        out.append(f"scheduler.step_size={size}: must be a positive whole number of steps.")
+    for k, low in (("gamma", "positive"), ("min_lr_ratio", "0 or more")):
+        v = node.get(k)
+        x = _number(v)
+        if v is not None and not (
+            x is not None and math.isfinite(x) and (x > 0 if low == "positive" else x >= 0)
+        ):
+            out.append(f"scheduler.{k}={v}: must be a finite number, {low}.")
     return out
 
 

@@ -25,6 +25,29 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # dgtrain's schedulers: text was a traceback, step_size=0 a ZeroDivisionError, a negative warmup
+        # silently shifted the cosine schedule
+        (
+            ["scheduler=cosine", "scheduler.warmup_steps=abc"],
+            "scheduler.warmup_steps=abc: must be a whole number",
+        ),
+        (
+            ["scheduler=cosine", "scheduler.warmup_steps=-3"],
+            "scheduler.warmup_steps=-3: must be a whole number",
+        ),
+        (["scheduler=constant", "scheduler.warmup_steps=2.5"], "scheduler.warmup_steps=2.5: must be a whole"),
+        (
+            ["scheduler=step", "scheduler.step_size=0"],
+            "scheduler.step_size=0: must be a positive whole number",
+        ),
+        (
+            ["scheduler=step", "scheduler.gamma=abc"],
+            "scheduler.gamma=abc: must be a finite number, positive.",
+        ),
+        (
+            ["scheduler=cosine", "scheduler.min_lr_ratio=-1"],
+            "scheduler.min_lr_ratio=-1: must be a finite number",
+        ),
         # torch.optim's bounds: these were internal-error tracebacks from the optimizer's constructor
         (
             ["optimizer=sgd", "optimizer.momentum=abc"],
