@@ -102,6 +102,17 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def _number(value: Any, key: str, rule: str, ok) -> float:
+    """A callback argument as a float, or a DgtrainError naming the key and `rule` (text was a traceback)."""
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (math.isfinite(x) and ok(x)):
+        raise DgtrainError(f"{key}={value}: {rule}.")
+    return x
+
+
 def _check_mode(mode: str | None, key: str) -> None:
     if mode not in (None, "min", "max"):
         raise DgtrainError(f"{key}={mode!r}: expected min, max or null (the metric's own direction).")
@@ -114,12 +125,15 @@ class EarlyStopping(Callback):
         self, monitor: str | None = None, mode: str | None = None, patience: int = 3, min_delta: float = 0.0
     ):
         _check_mode(mode, "callbacks.early_stopping.mode")
-        if int(patience) < 1:
-            raise DgtrainError(f"callbacks.early_stopping.patience={patience}: must be at least 1.")
-        if float(min_delta) < 0:
-            raise DgtrainError(f"callbacks.early_stopping.min_delta={min_delta}: must be 0 or more.")
+        key = "callbacks.early_stopping"
+        patience = _number(
+            patience, f"{key}.patience", "must be a whole number, at least 1", lambda x: x >= 1
+        )
+        if patience != int(patience):
+            raise DgtrainError(f"{key}.patience={patience:g}: must be a whole number, at least 1.")
+        min_delta = _number(min_delta, f"{key}.min_delta", "must be a number, 0 or more", lambda x: x >= 0)
         self.monitor, self.mode = monitor, mode
-        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.patience, self.min_delta = int(patience), min_delta
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
@@ -176,11 +190,9 @@ class EMA(Callback):
     (`val_ema/...`); the averaged weights are saved as `model_ema.safetensors` beside `model.safetensors`."""
 
     def __init__(self, decay: float = 0.999, evaluate: bool = True, warmup: bool = True):
-        if not 0.0 < float(decay) < 1.0:
-            raise DgtrainError(
-                f"callbacks.ema.decay={decay}: must lie strictly between 0 and 1 (e.g. 0.999)."
-            )
-        self.decay, self.do_evaluate, self.warmup = float(decay), bool(evaluate), bool(warmup)
+        rule = "must lie strictly between 0 and 1 (e.g. 0.999)"
+        decay = _number(decay, "callbacks.ema.decay", rule, lambda x: 0.0 < x < 1.0)
+        self.decay, self.do_evaluate, self.warmup = decay, bool(evaluate), bool(warmup)
         self.updates = 0
         self._live: list[torch.Tensor] = []
         self.shadow: list[torch.Tensor] = []

@@ -226,3 +226,28 @@ def test_debug_modes(tmp_path):
     summary = json.loads((ov / "summary.json").read_text())
     assert "training and validating on the same 64 examples" in p.stdout + p.stderr
     assert summary["final"]["val/acc"] == 1.0  # it fits the one batch it sees
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: EarlyStopping(patience="abc"),
+            "callbacks.early_stopping.patience=abc: must be a whole number",
+        ),
+        (
+            lambda: EarlyStopping(patience=1.5),
+            "callbacks.early_stopping.patience=1.5: must be a whole number",
+        ),
+        (lambda: EarlyStopping(min_delta="abc"), "callbacks.early_stopping.min_delta=abc: must be a number"),
+        (lambda: EarlyStopping(min_delta=-0.1), "callbacks.early_stopping.min_delta=-0.1: must be a number"),
+        (lambda: EMA(decay="abc"), "callbacks.ema.decay=abc: must lie strictly between 0 and 1"),
+        (lambda: EMA(decay=1.0), "callbacks.ema.decay=1.0: must lie strictly between 0 and 1"),
+    ],
+)
+def test_callback_arguments_that_are_not_numbers_name_the_key(make, message):
+    """`callbacks.ema.decay=abc` and `callbacks.early_stopping.patience=abc` were internal-error
+    tracebacks (float('abc')); patience=1.5 was truncated to 1."""
+    with pytest.raises(DgtrainError) as e:
+        make()
+    assert str(e.value).startswith(message) and e.value.exit_code == 2
