@@ -137,6 +137,14 @@ def test_keys_that_nothing_reads_fail_listing_the_valid_ones(compose, override, 
     assert any(message in p for p in found), found
 
 
+def test_the_valid_keys_list_each_key_once(compose):
+    """Adam takes `fused` itself and dgtrain reads it too (optimizer.fused=auto): it was listed twice."""
+    (found,) = [p for p in problems(compose(["+optimizer.lrr=0.1"])) if "optimizer.lrr" in p]
+    keys = found.split("Valid keys under optimizer: ")[1].rstrip(".").split(", ")
+    assert "fused" in keys and "group_decay" in keys
+    assert len(keys) == len(set(keys)), keys
+
+
 def test_pad_to_multiple_is_for_variable_length_sequences_only(compose):
     """Accepted for seq2seq data; refused, with the reason and the fix, for data of one fixed shape."""
     assert problems(compose(["model=transformer", "data=seq2seq_synthetic", "data.pad_to_multiple=8"])) == []
