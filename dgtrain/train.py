@@ -49,7 +49,7 @@ from dgtrain.optim import grad_clearer, make_optimizer, step_function
 from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task, no_reduce
 from dgtrain.telemetry import NO_CONTEXT, Telemetry
-from dgtrain.validation import check_config
+from dgtrain.validation import check_config, check_logger_packages
 
 log = logging.getLogger("dgtrain")
 
@@ -722,6 +722,8 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     config.yaml, open the sinks. A failure releases the run dir again (nothing half-written stays)."""
     t_start = time.perf_counter()
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
+    if d.is_main and not cfg.trainer.get("fast_dev_run"):
+        check_logger_packages(cfg)  # the sinks open after config.yaml is written: a missing package first
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)

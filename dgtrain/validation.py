@@ -315,6 +315,37 @@ def argument_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+# The package each shipped logger imports when it opens, and the extra that installs it.
+LOGGER_PACKAGES = {
+    "dgtrain.loggers.mlflow.MlflowLogger": ("mlflow", "mlflow"),
+    "dgtrain.loggers.wandb.WandbLogger": ("wandb", "wandb"),
+    "dgtrain.loggers.tensorboard.TensorBoardLogger": ("tensorboard", "tensorboard"),
+}
+
+
+def check_logger_packages(cfg: DictConfig) -> None:
+    """A training run's loggers can import their packages. Checked before the run dir is written: the
+    loggers open last, after config.yaml and data_info.json, so a missing package left a run dir of a run
+    that never started. Not part of `problems`: eval, predict and sample re-check stored configs, and do
+    not need the logger a run trained with."""
+    import importlib
+
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        need = LOGGER_PACKAGES.get(str(node.get("_target_"))) if isinstance(node, DictConfig) else None
+        if need is None:
+            continue
+        try:
+            importlib.import_module(need[0])
+        except ImportError as e:
+            out.append(
+                f"logger={name} needs the {need[0]} package, which is not installed ({e}): pip install "
+                f"'dgtrain[{need[1]}]' (or choose another logger, e.g. logger=csv)."
+            )
+    if out:
+        raise DgtrainError(" ".join(out))
+
+
 def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
     found = problems(cfg, choices)
     if len(found) == 1:
