@@ -132,6 +132,8 @@ class EarlyStopping(Callback):
         if patience != int(patience):
             raise DgtrainError(f"{key}.patience={patience:g}: must be a whole number, at least 1.")
         min_delta = _number(min_delta, f"{key}.min_delta", "must be a number, 0 or more", lambda x: x >= 0)
+        if monitor and mode is None:
+            _direction(monitor, key)  # an unknown direction fails here, before the run dir is written
         self.monitor, self.mode = monitor, mode
         self.patience, self.min_delta = int(patience), min_delta
         self.best: float | None = None
@@ -140,7 +142,9 @@ class EarlyStopping(Callback):
 
     def on_fit_start(self, ctx: FitContext) -> None:
         self.monitor = self.monitor or ctx.monitor
-        self.mode = self.mode or (ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor))
+        self.mode = self.mode or (
+            ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor, "callbacks.early_stopping")
+        )
 
     def on_eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
@@ -175,11 +179,14 @@ class EarlyStopping(Callback):
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
-def _direction(metric: str) -> str:
+def _direction(metric: str, key: str) -> str:
+    """min or max for a known metric; `key` (checkpoint, callbacks.early_stopping) names the settings."""
     from dgtrain.tasks import HIGHER_IS_BETTER
 
     if metric not in HIGHER_IS_BETTER:
-        raise DgtrainError(f"monitor={metric}: its direction is unknown; set mode=min or mode=max.")
+        raise DgtrainError(
+            f"{key}.monitor={metric}: its direction is unknown; set {key}.mode=min or {key}.mode=max."
+        )
     return "max" if HIGHER_IS_BETTER[metric] else "min"
 
 
@@ -269,16 +276,27 @@ class TopKCheckpoints(Callback):
         if int(k) < 1:
             raise DgtrainError(f"checkpoint.save_top_k={k}: must be a positive integer, or null.")
         _check_mode(mode, "checkpoint.mode")
+        if monitor and mode is None:
+            _direction(
+                monitor, "checkpoint"
+            )  # an unknown direction fails here, before the run dir is written
         self.k, self.dir, self.monitor, self.mode = int(k), Path(directory) / "top_k", monitor, mode
         self.kept: list[dict[str, Any]] = []  # {"step", "value", "path"}, best first
 
     def on_fit_start(self, ctx: FitContext) -> None:
         self.monitor = self.monitor or ctx.monitor
-        self.mode = self.mode or (ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor))
+        self.mode = self.mode or (
+            ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor, "checkpoint")
+        )
 
     def on_eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
-        value = metrics.get(self.monitor)
-        if value is None or not math.isfinite(value) or not ctx.writes_files:
+        if self.monitor not in metrics:  # it silently kept no checkpoint at all
+            raise DgtrainError(
+                f"checkpoint.monitor={self.monitor}: the evaluation reports no such metric (it reports "
+                f"{', '.join(sorted(metrics))}); checkpoint.save_top_k ranks checkpoints by it."
+            )
+        value = metrics[self.monitor]
+        if not math.isfinite(value) or not ctx.writes_files:
             return
         worst = self.kept[-1]["value"] if len(self.kept) >= self.k else None
         if worst is not None and not _improved(value, worst, self.mode, 0.0):
