@@ -104,8 +104,8 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     for key, low in (("grad_accum_steps", 1), ("log_every", 1), ("max_epochs", 1)):
         if tc[key] is not None and int(tc[key]) < low:
             out.append(f"trainer.{key}={tc[key]}: must be at least {low}.")
-    for key in ("max_steps", "eval_every", "eval_batches"):
-        if tc[key] is not None and int(tc[key]) < 1:
+    for key in ("max_steps", "eval_every", "eval_batches", "sample_every"):
+        if tc.get(key) is not None and int(tc[key]) < 1:
             out.append(f"trainer.{key}={tc[key]}: must be a positive integer, or null.")
     if tc.get("max_skipped") is not None and int(tc.max_skipped) < 0:
         out.append(f"trainer.max_skipped={tc.max_skipped}: must be 0 or more, or null (10% of the steps).")

@@ -25,6 +25,9 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # 0 silently never sampled, -5 sampled every 5 steps
+        (["trainer.sample_every=0"], "trainer.sample_every=0: must be a positive integer, or null."),
+        (["trainer.sample_every=-5"], "trainer.sample_every=-5: must be a positive integer, or null."),
         # dgtrain's schedulers: text was a traceback, step_size=0 a ZeroDivisionError, a negative warmup
         # silently shifted the cosine schedule
         (
