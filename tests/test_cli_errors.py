@@ -56,6 +56,34 @@ def test_an_unparsable_override_gets_a_quoting_hint(tmp_path, value):
     assert "Traceback" not in _out(p)
 
 
+@pytest.mark.parametrize(
+    "override, fix",
+    [
+        ("callbacks=null", "use callbacks=[] (or '~callbacks') for none."),
+        ("logger=null", "use logger=[] (or '~logger') for none: the console is always there."),
+        ("recipe=null", "leave recipe=... out (none is the default)"),
+        ("model=null", "pick one with model=NAME (dgtrain ls lists the options)."),
+    ],
+)
+def test_a_config_group_set_to_null_says_what_to_write(override, fix):
+    """`callbacks=null` (train.yaml: 'null: none') was a bare Hydra ValueError traceback, exit 1."""
+    from dgtrain.cli import check_overrides
+
+    group = override.split("=")[0]
+    assert check_overrides([override]) == (
+        f"{group}=null: a config group takes an option's name, not null; {fix}"
+        + ("" if fix.endswith(".") else f", or remove one a config sets with '~{group}'.")
+    )
+    assert check_overrides(["callbacks=[]", "~logger", "data.max_examples=null"]) is None
+
+
+def test_a_null_config_group_exits_2_without_a_traceback(tmp_path):
+    p = run_cli(["model=linreg", "callbacks=null"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert "callbacks=null: a config group takes an option's name, not null" in p.stderr
+    assert "Traceback" not in _out(p) and not (tmp_path / "outputs").exists()
+
+
 def test_hydra_run_dir_under_a_file_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     p = run_cli(["model=linreg", "hydra.run.dir=afile/run"], tmp_path)
