@@ -84,6 +84,26 @@ def test_a_null_config_group_exits_2_without_a_traceback(tmp_path):
     assert "Traceback" not in _out(p) and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["logger.console.mode=foo"], "logger.console.mode='foo': expected auto, rich or plain."),
+        (["logger.console.plain_interval_s=-1"], "logger.console.plain_interval_s=-1: expected a number of"),
+        (["logger=[console,csv,wandb]", "logger.wandb.mode=foo"], "logger.wandb.mode='foo': expected one of"),
+    ],
+)
+def test_a_logger_that_fails_to_open_leaves_no_run_dir(tmp_path, args, message):
+    """The sinks open last, after config.yaml, data_info.json and metrics.jsonl (and, here, metrics.csv)
+    are written: a bad console mode was an internal error (exit 1), and any sink's error left those
+    files in a run dir of a run that never started."""
+    run = tmp_path / "run"
+    p = run_cli(["model=linreg", "trainer.max_steps=3", *args, f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert message in _out(p) and "internal error" not in _out(p)
+    assert not run.exists(), sorted(x.name for x in run.iterdir())
+
+
 def test_hydra_run_dir_under_a_file_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     p = run_cli(["model=linreg", "hydra.run.dir=afile/run"], tmp_path)
