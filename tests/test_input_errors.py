@@ -260,6 +260,14 @@ def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
     assert "Rename the duplicates" in str(e.value)
 
 
+def test_data_drop_given_as_one_name_drops_that_column(tmp_path):
+    """data.drop=ab (no brackets) was split into its letters: columns a and b were dropped silently,
+    and data.drop=city failed with 'c, i, t not column(s)'."""
+    path = _table(tmp_path, "a,b,ab,y\n" + "".join(f"{i},{i % 3},{i % 7},{i % 5}\n" for i in range(10)))
+    assert csv(seed=0, path=path, target="y", drop="ab").info.extra["feature_names"] == ["a", "b"]
+    assert csv(seed=0, path=path, target="y", drop=["ab"]).info.extra["feature_names"] == ["a", "b"]
+
+
 def test_errors_quote_a_cut_field_never_a_whole_line_of_the_file(tmp_path):
     secret = "root:$6$saltsalt$" + "x" * 80 + ":19000:0:99999:7:::"
     with pytest.raises(DgtrainError) as e:

@@ -352,7 +352,8 @@ def csv(
         )
     header, rows, lines = read_table(p, path, delimiter)
     labels = task == "classification"
-    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical, labels)
+    drop = [drop] if isinstance(drop, str) else list(drop or [])  # data.drop=id: one column, not i and d
+    x, y, features = encode_columns(p, header, rows, lines, target, drop, categorical, labels)
     classes = None
     if labels:
         classes, y = class_indices(p, y, lines, target)
