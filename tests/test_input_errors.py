@@ -7,6 +7,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from dgtrain.data.regression import csv
 from dgtrain.errors import DgtrainError
@@ -248,6 +249,16 @@ def test_a_csv_with_too_few_rows_counts_its_data_rows(tmp_path, body, found):
         csv(seed=0, path=_table(tmp_path, body), target="y")
     assert "expected a header row and at least 2 data rows, " + found in str(e.value)
     assert e.value.exit_code == 2
+
+
+def test_a_csv_of_two_rows_trains_on_finite_numbers(tmp_path):
+    """Two data rows (the fewest accepted) leave one training example, whose standard deviation is NaN:
+    every feature became NaN and the run stopped with exit 3 advising a lower learning rate."""
+    b = csv(seed=0, path=_table(tmp_path, "a,b,y\n1,5,2\n2,7,4\n"), target="y")
+    assert len(b.train) == 1 and len(b.val) == 1
+    for t in (b.train.x, b.train.y, b.val.x, b.val.y):
+        assert torch.isfinite(t).all(), t
+    assert b.info.extra["x_std"].tolist() == [1.0, 1.0]
 
 
 def test_a_csv_naming_a_column_twice_is_refused(tmp_path):

@@ -19,6 +19,8 @@ from dgtrain.errors import DgtrainError
 def _standardise(x: torch.Tensor, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(standardised x, mean, std): the statistics are stored with the run (`dgtrain predict` reuses them)."""
     mean = x[train_idx].mean(0, keepdim=True)
+    if len(train_idx) < 2:  # one training example has no spread (std is NaN): centre it only
+        return x - mean, mean[0], torch.ones_like(mean[0])
     std = x[train_idx].std(0, keepdim=True).clamp_min(1e-8)
     return (x - mean) / std, mean[0], std[0]
 
