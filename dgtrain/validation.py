@@ -187,6 +187,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         )
     out += optimizer_problems(cfg.optimizer)
     out += scheduler_problems(cfg.scheduler)
+    out += flag_and_loss_problems(cfg)
     out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -215,7 +216,16 @@ def _distributed_problems(cfg: DictConfig) -> list[str]:
 # Arguments of dgtrain's models and datasets, by name, and what they must be. Checked here, so a bad value
 # is one line of the config report rather than a traceback from deep inside torch.
 POSITIVE = {
-    "model": ("hidden_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions", "channels"),
+    "model": (
+        "hidden_size",
+        "d_model",
+        "n_heads",
+        "n_layers",
+        "d_ff",
+        "max_positions",
+        "channels",
+        "vocab_multiple",
+    ),
     "data": (
         "max_examples",
         "max_test_examples",
@@ -282,6 +292,39 @@ def scheduler_problems(node: DictConfig) -> list[str]:
             x is not None and math.isfinite(x) and (x > 0 if low == "positive" else x >= 0)
         ):
             out.append(f"scheduler.{k}={v}: must be a finite number, {low}.")
+    return out
+
+
+# On/off settings of dgtrain's models and data and of torch's optimizers: any other value was read as
+# Python truth, so model.head_bias=no meant a bias.
+BOOLEANS = {
+    "model": ("tie_weights", "head_bias", "activation_checkpointing"),
+    "data": ("augment", "hflip"),
+    "optimizer": ("group_decay", "nesterov", "amsgrad", "maximize"),
+}
+
+
+def flag_and_loss_problems(cfg: DictConfig) -> list[str]:
+    """On/off settings that are not true/false, and the loss's arguments (a traceback at the first step)."""
+    out = []
+    for group, names in BOOLEANS.items():
+        node = cfg.get(group)
+        ours = isinstance(node, DictConfig) and str(node.get("_target_", "")).startswith(
+            ("dgtrain.", "torch.optim.")
+        )
+        for k in names if ours else ():  # a user's own model or data keeps its own rules
+            if k in node and node.get(k) is not None and not isinstance(node.get(k), bool):
+                out.append(f"{group}.{k}={node.get(k)!r}: expected true or false.")
+    loss = cfg.get("loss")
+    if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).startswith("dgtrain.losses."):
+        smoothing, ignore = loss.get("label_smoothing"), loss.get("ignore_index")
+        x = _number(smoothing)
+        if smoothing is not None and not (x is not None and 0 <= x <= 1):
+            out.append(f"loss.label_smoothing={smoothing}: must be a number in [0, 1] (0: none).")
+        if ignore is not None and _whole(ignore) is None:
+            out.append(
+                f"loss.ignore_index={ignore}: must be a whole number (a class id), or null for the padding."
+            )
     return out
 
 

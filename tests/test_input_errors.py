@@ -26,6 +26,23 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # on/off settings read as Python truth (head_bias=no meant a bias); loss arguments and
+        # vocab_multiple=abc were tracebacks
+        (["model=transformer", "model.head_bias=no"], "model.head_bias='no': expected true or false."),
+        (
+            ["model=transformer", "model.tie_weights=maybe"],
+            "model.tie_weights='maybe': expected true or false.",
+        ),
+        (["data=image_folder", "data.root=x", "data.hflip=off"], "data.hflip='off': expected true or false."),
+        (["optimizer.group_decay=no"], "optimizer.group_decay='no': expected true or false."),
+        (["loss.label_smoothing=abc"], "loss.label_smoothing=abc: must be a number in [0, 1]"),
+        (["loss.label_smoothing=1.5"], "loss.label_smoothing=1.5: must be a number in [0, 1]"),
+        (["loss.label_smoothing=-0.1"], "loss.label_smoothing=-0.1: must be a number in [0, 1]"),
+        (["loss=cross_entropy", "loss.ignore_index=abc"], "loss.ignore_index=abc: must be a whole number"),
+        (
+            ["model=transformer", "model.vocab_multiple=abc"],
+            "model.vocab_multiple=abc: must be a positive integer.",
+        ),
         # 0 silently never sampled, -5 sampled every 5 steps
         (["trainer.sample_every=0"], "trainer.sample_every=0: must be a positive integer, or null."),
         (["trainer.sample_every=-5"], "trainer.sample_every=-5: must be a positive integer, or null."),
