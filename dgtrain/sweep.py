@@ -445,13 +445,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     if not groups or not swept:
         path.unlink(missing_ok=True)
         return False
-    from dgtrain.loggers.plots import pyplot
+    from dgtrain.loggers.plots import new_figure
 
-    plt = pyplot()
-
-    fig, axes = plt.subplots(
-        len(groups), len(swept), figsize=(4 * len(swept), 3.4 * len(groups)), squeeze=False
-    )
+    fig = new_figure(figsize=(4 * len(swept), 3.4 * len(groups)))
+    axes = fig.subplots(len(groups), len(swept), squeeze=False)
     for g, group in enumerate(groups):
         rows = [
             r
@@ -485,7 +482,6 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig.suptitle(f"{title} over {n} completed trials")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
 
 

@@ -257,6 +257,23 @@ def test_run_plots_are_valid_and_not_blank(all_run):
 
 
 @pytest.mark.slow
+def test_run_plots_leave_the_callers_matplotlib_backend_and_pyplot_alone(all_run, tmp_path):
+    # `fit` from a notebook: writing the run's plots must not switch the user's backend to Agg, nor open
+    # figures in pyplot's list (nor import pyplot at all).
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg'); "
+        "from dgtrain.loggers.plots import write_run_plots; "
+        f"files = write_run_plots({str(all_run)!r}); "
+        "print(len(files), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["4", "svg", "False"]
+
+
+@pytest.mark.slow
 def test_sigterm_keeps_every_logged_step_in_every_sink(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(

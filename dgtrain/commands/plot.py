@@ -24,10 +24,10 @@ def main(argv: list[str]) -> int:
         "metric, learning rate and memory panels",
     )
     args = p.parse_args(argv)
-    from dgtrain.loggers.plots import INSTALL_HINT, compare, pyplot
+    from dgtrain.loggers.plots import INSTALL_HINT, compare
 
     try:
-        pyplot()
+        import matplotlib  # noqa: F401
     except ImportError as e:
         raise DgtrainError(
             f"dgtrain plot needs matplotlib, which is not installed ({e}): {INSTALL_HINT}"

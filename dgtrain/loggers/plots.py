@@ -3,7 +3,10 @@
 warns once and skips), and `compare`, which `dgtrain plot RUN_DIR [RUN_DIR ...]`
 (dgtrain/commands/plot.py) uses to overlay several runs in one figure.
 
-matplotlib is imported only here, with the headless Agg backend, so plots render without a display.
+matplotlib is imported only here. Run plots and comparisons are drawn on `matplotlib.figure.Figure`
+objects outside pyplot: they render to PNG without a display, and never touch pyplot's backend or figure
+list, so `fit` called from a notebook leaves the user's own plotting as it was. `pyplot()` is for the
+commands that want pyplot's helpers (`dgtrain explain`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from dgtrain.errors import DgtrainError
 log = logging.getLogger("dgtrain")
 
 INSTALL_HINT = "pip install 'dgtrain[plots]'"
+
+
+def new_figure(**kwargs):
+    """A figure outside pyplot (`savefig` renders it with Agg); nothing to close, the garbage collector
+    frees it."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def pyplot():
@@ -112,17 +123,15 @@ def write_run_plots(run_dir: Path | str) -> list[Path]:
     """`<run_dir>/plots/{loss,val,lr,memory}.png` from the run's metrics.jsonl; returns the files."""
     run_dir = Path(run_dir)
     rows = read_history(run_dir)
-    plt = pyplot()
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
     files = []
     for name, title, metric_keys in panels(rows, _monitor(run_dir)):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        _draw(ax, [(run_dir.name, rows)], metric_keys, title)
+        fig = new_figure(figsize=(6, 4), dpi=100)
+        _draw(fig.subplots(), [(run_dir.name, rows)], metric_keys, title)
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path)
-        plt.close(fig)
         files.append(path)
     summary = run_dir / "summary.json"
     matrix = json.loads(summary.read_text()).get("confusion_matrix") if summary.is_file() else None
@@ -133,10 +142,10 @@ def write_run_plots(run_dir: Path | str) -> list[Path]:
 
 def confusion_png(matrix: list[list[int]], path: Path | str) -> Path:
     """The confusion matrix of the last evaluation (rows: true class, columns: predicted), counts shown."""
-    plt = pyplot()
     n = len(matrix)
     size = min(12.0, 2.0 + 0.5 * n)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    fig = new_figure(figsize=(size, size), dpi=100)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     top = max(max(row) for row in matrix) or 1
     if n <= 30:
@@ -158,7 +167,6 @@ def confusion_png(matrix: list[list[int]], path: Path | str) -> Path:
     ax.set_title("validation confusion matrix")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
@@ -192,16 +200,15 @@ def compare(run_dirs: list[Path], out: Path, metrics: list[str] | None = None) -
     fig = figure(runs, groups)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    pyplot().close(fig)
     return out
 
 
 def figure(runs: list[tuple[str, list[dict]]], groups: list[tuple[str, str, list[str]]]):
     """A matplotlib figure with one panel per group, every run overlaid in each panel."""
-    plt = pyplot()
     ncols = 2 if len(groups) > 1 else 1
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), dpi=100, squeeze=False)
+    fig = new_figure(figsize=(6 * ncols, 4 * nrows), dpi=100)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (_, title, metric_keys) in zip(axes.flat, groups, strict=False):
         _draw(ax, runs, metric_keys, title)
     for ax in list(axes.flat)[len(groups) :]:
