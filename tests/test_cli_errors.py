@@ -198,3 +198,14 @@ def test_the_run_dir_of_another_live_run_is_never_removed(tmp_path, monkeypatch)
     assert remove_untouched_run_dir(run)
     assert not (tmp_path / "outputs").exists()  # the empty parents Hydra made go too, not the cwd
     assert tmp_path.is_dir()
+
+
+def test_a_sweep_hydra_refuses_leaves_its_error_last_and_no_sweep_dir(tmp_path):
+    """`-m model=linreg,mpl`: Hydra composes the jobs first and refuses the typo before any job runs; the
+    sweep summary then printed a table of two 'missing' trials under the error and left
+    multirun/DATE/TIME/ holding only multirun.yaml and the summary files."""
+    p = run_cli(["-m", "model=linreg,mpl", "trainer.max_steps=2"], tmp_path)
+    assert p.returncode == 1, _out(p)
+    assert "Could not find 'model/mpl'" in _out(p)
+    assert "missing" not in _out(p) and "sweep summary" not in _out(p)
+    assert not (tmp_path / "multirun").exists()
