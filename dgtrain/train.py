@@ -724,7 +724,7 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     config.yaml, open the sinks. A failure releases the run dir again (nothing half-written stays)."""
     t_start = time.perf_counter()
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
-    if d.is_main and not cfg.trainer.get("fast_dev_run"):
+    if not cfg.trainer.get("fast_dev_run"):  # every rank, so that all of them stop alike
         check_logger_packages(cfg)  # the sinks open after config.yaml is written: a missing package first
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)

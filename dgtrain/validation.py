@@ -188,6 +188,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     out += optimizer_problems(cfg.optimizer)
     out += scheduler_problems(cfg.scheduler)
     out += flag_and_loss_problems(cfg)
+    out += logger_problems(cfg)
     out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -355,6 +356,33 @@ def argument_problems(cfg: DictConfig) -> list[str]:
             low_ok = x is not None and (x >= 0 if interval.startswith("in [") else x > 0)
             if not (low_ok and x < 1):
                 out.append(f"{group}.{k}={v}: must be a number {interval}.")
+    return out
+
+
+def logger_problems(cfg: DictConfig) -> list[str]:
+    """Settings of the console and W&B sinks. The sinks open on rank 0 only, after config.yaml is written:
+    checked here, every rank of a trainer.devices=N run stops alike (the others had reported a lost peer
+    as an internal error)."""
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        if target == "dgtrain.loggers.console.ConsoleLogger":
+            mode, interval = node.get("mode", "auto"), node.get("plain_interval_s", 1.0)
+            if mode not in ("auto", "rich", "plain"):
+                out.append(f"logger.{name}.mode={mode!r}: expected auto, rich or plain.")
+            if _number(interval) is None or not _number(interval) >= 0:
+                out.append(
+                    f"logger.{name}.plain_interval_s={interval!r}: expected a number of seconds, 0 or more."
+                )
+        elif target == "dgtrain.loggers.wandb.WandbLogger":
+            from dgtrain.loggers.wandb import MODES
+
+            mode = node.get("mode")
+            if mode is not None and mode not in (*MODES, "dryrun"):
+                out.append(
+                    f"logger.{name}.mode={mode!r}: expected one of {', '.join(MODES)}, or null to choose "
+                    "online/offline from your credentials."
+                )
     return out
 
 

@@ -26,6 +26,14 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # the sinks open on rank 0 only: checked with the config, every rank of trainer.devices=N stops
+        # alike (the other ranks reported the lost peer as an internal error)
+        (["logger.console.mode=foo"], "logger.console.mode='foo': expected auto, rich or plain."),
+        (["logger.console.plain_interval_s=-1"], "logger.console.plain_interval_s=-1: expected a number of"),
+        (
+            ["logger=wandb", "logger.wandb.mode=foo"],
+            "logger.wandb.mode='foo': expected one of online, offline",
+        ),
         # on/off settings read as Python truth (head_bias=no meant a bias); loss arguments and
         # vocab_multiple=abc were tracebacks
         (["model=transformer", "model.head_bias=no"], "model.head_bias='no': expected true or false."),
