@@ -286,6 +286,17 @@ def test_a_csv_of_two_rows_trains_on_finite_numbers(tmp_path):
     assert b.info.extra["x_std"].tolist() == [1.0, 1.0]
 
 
+def test_a_trailing_delimiter_adds_no_column_and_an_unnamed_column_is_named(tmp_path):
+    """'a,b,y,' on every line made a fourth column named '' whose empty values failed as 'not a number',
+    with the hint data.drop=[]. It is now dropped; an unnamed column that holds values is an error."""
+    path = _table(tmp_path, "a,b,y,\n" + "".join(f"{i},{i % 3},{i % 5},\n" for i in range(10)))
+    assert csv(seed=0, path=path, target="y").info.extra["feature_names"] == ["a", "b"]
+    path = _table(tmp_path, "a,,y\n" + "".join(f"{i},{i % 3},{i % 5}\n" for i in range(10)), name="u.csv")
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=path, target="y")
+    assert f"data.path={path}: column 2 holds values but has no name in the header row" in str(e.value)
+
+
 def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
     """Columns are matched by name (predict reads its input by the training feature names): with two
     columns named 'a', predict fed the first one twice and scored silently wrong predictions."""

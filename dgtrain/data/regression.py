@@ -179,6 +179,25 @@ def read_table(
         found = "an empty file" if not numbered else f"{len(numbered) - 1} data row(s) below the header"
         raise DgtrainError(f"{name}{p}: expected a header row and at least {want}, found {found}.")
     header = [h.strip() for h in numbered[0][1]]
+    for r, row in numbered[1:]:
+        if len(row) != len(header):
+            raise DgtrainError(
+                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
+                f"{delimiter!r}, set {option} if that is wrong)."
+            )
+    rows = [row for _, row in numbered[1:]]
+    # A delimiter at the end of every line (as some exports write) adds a column with neither a name nor
+    # values: it is dropped. A column of values without a name cannot be chosen by name: it is an error.
+    unnamed = [i for i, h in enumerate(header) if not h]
+    filled = [i for i in unnamed if any(row[i].strip() for row in rows)]
+    if filled:
+        raise DgtrainError(
+            f"{name}{p}: column {filled[0] + 1} holds values but has no name in the header row; columns are "
+            "matched by name (data.target, data.drop, predict's input), so give it one."
+        )
+    if unnamed:
+        header = [h for h in header if h]
+        rows = [[v for i, v in enumerate(row) if i not in unnamed] for row in rows]
     # columns are found by name (data.target, data.drop, predict's input): a name given twice is ambiguous
     twice = sorted({h for h in header if header.count(h) > 1})
     if twice:
@@ -186,13 +205,7 @@ def read_table(
             f"{name}{p}: the header names column(s) {', '.join(_field(h, 30) for h in twice)} more than once; "
             "columns are matched by name, so each needs its own. Rename the duplicates in the header row."
         )
-    for r, row in numbered[1:]:
-        if len(row) != len(header):
-            raise DgtrainError(
-                f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
-                f"{delimiter!r}, set {option} if that is wrong)."
-            )
-    return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
+    return header, rows, [r for r, _ in numbered[1:]]
 
 
 def encode_columns(
