@@ -102,6 +102,17 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def write_output(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
+    """A file the user named (`--out`): atomically when it is new or a regular file; written through when it
+    is a symbolic link (/dev/stdout is one), a device or a pipe, which a rename would replace by a file."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with open(path, "wb") as f:
+            write(f)
+        return path
+    return atomic_write(path, write)
+
+
 def save(state: dict[str, Any], path: Path | str) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
@@ -133,6 +144,13 @@ def save_state_weights(state: dict[str, torch.Tensor], path: Path | str) -> Path
     return path
 
 
+def refused_global(e: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused ("GLOBAL posix.system ..."),
+    not its advice around it (which suggests weights_only=False)."""
+    lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
+    return lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+
+
 def load(path: Path | str) -> dict[str, Any]:
     """Load and validate a checkpoint with `torch.load(weights_only=True)`; never unpickles objects.
 
@@ -155,8 +173,12 @@ def load(path: Path | str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [x.strip() for x in str(e).splitlines() if "WeightsUnpickler error" in x]
-        first = lines[0].replace("WeightsUnpickler error: ", "") if lines else type(e).__name__
+        if "Unsupported operand" in str(e):  # not a pickle at all: a YAML or text file, an image, ...
+            raise CheckpointError(
+                f"checkpoint {path} is not a checkpoint: torch.load cannot read it (not a file torch.save "
+                "wrote). Give a run dir, a checkpoint (.pt) or a model.safetensors."
+            ) from None
+        first = refused_global(e)
         raise CheckpointError(
             f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data "
             f"({first[:200]}). dgtrain loads checkpoints only with torch.load(weights_only=True) because "
@@ -293,6 +315,34 @@ def trim_metrics(run_dir: Path, step: int) -> None:
 def read_wandb_id(run_dir: Path) -> str | None:
     p = run_dir / WANDB_ID_FILE
     return (p.read_text().strip() or None) if p.is_file() else None
+
+
+def run_checkpoint_dir(run_dir: Path) -> Path:
+    """Where a run dir's checkpoints are: `<run_dir>/checkpoints`, or the run's own `checkpoint.dir` (from its
+    config.yaml) when it was set and that folder is found from here."""
+    default = run_dir / "checkpoints"
+    if default.is_dir():
+        return default
+    try:
+        stored = (OmegaConf.load(run_dir / "config.yaml").get("checkpoint") or {}).get("dir")
+    except Exception:  # noqa: BLE001 - no config.yaml, or a damaged one (reported when the run is loaded)
+        stored = None
+    if stored and Path(str(stored)).expanduser().is_dir():
+        return Path(str(stored)).expanduser()
+    return default
+
+
+def final_weights_current(run_dir: Path) -> bool:
+    """Whether `run_dir/model.safetensors` holds the run's latest weights. It is written when a run completes;
+    a resumed continuation that then stopped or failed leaves newer checkpoints beside the older file, and
+    its summary.json says so."""
+    if not (run_dir / "model.safetensors").is_file():
+        return False
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return True  # no readable summary: nothing says the file is stale
+    return status not in ("stopped", "failed") or not list_checkpoints(run_checkpoint_dir(run_dir))
 
 
 def newest_valid(

@@ -335,6 +335,11 @@ def main() -> None:
         except DgtrainError as e:
             print(f"dgtrain {name}: error: {e}", file=sys.stderr)
             code = e.exit_code
+        except BrokenPipeError:  # `dgtrain sample RUN | head`: the reader has gone; stop quietly, as cat does
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            code = 141  # 128 + SIGPIPE: what a shell reports for a command stopped by a closed pipe
         sys.exit(code)
     if first is not None and not _is_override_or_flag(first):
         sys.exit(_unknown_command(first))

@@ -57,12 +57,15 @@ def evaluate_source(
     with torch.no_grad():
         metrics = evaluate_split(s, autocast_for(s.device, precision_of(run.cfg)), split, batches)
     monitor = s.task.monitor if split == "val" else "test/" + s.task.monitor.split("/", 1)[1]
+    examples = len(s.data.val if split == "val" else s.data.test)
+    batch_size = s.val_loader.batch_sampler.batch_size
     return {
         "source": str(source),
         "weights": run.weights_name,
         "device": str(s.device),
         "split": split,
-        "examples": len(s.data.val if split == "val" else s.data.test),
+        "examples": examples,
+        "scored": examples if batches is None else min(examples, batches * batch_size),  # --batches N
         "val_examples": len(s.data.val),
         "monitor": {"metric": monitor, "mode": s.task.mode, "value": metrics.get(monitor)},
         "metrics": metrics,

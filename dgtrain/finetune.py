@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,12 +21,14 @@ log = logging.getLogger("dgtrain")
 
 
 def weights_file(path: str | Path) -> Path:
-    """A run dir means its final `model.safetensors`, else its newest valid checkpoint."""
+    """A run dir means its final `model.safetensors` (unless a resumed run went on past it and stopped),
+    else its newest valid checkpoint."""
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "model.safetensors").is_file():
+        if ckpt_io.final_weights_current(p):
             return p / "model.safetensors"
-        ckpts = ckpt_io.newest_valid(p / "checkpoints" if (p / "checkpoints").is_dir() else p, "init_from")
+        d = ckpt_io.run_checkpoint_dir(p)  # p/checkpoints, or the run's checkpoint.dir
+        ckpts = ckpt_io.newest_valid(d if d.is_dir() else p, "init_from")
         if ckpts is None:
             raise DgtrainError(
                 f"init_from={path}: the directory holds neither model.safetensors nor a checkpoint "
@@ -51,7 +54,17 @@ def read_weights(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
             raise DgtrainError(f"init_from={p}: not a readable safetensors file ({e}).") from None
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle refused (weights_only) or a damaged file
+    except pickle.UnpicklingError as e:
+        reason = (
+            "not a file torch.save wrote"  # a YAML or text file, an image, ...
+            if "Unsupported operand" in str(e)
+            else f"it holds Python objects other than tensors, refused unread: {ckpt_io.refused_global(e)[:200]}"
+        )
+        raise DgtrainError(
+            f"init_from={p}: cannot be read as a weights-only checkpoint ({reason}). Point init_from at a "
+            "run dir, a dgtrain checkpoint (.pt), a state dict saved with torch.save, or a .safetensors file."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a damaged file
         raise DgtrainError(
             f"init_from={p}: cannot be read as a weights-only checkpoint ({str(e).splitlines()[0][:200]})."
         ) from None

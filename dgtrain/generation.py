@@ -29,7 +29,13 @@ class Vocab:
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> Vocab:
-        level = extra.get("level") or ("char" if "vocab" in extra else "byte")
+        if not extra.get("level") and "vocab" not in extra:  # data=tokens: ids of someone else's tokenizer
+            raise DgtrainError(
+                "this language model was trained on token ids (data=tokens) from a tokenizer dgtrain does not "
+                "keep, so it can neither encode a prompt nor turn the generated ids into text; dgtrain sample "
+                "and trainer.sample_every take data=text runs (char or byte vocabulary)."
+            )
+        level = extra.get("level") or "char"
         if level == "char" and not extra.get("vocab"):
             raise DgtrainError(
                 "this run stored no character vocabulary (data_info.json has no extra.vocab); it was trained "

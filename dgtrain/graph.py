@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -39,6 +40,8 @@ from dgtrain.telemetry import (
 )
 
 MERMAID_EDGE_LIMIT = 500  # GitHub's Mermaid renders at most this many edges
+# the files `draw` writes (and replaces: nothing else in the folder is touched)
+OUTPUT_NAMES = re.compile(r"(modules|autograd_\d+)\.(md|dot|svg|png)|graph\.json")
 
 
 def fmt_shape(shape) -> str:
@@ -459,6 +462,9 @@ def draw(cfg, choices: dict[str, str], out: str | None = None, batches: int = 1,
     model_name = choices.get("model") or type(s.model).__name__.lower()
     folder = Path(out or f"graph_{model_name}")
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # an earlier drawing's files (more batches) would pass as this one's
+        if OUTPUT_NAMES.fullmatch(old.name) and old.is_file():
+            old.unlink()
     picked = [tuple(t.to(s.device) for t in b) for b in pick_batches(s.train_loader, batches)]
     s.model.train()  # the graph a training step builds (dropout included)
 

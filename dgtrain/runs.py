@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,30 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
             raise DgtrainError(
                 f"{d}: no config.yaml next to the weights; give a checkpoint (.pt) of the run instead."
             )
-        cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
-        assert isinstance(cfg, dict)
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many kinds for a damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DgtrainError(
+                f"{f}: not a readable config ({reason}); give a checkpoint (.pt) of the run instead, "
+                "which holds its own copy of the config."
+            ) from None
+        if not isinstance(cfg, dict):
+            raise DgtrainError(
+                f"{f}: not a run's config (a YAML mapping); give a checkpoint (.pt) of the run instead."
+            )
         return cfg
 
     def weights_of(state: dict[str, Any]) -> Any:  # an FSDP checkpoint's shards are read later, by path
         return Path(state["sharded"]) if state.get("sharded") else state["model"]
 
+    def run_dir_of_folder(folder: Path) -> Path:
+        """The run dir of a folder of checkpoints; "." (a command run inside checkpoints/) by its real name."""
+        named = Path(os.path.abspath(folder)) if folder.name in ("", ".", "..") else folder
+        return named.parent if named.name == "checkpoints" else folder
+
     def run_dir_of(ckpt: Path) -> Path:
-        return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return run_dir_of_folder(ckpt.parent)
 
     if not source.exists():
         raise DgtrainError(f"{source}: no such file or directory; give a run dir, a checkpoint or weights.")
@@ -97,15 +113,20 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         state = ckpt_io.load(source)
         return state["config"], f"{source} (step {state['step']})", weights_of(state), run_dir_of(source)
     if source.is_dir():
-        if (source / "model.safetensors").is_file():
+        if ckpt_io.final_weights_current(source):  # else a resumed run went on past it: its newest checkpoint
             w = source / "model.safetensors"
             return run_config(source), str(w), w, source
-        d = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        d = ckpt_io.run_checkpoint_dir(source)  # RUN_DIR/checkpoints, or the run's checkpoint.dir
+        d = d if d.is_dir() else source
         found = ckpt_io.newest_valid(d, f"dgtrain {source}")
+        if found is None and (source / "model.safetensors").is_file():  # the checkpoints are unreadable
+            w = source / "model.safetensors"
+            return run_config(source), str(w), w, source
         if found is None:
             raise DgtrainError(f"{source}: no model.safetensors and no checkpoint (step_*.pt) to load.")
         path, state = found
-        return state["config"], f"{path} (step {state['step']})", weights_of(state), source
+        run_dir = source if d != source else run_dir_of_folder(source)  # RUN_DIR, or a checkpoints folder
+        return state["config"], f"{path} (step {state['step']})", weights_of(state), run_dir
     if source.suffix == ".safetensors":
         return run_config(source.parent), str(source), source, source.parent
     state = ckpt_io.load(source)
@@ -148,6 +169,19 @@ def load_run(
     from dgtrain.validation import check_config
 
     source = Path(source)
+    # the command's own options first, so that their problems are not blamed on the stored config
+    device = str(device)
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise DgtrainError(f"--device={device}: expected auto, cpu, cuda or cuda:N.")
+    from dgtrain.config import PROTECTED_PACKAGES
+
+    bad = [str(p) for p in allow if str(p).strip().rstrip(".").split(".")[0] in PROTECTED_PACKAGES]
+    if bad:
+        raise DgtrainError(
+            f"--allow-target {bad[0]}: {bad[0].rstrip('.')} cannot be allowed as a whole (it holds callables "
+            "that run commands or load pickles, or dgtrain already admits its safe classes by name). Name "
+            "only your own package, for example --allow-target mypkg."
+        )
     config, weights_name, weights, run_dir = resolve_source(source)
     ckpt_io.check_stored_config(config, tuple(allow), source)  # before anything is imported or built
     cfg = OmegaConf.create(config)
@@ -165,6 +199,8 @@ def load_run(
         from dgtrain.train import setup
 
         s = setup(cfg)
+    from safetensors import SafetensorError
+
     try:
         if isinstance(weights, Path) and weights.is_dir():  # FSDP shards, gathered into one process
             from dgtrain.distributed import load_sharded
@@ -176,6 +212,11 @@ def load_run(
             load_model(s.model, str(weights), device=str(s.device))
         else:
             s.model.load_state_dict(weights)
+    except SafetensorError as e:  # a damaged file (before the model is touched)
+        raise DgtrainError(
+            f"{weights_name}: not a readable safetensors file, truncated or corrupt ({str(e)[:200]}). "
+            "Give one of the run's checkpoints (.pt) instead."
+        ) from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise DgtrainError(
             f"{weights_name}: the weights do not fit the model its config builds ({str(e).splitlines()[0][:200]})."

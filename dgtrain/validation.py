@@ -143,6 +143,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     freeze = cfg.model.get("freeze")
     if freeze is not None and not isinstance(freeze, (list, ListConfig)):
         out.append(f"model.freeze={freeze}: expected a list of globs, e.g. model.freeze=['net.*'].")
+    if tc.get("sample_every") and str(cfg.data.get("_target_")) == "dgtrain.data.tokens.tokens":
+        out.append(
+            f"trainer.sample_every={tc.sample_every} with data=tokens: the token ids come from a tokenizer "
+            "dgtrain does not keep, so it cannot turn samples into text. Drop trainer.sample_every."
+        )
     tel = cfg.get("telemetry")
     if tel is not None and int(tel.graph_every) < 1:
         out.append(f"telemetry.graph_every={tel.graph_every}: must be at least 1.")

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
     out = sys.stdout
     out.write(f"weights  {result['weights']}\n")
     what = "validation" if result["split"] == "val" else "test"
-    out.write(f"device   {result['device']} | {result['examples']} {what} examples\n")
+    scored = "" if result["scored"] == result["examples"] else f"{result['scored']} of "  # --batches N
+    out.write(f"device   {result['device']} | {scored}{result['examples']} {what} examples\n")
     for k, v in result["metrics"].items():
         out.write(f"{k:<12} {v:.6g}\n")
     return 0

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
+
+# the files explain writes (and replaces: nothing else in the folder is touched)
+OUTPUT_NAMES = re.compile(
+    r"(saliency|ig)_\d+\.png|attention_(encoder|decoder)_layer\d+_head\d+\.png|(images|features)\.png|explain\.json"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +100,15 @@ def explain_images(run, out: Path, num: int, steps: int) -> tuple[list[Path], di
     import torch
 
     model, device = run.model, run.device
-    x, y = next(iter(run.setup.val_loader))
+    xs, ys = [], []
+    for xb, yb in run.setup.val_loader:  # as many batches as --num takes (it was cut to the first one)
+        xs.append(xb)
+        ys.append(yb)
+        if sum(len(b) for b in xs) >= num:
+            break
+    x, y = torch.cat(xs), torch.cat(ys)
+    if len(x) < num:
+        raise DgtrainError(f"--num={num}: the validation split has {len(x)} images; give at most that many.")
     x, y = x[:num].to(device), y[:num].to(device)
     with torch.no_grad():
         pred = model(x).argmax(-1)
@@ -153,8 +167,10 @@ def _token_labels(run, tokens: list[int]) -> list[str]:
     extra = run.extra
     if run.info["task"] == "lm" and extra.get("level", "char") == "char" and extra.get("vocab"):
         return [repr(extra["vocab"][t])[1:-1] or " " for t in tokens]
-    if run.info["task"] == "lm":
+    if run.info["task"] == "lm" and extra.get("level") == "byte":
         return [repr(chr(t))[1:-1] if 32 <= t < 127 else f"x{t:02x}" for t in tokens]
+    if run.info["task"] == "lm":  # data=tokens: ids of a tokenizer dgtrain does not keep
+        return [str(t) for t in tokens]
     first = int(extra.get("first_symbol", 3))
     special = {
         run.info.get("pad_id"): "<pad>",
@@ -204,7 +220,7 @@ def explain_attention(run, out: Path, index: int) -> tuple[list[Path], dict[str,
                 fig.savefig(f, dpi=100)
                 plt.close(fig)
                 files.append(f)
-    sep = "" if run.info["task"] == "lm" else " "
+    sep = "" if run.info["task"] == "lm" and run.extra.get("level") else " "  # characters or bytes: as text
     text = sep.join(_token_labels(run, src.tolist()))
     return files, {"example": index, "tokens": text, "parts": {k: len(v) for k, v in maps.items()}}
 
@@ -268,16 +284,42 @@ def explain_features(run, out: Path, steps: int) -> tuple[list[Path], dict[str, 
     return [f], result
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # a module set to None in sys.modules (blocked)
+        return False
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.num < 1 or args.steps < 1:
         raise DgtrainError(f"--num={args.num}, --steps={args.steps}: both must be at least 1.")
+    missing = [
+        name for name, module in (("matplotlib", "matplotlib"), ("Pillow", "PIL")) if not _installed(module)
+    ]
+    if missing:  # checked first: a missing one half-way through left some PNGs and a traceback
+        raise DgtrainError(
+            f"dgtrain explain draws with matplotlib and Pillow; {' and '.join(missing)} not installed here: "
+            "pip install 'dgtrain[explain]'."
+        )
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DgtrainError(
+            f"--out={args.out} is a file; explain writes a folder (PNGs and explain.json). Give a folder path."
+        )
     from dgtrain.runs import load_run, out_dir
 
     run = load_run(Path(args.source), args.device, tuple(args.allow_target))
     task, in_shape = run.info["task"], tuple(run.info.get("in_shape") or ())
     out = Path(args.out) if args.out else out_dir(run, "explain")
     out.mkdir(parents=True, exist_ok=True)
+    for (
+        old
+    ) in out.iterdir():  # an earlier explain's maps (a larger --num, another model) would pass as this one's
+        if OUTPUT_NAMES.fullmatch(old.name) and old.is_file():
+            old.unlink()
     if task in ("lm", "seq2seq"):
         files, info = explain_attention(run, out, args.index)
     elif task == "classification" and len(in_shape) == 3:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from dgtrain.commands import add_run_options
 from dgtrain.errors import DgtrainError
 
 FORMATS = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts"}
+EXPORT_FILES = {*FORMATS.values(), "export.json", "README.md"}  # what a folder of an earlier export holds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("source", help="a run directory, a checkpoint (.pt) or a model.safetensors")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="pt2 | onnx | torchscript")
-    p.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/export/<format>")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="a new or empty folder, or an earlier export's, which is replaced (default: RUN_DIR/export/<format>)",
+    )
     p.add_argument(
         "--atol", type=float, default=1e-4, help="largest allowed |export - eager| (default: 1e-4)"
     )
@@ -232,15 +239,20 @@ def sidecar(run, fmt: str, names, args, dims, checks: dict[str, Any]) -> dict[st
     if "x_mean" in extra:
         side["normalisation"] = {
             "features": "x = (value - x_mean) / x_std, columns in the order of feature_names",
-            "targets": "y = output * y_std + y_mean",
-            **{k: extra[k] for k in ("feature_names", "x_mean", "x_std", "target_names", "y_mean", "y_std")},
+            **{k: extra[k] for k in ("feature_names", "x_mean", "x_std")},
         }
+        if "y_mean" in extra:  # regression; a classifier's targets are classes (class_names)
+            side["normalisation"]["targets"] = "y = output * y_std + y_mean"
+            side["normalisation"].update({k: extra[k] for k in ("target_names", "y_mean", "y_std")})
     elif "feature_names" in extra:
         side["feature_names"] = extra["feature_names"]
     if "class_names" in extra:
         side["class_names"] = extra["class_names"]
     if info["task"] == "lm":
-        side["vocabulary"] = {"level": extra.get("level", "char"), "chars": extra.get("vocab")}
+        if extra.get("level"):
+            side["vocabulary"] = {"level": extra["level"], "chars": extra.get("vocab")}
+        else:  # data=tokens: the ids of a tokenizer dgtrain does not keep
+            side["vocabulary"] = {"level": "ids", "vocab_size": info.get("vocab_size")}
         side["context"] = info.get("max_len")
     if info["task"] == "seq2seq":
         side["tokens"] = {k: info[k] for k in ("pad_id", "bos_id", "eos_id", "vocab_size")}
@@ -293,13 +305,37 @@ def readme(side: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def check_out(out: Path) -> None:
+    """`out` is replaced as a whole, so it must be new, empty, or an earlier export (only the files an
+    export writes): never a file, never a folder holding anything else (`--out .` would delete it)."""
+    if out.exists() and not out.is_dir():
+        raise DgtrainError(
+            f"--out={out} is a file; export writes a folder (the model file, export.json, README.md). "
+            "Give the path of a new folder."
+        )
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if others or (any(out.iterdir()) and not (out / "export.json").is_file()):
+            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise DgtrainError(
+                f"--out={out} already holds files that are not an earlier export ({listed or 'no export.json'}); "
+                "export replaces the whole folder it writes. Give a new folder, an empty one, or an earlier "
+                "export's folder."
+            )
+
+
 def export_run(run, fmt: str, out: Path, atol: float, log=print) -> dict[str, Any]:
     """Export into a temporary folder next to `out`, check, then move it into place: a failed export
-    leaves nothing behind (and an existing `out` untouched)."""
+    leaves nothing behind (and an existing `out` untouched). `out` must be new, empty or an earlier
+    export (`check_out`)."""
+    check_out(out)
     module, args, names, dims, small = model_io(run)
     dynamic = _dynamic_shapes(run, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from dgtrain.checkpoint import _UMASK
+
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: the export is shared like the rest of the run
     try:
         try:
             fn = EXPORTERS[fmt](module, args, names, dynamic, tmp / FORMATS[fmt])
@@ -352,6 +388,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.atol >= 0:
         raise DgtrainError(f"--atol={args.atol}: must be >= 0.")
+    if args.out:
+        check_out(Path(args.out))  # before the run is loaded and its data rebuilt
     from dgtrain.runs import load_run, out_dir
 
     run = load_run(Path(args.source), "cpu", tuple(args.allow_target))  # exports are traced on the CPU

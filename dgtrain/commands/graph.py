@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from dgtrain.errors import DgtrainError
@@ -15,7 +16,7 @@ Draw the graph one real batch builds: the module-level data flow and the op-leve
 (shapes, bytes saved for backward), as Mermaid (.md) and Graphviz (.dot; .svg/.png when `dot` is
 installed), and print a compact tree. Any training override (data=..., model.d_model=...) applies.
 
-  graph.out=DIR      output folder (default ./graph_<model>)
+  graph.out=DIR      output folder (default ./graph_<model>); an earlier drawing's files there are replaced
   graph.batches=N    graph N batches, of different shapes where the data has them (default 1)
   graph.depth=D      module-level diagram: draw modules D levels deep as one box (default 2)
 """
@@ -37,11 +38,23 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
                 opts[key] = GRAPH_KEYS[key](value)
             except ValueError:
                 raise DgtrainError(f"{arg!r}: graph.{key} must be an integer.") from None
+        elif (
+            "=" not in arg and Path(arg).exists()
+        ):  # `dgtrain graph RUN_DIR`: Hydra would say "missing EQUAL"
+            raise DgtrainError(
+                f"{arg}: dgtrain graph takes the overrides a training run takes (model=NAME data=NAME key=value), "
+                "not a run dir or a file; give the run's model and data options, e.g. dgtrain graph model=mlp."
+            )
         else:
             overrides.append(arg)
     for key in ("batches", "depth"):
         if opts[key] < 1:
             raise DgtrainError(f"graph.{key}={opts[key]}: must be at least 1.")
+    if opts["out"] and Path(opts["out"]).exists() and not Path(opts["out"]).is_dir():
+        raise DgtrainError(
+            f"graph.out={opts['out']} is a file; dgtrain graph writes a folder (.md, .dot, graph.json). "
+            "Give a folder path."
+        )
     return opts, overrides
 
 

@@ -13,10 +13,17 @@ def main(argv: list[str]) -> int:
     """`dgtrain plot RUN_DIR [RUN_DIR ...] [-o OUT] [--metric KEY ...]`."""
     p = argparse.ArgumentParser(
         prog="dgtrain plot",
-        description="Overlay the curves of one or more dgtrain runs (their metrics.jsonl) in one PNG.",
+        description="Overlay the curves of one or more dgtrain runs (their metrics.jsonl) in one figure.",
     )
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    p.add_argument("-o", "--out", type=Path, default=Path("dgtrain_plot.png"), help="output PNG")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=Path("dgtrain_plot.png"),
+        help="output image, its format from the suffix (.png, .pdf, .svg, ...; none: .png is added); "
+        "default: dgtrain_plot.png",
+    )
     p.add_argument(
         "--metric",
         action="append",
@@ -32,6 +39,16 @@ def main(argv: list[str]) -> int:
         raise DgtrainError(
             f"dgtrain plot needs matplotlib, which is not installed ({e}): {INSTALL_HINT}"
         ) from e
-    out = compare(args.run_dirs, args.out, args.metric)
+    out = args.out if args.out.suffix else args.out.with_name(args.out.name + ".png")  # as matplotlib does
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.is_dir():
+        raise DgtrainError(f"--out={out} is a folder; give a file name, e.g. --out {out / 'compare.png'}.")
+    if out.suffix[1:].lower() not in formats:
+        raise DgtrainError(
+            f"--out={out}: matplotlib cannot write {out.suffix} files; give one of {', '.join(formats)}."
+        )
+    out = compare(args.run_dirs, out, args.metric)
     print(f"wrote {out}")
     return 0

@@ -233,6 +233,22 @@ def read_cifar(path: Path, extra: dict[str, Any], in_shape: tuple[int, ...]) -> 
 
 
 def read_inputs(path: Path, run, args) -> Inputs:
+    image_model = len(run.info.get("in_shape") or ()) == 3
+    if args.labels and not (image_model and path.is_file() and _is_idx(path)):  # else ignored, silently
+        raise DgtrainError(
+            f"--labels={args.labels}: labels go with an idx image file; {path} carries its own targets (the "
+            "target column of a CSV, a CIFAR batch's labels) or none (a folder of images)."
+        )
+    return _read_inputs(path, run, args)
+
+
+def _is_idx(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head[:3] == b"\x00\x00\x08" or path.suffix == ".gz"
+
+
+def _read_inputs(path: Path, run, args) -> Inputs:
     extra, in_shape = run.extra, tuple(run.info.get("in_shape") or ())
     if not path.exists():
         raise DgtrainError(f"{path}: no such file or folder.")
@@ -254,11 +270,11 @@ def read_inputs(path: Path, run, args) -> Inputs:
         raise DgtrainError(
             f"{path}: this model takes inputs shaped {in_shape}; predict reads tables and images."
         )
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head[:3] == b"\x00\x00\x08" or path.suffix == ".gz":
+    if _is_idx(path):
         return read_idx(path, Path(args.labels) if args.labels else None, extra, in_shape)
-    if head[:1] == b"\x80":  # a pickle: a CIFAR-10 python batch
+    with path.open("rb") as f:
+        head = f.read(1)
+    if head == b"\x80":  # a pickle: a CIFAR-10 python batch
         return read_cifar(path, extra, in_shape)
     raise DgtrainError(
         f"{path}: not a CSV, idx or CIFAR-10 batch file (and not a folder of images). "
@@ -342,6 +358,12 @@ def main(argv: list[str]) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise DgtrainError(f"--batch-size={args.batch_size}: must be at least 1.")
     fmt = args.format or ("jsonl" if args.out and Path(args.out).suffix in (".jsonl", ".json") else "csv")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # checked before anything is scored
+        if out.is_dir():
+            raise DgtrainError(f"--out={out} is a folder; give a file name (pred.csv, pred.jsonl).")
+        if not out.parent.is_dir():
+            raise DgtrainError(f"--out={out}: the folder {out.parent} does not exist.")
     from dgtrain.runs import load_run
 
     run = load_run(Path(args.source), args.device, tuple(args.allow_target), data=False)
@@ -358,13 +380,10 @@ def main(argv: list[str]) -> int:
     batch_size = args.batch_size or int(run.cfg.data.batch_size)
     rows, metrics = predict(run, inputs, batch_size, args.top_k)
     text = "".join(json.dumps(r) + "\n" for r in rows) if fmt == "jsonl" else _csv_text(rows)
-    if args.out:
-        from dgtrain.checkpoint import atomic_write
+    if out is not None:
+        from dgtrain.checkpoint import write_output
 
-        out = Path(args.out)
-        if not out.parent.is_dir():
-            raise DgtrainError(f"--out={out}: the folder {out.parent} does not exist.")
-        atomic_write(out, lambda f: f.write(text.encode()))
+        write_output(out, lambda f: f.write(text.encode()))  # a file: all or nothing; a link or pipe: through
         print(f"{len(rows)} predictions -> {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

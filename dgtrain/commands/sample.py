@@ -51,6 +51,8 @@ def _check(args) -> None:
         problems.append(f"--num-samples={args.num_samples}: must be at least 1.")
     if args.beam is not None and args.beam < 1:
         problems.append(f"--beam={args.beam}: must be at least 1.")
+    if args.max_len is not None and args.max_len < 1:
+        problems.append(f"--max-len={args.max_len}: must be at least 1 (output tokens).")
     if args.prompt is not None and args.prompt_file is not None:
         problems.append("--prompt and --prompt-file: give one of them.")
     if problems:
@@ -158,6 +160,13 @@ def _sample_seq2seq(run, args) -> int:
     max_pos = int(model.max_positions)
     if len(symbols) + 1 > max_pos:
         raise DgtrainError(f"--input: {len(symbols)} symbols exceed the model's max_positions={max_pos}.")
+    if args.max_len is not None and args.max_len > max_pos - 1:  # positions past the model's table
+        raise DgtrainError(
+            f"--max-len={args.max_len}: the model has max_positions={max_pos}, so at most {max_pos - 1} output "
+            "tokens (one position is the start token)."
+        )
+    if args.beam is not None and args.beam > int(model.vocab_size):
+        raise DgtrainError(f"--beam={args.beam}: at most the vocabulary size ({model.vocab_size} tokens).")
     src = torch.tensor([[s + first for s in symbols] + [model.eos_id]], device=run.device)
     max_len = args.max_len or min(max_pos - 1, max(int(run.info.get("max_len") or 0), len(symbols) + 2))
 

@@ -197,9 +197,10 @@ def compare(run_dirs: list[Path], out: Path, metrics: list[str] | None = None) -
         groups = panels([row for _, rows in runs for row in rows], _monitor(run_dirs[0]))
     if not groups:
         raise DgtrainError(f"{', '.join(map(str, run_dirs))}: no metrics logged yet, nothing to plot.")
+    from dgtrain.checkpoint import write_output
+
     fig = figure(runs, groups)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    write_output(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png"))  # never half a file
     return out
 
 
