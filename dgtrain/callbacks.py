@@ -102,6 +102,17 @@ def _improved(value: float, best: float | None, mode: str, min_delta: float) -> 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def _number(value: Any, key: str, rule: str, ok) -> float:
+    """A callback argument as a float, or a DgtrainError naming the key and `rule` (text was a traceback)."""
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (math.isfinite(x) and ok(x)):
+        raise DgtrainError(f"{key}={value}: {rule}.")
+    return x
+
+
 def _check_mode(mode: str | None, key: str) -> None:
     if mode not in (None, "min", "max"):
         raise DgtrainError(f"{key}={mode!r}: expected min, max or null (the metric's own direction).")
@@ -114,19 +125,26 @@ class EarlyStopping(Callback):
         self, monitor: str | None = None, mode: str | None = None, patience: int = 3, min_delta: float = 0.0
     ):
         _check_mode(mode, "callbacks.early_stopping.mode")
-        if int(patience) < 1:
-            raise DgtrainError(f"callbacks.early_stopping.patience={patience}: must be at least 1.")
-        if float(min_delta) < 0:
-            raise DgtrainError(f"callbacks.early_stopping.min_delta={min_delta}: must be 0 or more.")
+        key = "callbacks.early_stopping"
+        patience = _number(
+            patience, f"{key}.patience", "must be a whole number, at least 1", lambda x: x >= 1
+        )
+        if patience != int(patience):
+            raise DgtrainError(f"{key}.patience={patience:g}: must be a whole number, at least 1.")
+        min_delta = _number(min_delta, f"{key}.min_delta", "must be a number, 0 or more", lambda x: x >= 0)
+        if monitor and mode is None:
+            _direction(monitor, key)  # an unknown direction fails here, before the run dir is written
         self.monitor, self.mode = monitor, mode
-        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.patience, self.min_delta = int(patience), min_delta
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
 
     def on_fit_start(self, ctx: FitContext) -> None:
         self.monitor = self.monitor or ctx.monitor
-        self.mode = self.mode or (ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor))
+        self.mode = self.mode or (
+            ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor, "callbacks.early_stopping")
+        )
 
     def on_eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
@@ -161,11 +179,14 @@ class EarlyStopping(Callback):
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
 
 
-def _direction(metric: str) -> str:
+def _direction(metric: str, key: str) -> str:
+    """min or max for a known metric; `key` (checkpoint, callbacks.early_stopping) names the settings."""
     from dgtrain.tasks import HIGHER_IS_BETTER
 
     if metric not in HIGHER_IS_BETTER:
-        raise DgtrainError(f"monitor={metric}: its direction is unknown; set mode=min or mode=max.")
+        raise DgtrainError(
+            f"{key}.monitor={metric}: its direction is unknown; set {key}.mode=min or {key}.mode=max."
+        )
     return "max" if HIGHER_IS_BETTER[metric] else "min"
 
 
@@ -176,11 +197,9 @@ class EMA(Callback):
     (`val_ema/...`); the averaged weights are saved as `model_ema.safetensors` beside `model.safetensors`."""
 
     def __init__(self, decay: float = 0.999, evaluate: bool = True, warmup: bool = True):
-        if not 0.0 < float(decay) < 1.0:
-            raise DgtrainError(
-                f"callbacks.ema.decay={decay}: must lie strictly between 0 and 1 (e.g. 0.999)."
-            )
-        self.decay, self.do_evaluate, self.warmup = float(decay), bool(evaluate), bool(warmup)
+        rule = "must lie strictly between 0 and 1 (e.g. 0.999)"
+        decay = _number(decay, "callbacks.ema.decay", rule, lambda x: 0.0 < x < 1.0)
+        self.decay, self.do_evaluate, self.warmup = decay, bool(evaluate), bool(warmup)
         self.updates = 0
         self._live: list[torch.Tensor] = []
         self.shadow: list[torch.Tensor] = []
@@ -257,16 +276,27 @@ class TopKCheckpoints(Callback):
         if int(k) < 1:
             raise DgtrainError(f"checkpoint.save_top_k={k}: must be a positive integer, or null.")
         _check_mode(mode, "checkpoint.mode")
+        if monitor and mode is None:
+            _direction(
+                monitor, "checkpoint"
+            )  # an unknown direction fails here, before the run dir is written
         self.k, self.dir, self.monitor, self.mode = int(k), Path(directory) / "top_k", monitor, mode
         self.kept: list[dict[str, Any]] = []  # {"step", "value", "path"}, best first
 
     def on_fit_start(self, ctx: FitContext) -> None:
         self.monitor = self.monitor or ctx.monitor
-        self.mode = self.mode or (ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor))
+        self.mode = self.mode or (
+            ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor, "checkpoint")
+        )
 
     def on_eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
-        value = metrics.get(self.monitor)
-        if value is None or not math.isfinite(value) or not ctx.writes_files:
+        if self.monitor not in metrics:  # it silently kept no checkpoint at all
+            raise DgtrainError(
+                f"checkpoint.monitor={self.monitor}: the evaluation reports no such metric (it reports "
+                f"{', '.join(sorted(metrics))}); checkpoint.save_top_k ranks checkpoints by it."
+            )
+        value = metrics[self.monitor]
+        if not math.isfinite(value) or not ctx.writes_files:
             return
         worst = self.kept[-1]["value"] if len(self.kept) >= self.k else None
         if worst is not None and not _improved(value, worst, self.mode, 0.0):

@@ -236,6 +236,8 @@ def check_overrides(argv: list[str]) -> str | None:
             return f"cannot parse the override {item!r}: {str(e).splitlines()[0]}.{hint}"
         for o in parsed:
             given.add(o.key_or_group)
+            if o.key_or_group in config_groups() and not o.is_delete() and o.value() is None:
+                return null_group(o.key_or_group)
             if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and isinstance(o.value(), str):
                 blocked = blocked_pattern(str(o.value()))
                 if blocked:
@@ -254,6 +256,27 @@ def check_overrides(argv: list[str]) -> str | None:
                 f"not be written. Move it away, or choose another directory ({key}=...)."
             )
     return None
+
+
+def config_groups() -> set[str]:
+    """The config groups a command line picks options of (configs/<group>/, and recipe)."""
+    from dgtrain.paths import config_dir
+
+    return {p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra"} | {"recipe"}
+
+
+def null_group(group: str) -> str:
+    """`logger=null`, `callbacks=null`: Hydra stops with a bare traceback (a group option must be a name or
+    a list). What to write instead."""
+    if group in ("logger", "callbacks"):
+        fix = f"use {group}=[] (or '~{group}') for none" + (
+            ": the console is always there" if group == "logger" else ""
+        )
+    elif group in ("recipe", "sweep"):
+        fix = f"leave {group}=... out (none is the default), or remove one a config sets with '~{group}'"
+    else:
+        fix = f"pick one with {group}=NAME (dgtrain ls lists the options)"
+    return f"{group}=null: a config group takes an option's name, not null; {fix}."
 
 
 def blocked_pattern(pattern: str):

@@ -577,7 +577,8 @@ def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str
             if k not in SPECIAL_KEYS and k not in meta and k not in valid:
                 why = NOT_FOR_EVERY_TARGET.get((group, str(k)))
                 name = str(node._target_).rsplit(".", 1)[-1]
-                out.append(why.format(name=name) if why else _unknown(key, str(k), [*valid, *meta]))
+                listed = [*valid, *(m for m in meta if m not in valid)]  # Adam's own `fused` once
+                out.append(why.format(name=name) if why else _unknown(key, str(k), listed))
 
     for group in ("model", "data", "loss", "optimizer", "scheduler"):
         check_node(group, cfg.get(group), group)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -520,6 +521,16 @@ class SweepSummaryCallback(Callback):
         if self._sweep_dir is None or not self._sweep_dir.is_dir():
             return
         sweep_dir, self._sweep_dir = self._sweep_dir, None  # once
+        if not any(d.is_dir() for d in sweep_dir.iterdir()):  # each job runs in its own subfolder
+            # no job started (Hydra refused the command line: `-m model=linreg,mpl`): a table of "missing"
+            # trials would bury its error, and a folder holding only multirun.yaml is no sweep
+            if {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                cwd, parent = Path.cwd().resolve(), sweep_dir.resolve().parent
+                while parent != cwd and parent.is_relative_to(cwd) and not any(parent.iterdir()):
+                    parent.rmdir()  # multirun/DATE/ that Hydra made for it, never above the cwd
+                    parent = parent.parent
+            return
         try:
             summarize(sweep_dir)
             log.info(f"sweep summary: {sweep_dir / 'sweep_summary.csv'} (and .json, sweep_objective.png)")

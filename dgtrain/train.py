@@ -13,7 +13,9 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,7 +51,7 @@ from dgtrain.optim import grad_clearer, make_optimizer, step_function
 from dgtrain.runs import write_data_info
 from dgtrain.tasks import HIGHER_IS_BETTER, Task, make_task, no_reduce
 from dgtrain.telemetry import NO_CONTEXT, Telemetry
-from dgtrain.validation import check_config
+from dgtrain.validation import check_config, check_logger_packages
 
 log = logging.getLogger("dgtrain")
 
@@ -722,11 +724,14 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     config.yaml, open the sinks. A failure releases the run dir again (nothing half-written stays)."""
     t_start = time.perf_counter()
     check_config(cfg, choices)  # every config problem at once, before anything heavy happens
+    if not cfg.trainer.get("fast_dev_run"):  # every rank, so that all of them stop alike
+        check_logger_packages(cfg)  # the sinks open after config.yaml is written: a missing package first
     # resume=auto|PATH: read the checkpoint now (its stored config passes the allow-list too), before
     # anything is built and before the loggers open the run dir's files (docs/checkpoints.md)
     checkpointer = ckpt_io.Checkpointer(cfg, run_dir)
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
+    resumed, before = None, None  # before: the run dir's names before this run wrote any file
     try:
         # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
         fast_dev = bool(cfg.trainer.get("fast_dev_run"))
@@ -750,6 +755,7 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
         # Written atomically like checkpoints: `dgtrain eval` and sweeps read these files back.
         yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
         if writes:
+            before = set(os.listdir(run_dir))
             ckpt_io.atomic_write(run_dir / "config.yaml", lambda f: f.write(yaml_text.encode()))
             write_data_info(run_dir, s.data.info)  # vocabulary, standardisation, class names: predict/sample
         if resumed is not None:
@@ -760,6 +766,12 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
             build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
         )
     except BaseException:
+        if (
+            before is not None and resumed is None
+        ):  # a sink failed to open: no files of a run that never started
+            for name in set(os.listdir(run_dir)) - before:  # config.yaml, metrics.jsonl, the sinks' files
+                path = run_dir / name
+                path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
         checkpointer.release()
         raise
     resolved = OmegaConf.to_container(cfg, resolve=True)

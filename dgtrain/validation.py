@@ -159,10 +159,11 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
             f"threads={threads}: must be at least 1 (torch intra-op threads), or null for torch's default."
         )
     bs = cfg.data.get("batch_size")
-    if bs is None or int(bs) < 1:
+    if _whole(bs) is None or _whole(bs) < 1:
         out.append(f"data.batch_size={bs}: must be a positive integer.")
-    if int(cfg.data.get("num_workers", 0) or 0) < 0:
-        out.append(f"data.num_workers={cfg.data.num_workers}: must be 0 or more.")
+    workers = cfg.data.get("num_workers", 0)
+    if workers is not None and (_whole(workers) is None or _whole(workers) < 0):
+        out.append(f"data.num_workers={workers}: must be a whole number, 0 or more.")
     try:
         check_pad_to_multiple(cfg.data.get("pad_to_multiple"))
     except DgtrainError as e:
@@ -170,7 +171,7 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     resident = flag(cfg.data.get("device_resident", "auto"))
     if resident not in ("auto", "true", "false"):
         out.append(f"data.device_resident={resident}: expected auto, true or false.")
-    elif resident == "true" and int(cfg.data.get("num_workers", 0) or 0) > 0:
+    elif resident == "true" and (_whole(workers) or 0) > 0:
         out.append(
             f"data.device_resident=true needs data.num_workers=0 (got {cfg.data.num_workers}): "
             "device-resident batches are drawn in this process. Set one of them differently."
@@ -189,6 +190,10 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
         out.append(
             f"optimizer.lr={lr}: must be a finite, non-negative number (for example optimizer.lr=0.001)."
         )
+    out += optimizer_problems(cfg.optimizer)
+    out += scheduler_problems(cfg.scheduler)
+    out += flag_and_loss_problems(cfg)
+    out += logger_problems(cfg)
     out += argument_problems(cfg)
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -217,7 +222,16 @@ def _distributed_problems(cfg: DictConfig) -> list[str]:
 # Arguments of dgtrain's models and datasets, by name, and what they must be. Checked here, so a bad value
 # is one line of the config report rather than a traceback from deep inside torch.
 POSITIVE = {
-    "model": ("hidden_size", "d_model", "n_heads", "n_layers", "d_ff", "max_positions", "channels"),
+    "model": (
+        "hidden_size",
+        "d_model",
+        "n_heads",
+        "n_layers",
+        "d_ff",
+        "max_positions",
+        "channels",
+        "vocab_multiple",
+    ),
     "data": (
         "max_examples",
         "max_test_examples",
@@ -246,6 +260,86 @@ def _number(v) -> float | None:
         return None
 
 
+def optimizer_problems(node: DictConfig) -> list[str]:
+    """torch.optim's own bounds on the usual arguments, checked here: a bad value was an internal-error
+    traceback from the optimizer's constructor (or a str/float comparison inside it)."""
+    out: list[str] = []
+    if not str(node.get("_target_", "")).startswith("torch.optim."):
+        return out  # a user's own optimizer keeps its own rules
+    for k in ("weight_decay", "momentum", "eps"):
+        v = node.get(k)
+        if v is not None and not (_number(v) is not None and math.isfinite(_number(v)) and _number(v) >= 0):
+            out.append(f"optimizer.{k}={v}: must be a finite number, 0 or more.")
+    betas = node.get("betas")
+    if betas is not None:
+        values = list(betas) if isinstance(betas, (list, tuple, ListConfig)) else [betas]
+        if len(values) != 2 or not all(_number(b) is not None and 0 <= _number(b) < 1 for b in values):
+            out.append(
+                f"optimizer.betas={betas}: expected two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.999]."
+            )
+    return out
+
+
+def scheduler_problems(node: DictConfig) -> list[str]:
+    """The arguments of dgtrain's schedulers (dgtrain/optim.py): text was a traceback at the first step,
+    step_size=0 a division by zero, and a negative warmup silently changed the schedule."""
+    out: list[str] = []
+    if not str(node.get("_target_", "")).startswith("dgtrain.optim."):
+        return out
+    warmup, size = node.get("warmup_steps"), node.get("step_size")
+    if warmup is not None and (_whole(warmup) is None or _whole(warmup) < 0):
+        out.append(f"scheduler.warmup_steps={warmup}: must be a whole number of steps, 0 or more.")
+    if size is not None and (_whole(size) is None or _whole(size) < 1):
+        out.append(f"scheduler.step_size={size}: must be a positive whole number of steps.")
+    for k, low in (("gamma", "positive"), ("min_lr_ratio", "0 or more")):
+        v = node.get(k)
+        x = _number(v)
+        if v is not None and not (
+            x is not None and math.isfinite(x) and (x > 0 if low == "positive" else x >= 0)
+        ):
+            out.append(f"scheduler.{k}={v}: must be a finite number, {low}.")
+    return out
+
+
+# On/off settings of dgtrain's models and data and of torch's optimizers: any other value was read as
+# Python truth, so model.head_bias=no meant a bias.
+BOOLEANS = {
+    "model": ("tie_weights", "head_bias", "activation_checkpointing"),
+    "data": ("augment", "hflip"),
+    "optimizer": ("group_decay", "nesterov", "amsgrad", "maximize"),
+}
+
+
+def flag_and_loss_problems(cfg: DictConfig) -> list[str]:
+    """On/off settings that are not true/false, and the loss's arguments (a traceback at the first step)."""
+    out = []
+    for group, names in BOOLEANS.items():
+        node = cfg.get(group)
+        ours = isinstance(node, DictConfig) and str(node.get("_target_", "")).startswith(
+            ("dgtrain.", "torch.optim.")
+        )
+        for k in names if ours else ():  # a user's own model or data keeps its own rules
+            if k in node and node.get(k) is not None and not isinstance(node.get(k), bool):
+                out.append(f"{group}.{k}={node.get(k)!r}: expected true or false.")
+    loss = cfg.get("loss")
+    if isinstance(loss, DictConfig) and str(loss.get("_target_", "")).startswith("dgtrain.losses."):
+        smoothing, ignore = loss.get("label_smoothing"), loss.get("ignore_index")
+        x = _number(smoothing)
+        if smoothing is not None and not (x is not None and 0 <= x <= 1):
+            out.append(f"loss.label_smoothing={smoothing}: must be a number in [0, 1] (0: none).")
+        if ignore is not None and _whole(ignore) is None:
+            out.append(
+                f"loss.ignore_index={ignore}: must be a whole number (a class id), or null for the padding."
+            )
+    return out
+
+
+def _whole(v) -> int | None:
+    """v as an integer when it is a whole number (not a bool, not 1.5, not text), else None."""
+    x = _number(v)
+    return int(x) if x is not None and math.isfinite(x) and x == int(x) else None
+
+
 def argument_problems(cfg: DictConfig) -> list[str]:
     """Sizes that must be positive integers, fractions that must lie in their interval."""
     out = []
@@ -256,7 +350,7 @@ def argument_problems(cfg: DictConfig) -> list[str]:
         for k in names:
             v = node.get(k)
             values = list(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else [v]
-            if v is not None and not all(_number(x) is not None and _number(x) >= 1 for x in values):
+            if v is not None and not all(_whole(x) is not None and _whole(x) >= 1 for x in values):
                 out.append(
                     f"{group}.{k}={v}: must be a positive integer" + (", or null." if k == "d_ff" else ".")
                 )
@@ -268,6 +362,64 @@ def argument_problems(cfg: DictConfig) -> list[str]:
             if not (low_ok and x < 1):
                 out.append(f"{group}.{k}={v}: must be a number {interval}.")
     return out
+
+
+def logger_problems(cfg: DictConfig) -> list[str]:
+    """Settings of the console and W&B sinks. The sinks open on rank 0 only, after config.yaml is written:
+    checked here, every rank of a trainer.devices=N run stops alike (the others had reported a lost peer
+    as an internal error)."""
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        if target == "dgtrain.loggers.console.ConsoleLogger":
+            mode, interval = node.get("mode", "auto"), node.get("plain_interval_s", 1.0)
+            if mode not in ("auto", "rich", "plain"):
+                out.append(f"logger.{name}.mode={mode!r}: expected auto, rich or plain.")
+            if _number(interval) is None or not _number(interval) >= 0:
+                out.append(
+                    f"logger.{name}.plain_interval_s={interval!r}: expected a number of seconds, 0 or more."
+                )
+        elif target == "dgtrain.loggers.wandb.WandbLogger":
+            from dgtrain.loggers.wandb import MODES
+
+            mode = node.get("mode")
+            if mode is not None and mode not in (*MODES, "dryrun"):
+                out.append(
+                    f"logger.{name}.mode={mode!r}: expected one of {', '.join(MODES)}, or null to choose "
+                    "online/offline from your credentials."
+                )
+    return out
+
+
+# The package each shipped logger imports when it opens, and the extra that installs it.
+LOGGER_PACKAGES = {
+    "dgtrain.loggers.mlflow.MlflowLogger": ("mlflow", "mlflow"),
+    "dgtrain.loggers.wandb.WandbLogger": ("wandb", "wandb"),
+    "dgtrain.loggers.tensorboard.TensorBoardLogger": ("tensorboard", "tensorboard"),
+}
+
+
+def check_logger_packages(cfg: DictConfig) -> None:
+    """A training run's loggers can import their packages. Checked before the run dir is written: the
+    loggers open last, after config.yaml and data_info.json, so a missing package left a run dir of a run
+    that never started. Not part of `problems`: eval, predict and sample re-check stored configs, and do
+    not need the logger a run trained with."""
+    import importlib
+
+    out = []
+    for name, node in (cfg.get("logger") or {}).items():
+        need = LOGGER_PACKAGES.get(str(node.get("_target_"))) if isinstance(node, DictConfig) else None
+        if need is None:
+            continue
+        try:
+            importlib.import_module(need[0])
+        except ImportError as e:
+            out.append(
+                f"logger={name} needs the {need[0]} package, which is not installed ({e}): pip install "
+                f"'dgtrain[{need[1]}]' (or choose another logger, e.g. logger=csv)."
+            )
+    if out:
+        raise DgtrainError(" ".join(out))
 
 
 def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:

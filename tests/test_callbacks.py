@@ -226,3 +226,53 @@ def test_debug_modes(tmp_path):
     summary = json.loads((ov / "summary.json").read_text())
     assert "training and validating on the same 64 examples" in p.stdout + p.stderr
     assert summary["final"]["val/acc"] == 1.0  # it fits the one batch it sees
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: EarlyStopping(patience="abc"),
+            "callbacks.early_stopping.patience=abc: must be a whole number",
+        ),
+        (
+            lambda: EarlyStopping(patience=1.5),
+            "callbacks.early_stopping.patience=1.5: must be a whole number",
+        ),
+        (lambda: EarlyStopping(min_delta="abc"), "callbacks.early_stopping.min_delta=abc: must be a number"),
+        (lambda: EarlyStopping(min_delta=-0.1), "callbacks.early_stopping.min_delta=-0.1: must be a number"),
+        (lambda: EMA(decay="abc"), "callbacks.ema.decay=abc: must lie strictly between 0 and 1"),
+        (lambda: EMA(decay=1.0), "callbacks.ema.decay=1.0: must lie strictly between 0 and 1"),
+    ],
+)
+def test_callback_arguments_that_are_not_numbers_name_the_key(make, message):
+    """`callbacks.ema.decay=abc` and `callbacks.early_stopping.patience=abc` were internal-error
+    tracebacks (float('abc')); patience=1.5 was truncated to 1."""
+    with pytest.raises(DgtrainError) as e:
+        make()
+    assert str(e.value).startswith(message) and e.value.exit_code == 2
+
+
+def test_an_unknown_monitor_direction_fails_when_built_naming_the_group(tmp_path):
+    """checkpoint.monitor=val/foo (no mode) failed only in on_fit_start, after config.yaml, metrics.jsonl
+    and a 'failed' summary.json were written, and named 'monitor=' and 'mode=' without their group."""
+    with pytest.raises(DgtrainError) as e:
+        TopKCheckpoints(1, tmp_path, monitor="val/foo")
+    assert str(e.value) == (
+        "checkpoint.monitor=val/foo: its direction is unknown; set checkpoint.mode=min or checkpoint.mode=max."
+    )
+    with pytest.raises(DgtrainError, match=r"^callbacks.early_stopping.monitor=val/foo: its direction"):
+        EarlyStopping(monitor="val/foo")
+    TopKCheckpoints(1, tmp_path, monitor="val/foo", mode="max")  # a mode makes any metric fine
+
+
+def test_top_k_fails_on_a_metric_the_evaluation_does_not_report(tmp_path):
+    """checkpoint.monitor=val/acc_top5 without metrics=[top5]: no top-k checkpoint was ever kept, silently."""
+    ctx = _ctx(tmp_path)
+    top = TopKCheckpoints(2, tmp_path, monitor="val/acc_top5")
+    top.on_fit_start(ctx)
+    with pytest.raises(DgtrainError) as e:
+        top.on_eval_end(ctx, 5, {"val/acc": 0.5, "val/loss": 1.0})
+    assert str(e.value).startswith(
+        "checkpoint.monitor=val/acc_top5: the evaluation reports no such metric (it reports val/acc, val/loss)"
+    )

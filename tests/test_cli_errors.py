@@ -56,6 +56,54 @@ def test_an_unparsable_override_gets_a_quoting_hint(tmp_path, value):
     assert "Traceback" not in _out(p)
 
 
+@pytest.mark.parametrize(
+    "override, fix",
+    [
+        ("callbacks=null", "use callbacks=[] (or '~callbacks') for none."),
+        ("logger=null", "use logger=[] (or '~logger') for none: the console is always there."),
+        ("recipe=null", "leave recipe=... out (none is the default)"),
+        ("model=null", "pick one with model=NAME (dgtrain ls lists the options)."),
+    ],
+)
+def test_a_config_group_set_to_null_says_what_to_write(override, fix):
+    """`callbacks=null` (train.yaml: 'null: none') was a bare Hydra ValueError traceback, exit 1."""
+    from dgtrain.cli import check_overrides
+
+    group = override.split("=")[0]
+    assert check_overrides([override]) == (
+        f"{group}=null: a config group takes an option's name, not null; {fix}"
+        + ("" if fix.endswith(".") else f", or remove one a config sets with '~{group}'.")
+    )
+    assert check_overrides(["callbacks=[]", "~logger", "data.max_examples=null"]) is None
+
+
+def test_a_null_config_group_exits_2_without_a_traceback(tmp_path):
+    p = run_cli(["model=linreg", "callbacks=null"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert "callbacks=null: a config group takes an option's name, not null" in p.stderr
+    assert "Traceback" not in _out(p) and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["logger.console.mode=foo"], "logger.console.mode='foo': expected auto, rich or plain."),
+        (["logger.console.plain_interval_s=-1"], "logger.console.plain_interval_s=-1: expected a number of"),
+        (["logger=[console,csv,wandb]", "logger.wandb.mode=foo"], "logger.wandb.mode='foo': expected one of"),
+    ],
+)
+def test_a_logger_that_fails_to_open_leaves_no_run_dir(tmp_path, args, message):
+    """The sinks open last, after config.yaml, data_info.json and metrics.jsonl (and, here, metrics.csv)
+    are written: a bad console mode was an internal error (exit 1), and any sink's error left those
+    files in a run dir of a run that never started."""
+    run = tmp_path / "run"
+    p = run_cli(["model=linreg", "trainer.max_steps=3", *args, f"hydra.run.dir={run}"], tmp_path)
+    assert p.returncode == 2, _out(p)
+    assert message in _out(p) and "internal error" not in _out(p)
+    assert not run.exists(), sorted(x.name for x in run.iterdir())
+
+
 def test_hydra_run_dir_under_a_file_is_named(tmp_path):
     (tmp_path / "afile").write_text("x")
     p = run_cli(["model=linreg", "hydra.run.dir=afile/run"], tmp_path)
@@ -150,3 +198,14 @@ def test_the_run_dir_of_another_live_run_is_never_removed(tmp_path, monkeypatch)
     assert remove_untouched_run_dir(run)
     assert not (tmp_path / "outputs").exists()  # the empty parents Hydra made go too, not the cwd
     assert tmp_path.is_dir()
+
+
+def test_a_sweep_hydra_refuses_leaves_its_error_last_and_no_sweep_dir(tmp_path):
+    """`-m model=linreg,mpl`: Hydra composes the jobs first and refuses the typo before any job runs; the
+    sweep summary then printed a table of two 'missing' trials under the error and left
+    multirun/DATE/TIME/ holding only multirun.yaml and the summary files."""
+    p = run_cli(["-m", "model=linreg,mpl", "trainer.max_steps=2"], tmp_path)
+    assert p.returncode == 1, _out(p)
+    assert "Could not find 'model/mpl'" in _out(p)
+    assert "missing" not in _out(p) and "sweep summary" not in _out(p)
+    assert not (tmp_path / "multirun").exists()

@@ -7,6 +7,7 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from dgtrain.data.regression import csv
 from dgtrain.errors import DgtrainError
@@ -25,11 +26,88 @@ from dgtrain.validation import check_config, problems
         (["model=transformer", "model.dropout=1.5"], "model.dropout=1.5: must be a number in [0, 1)."),
         (["model=transformer", "data=text", "data.seq_len=0"], "data.seq_len=0: must be a positive integer."),
         (["data.max_examples=0"], "data.max_examples=0: must be a positive integer."),
+        # the sinks open on rank 0 only: checked with the config, every rank of trainer.devices=N stops
+        # alike (the other ranks reported the lost peer as an internal error)
+        (["logger.console.mode=foo"], "logger.console.mode='foo': expected auto, rich or plain."),
+        (["logger.console.plain_interval_s=-1"], "logger.console.plain_interval_s=-1: expected a number of"),
+        (
+            ["logger=wandb", "logger.wandb.mode=foo"],
+            "logger.wandb.mode='foo': expected one of online, offline",
+        ),
+        # on/off settings read as Python truth (head_bias=no meant a bias); loss arguments and
+        # vocab_multiple=abc were tracebacks
+        (["model=transformer", "model.head_bias=no"], "model.head_bias='no': expected true or false."),
+        (
+            ["model=transformer", "model.tie_weights=maybe"],
+            "model.tie_weights='maybe': expected true or false.",
+        ),
+        (["data=image_folder", "data.root=x", "data.hflip=off"], "data.hflip='off': expected true or false."),
+        (["optimizer.group_decay=no"], "optimizer.group_decay='no': expected true or false."),
+        (["loss.label_smoothing=abc"], "loss.label_smoothing=abc: must be a number in [0, 1]"),
+        (["loss.label_smoothing=1.5"], "loss.label_smoothing=1.5: must be a number in [0, 1]"),
+        (["loss.label_smoothing=-0.1"], "loss.label_smoothing=-0.1: must be a number in [0, 1]"),
+        (["loss=cross_entropy", "loss.ignore_index=abc"], "loss.ignore_index=abc: must be a whole number"),
+        (
+            ["model=transformer", "model.vocab_multiple=abc"],
+            "model.vocab_multiple=abc: must be a positive integer.",
+        ),
+        # 0 silently never sampled, -5 sampled every 5 steps
+        (["trainer.sample_every=0"], "trainer.sample_every=0: must be a positive integer, or null."),
+        (["trainer.sample_every=-5"], "trainer.sample_every=-5: must be a positive integer, or null."),
+        # dgtrain's schedulers: text was a traceback, step_size=0 a ZeroDivisionError, a negative warmup
+        # silently shifted the cosine schedule
+        (
+            ["scheduler=cosine", "scheduler.warmup_steps=abc"],
+            "scheduler.warmup_steps=abc: must be a whole number",
+        ),
+        (
+            ["scheduler=cosine", "scheduler.warmup_steps=-3"],
+            "scheduler.warmup_steps=-3: must be a whole number",
+        ),
+        (["scheduler=constant", "scheduler.warmup_steps=2.5"], "scheduler.warmup_steps=2.5: must be a whole"),
+        (
+            ["scheduler=step", "scheduler.step_size=0"],
+            "scheduler.step_size=0: must be a positive whole number",
+        ),
+        (
+            ["scheduler=step", "scheduler.gamma=abc"],
+            "scheduler.gamma=abc: must be a finite number, positive.",
+        ),
+        (
+            ["scheduler=cosine", "scheduler.min_lr_ratio=-1"],
+            "scheduler.min_lr_ratio=-1: must be a finite number",
+        ),
+        # torch.optim's bounds: these were internal-error tracebacks from the optimizer's constructor
+        (
+            ["optimizer=sgd", "optimizer.momentum=abc"],
+            "optimizer.momentum=abc: must be a finite number, 0 or more.",
+        ),
+        (
+            ["optimizer=sgd", "optimizer.momentum=-1"],
+            "optimizer.momentum=-1: must be a finite number, 0 or more.",
+        ),
+        (["optimizer.weight_decay=abc"], "optimizer.weight_decay=abc: must be a finite number, 0 or more."),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: must be a finite number, 0 or more."),
+        (["+optimizer.eps=-1"], "optimizer.eps=-1: must be a finite number, 0 or more."),
+        (["optimizer.betas=abc"], "optimizer.betas=abc: expected two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9]: expected two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: expected two numbers in [0, 1)"),
         (
             ["model=mlp", "data=csv", "data.path=x.csv", "data.target=y", "data.task=lm"],
             "data.task=lm (data=csv): this data is regression or classification; set data.task=regression",
         ),
         (["model=mlp", "model.hidden_size=-4"], "model.hidden_size=-4: must be a positive integer."),
+        # a size that is text was a traceback, a fraction was truncated (batch_size=1.5 trained on 1)
+        (["data.batch_size=abc"], "data.batch_size=abc: must be a positive integer."),
+        (["data.batch_size=1.5"], "data.batch_size=1.5: must be a positive integer."),
+        (["data.batch_size=true"], "data.batch_size=True: must be a positive integer."),
+        (["data.num_workers=abc"], "data.num_workers=abc: must be a whole number, 0 or more."),
+        (["data.num_workers=1.5"], "data.num_workers=1.5: must be a whole number, 0 or more."),
+        (["data.max_examples=1.5"], "data.max_examples=1.5: must be a positive integer."),
+        (
+            ["model=convnet", "model.channels=[16,2.5]"],
+            "model.channels=[16, 2.5]: must be a positive integer.",
+        ),
         (["model=convnet", "model.channels=[16,-1]"], "model.channels=[16, -1]: must be a positive integer."),
         *(
             (
@@ -86,6 +164,14 @@ def test_a_closed_interval_admits_its_end(compose):
 def test_keys_that_nothing_reads_fail_listing_the_valid_ones(compose, override, message):
     found = problems(compose(["model=mlp", override]))
     assert any(message in p for p in found), found
+
+
+def test_the_valid_keys_list_each_key_once(compose):
+    """Adam takes `fused` itself and dgtrain reads it too (optimizer.fused=auto): it was listed twice."""
+    (found,) = [p for p in problems(compose(["+optimizer.lrr=0.1"])) if "optimizer.lrr" in p]
+    keys = found.split("Valid keys under optimizer: ")[1].rstrip(".").split(", ")
+    assert "fused" in keys and "group_decay" in keys
+    assert len(keys) == len(set(keys)), keys
 
 
 def test_pad_to_multiple_is_for_variable_length_sequences_only(compose):
@@ -175,6 +261,58 @@ def test_a_binary_or_unreadable_file_is_named_without_a_traceback(tmp_path):
 def test_a_csv_with_only_the_target_column_is_refused(tmp_path):
     with pytest.raises(DgtrainError, match="the only column is the target 'y', so there are no features"):
         csv(seed=0, path=_table(tmp_path, "y\n1\n2\n3\n"), target="y")
+
+
+@pytest.mark.parametrize(
+    "body, found",
+    [("", "found an empty file."), ("a,y\n", "found 0 data row(s)"), ("a,y\n1,2\n", "found 1 data row(s)")],
+)
+def test_a_csv_with_too_few_rows_counts_its_data_rows(tmp_path, body, found):
+    """The message counts data rows, as it asks for them: 'at least 2 data rows, found 2 rows' for a
+    header and one row contradicted itself."""
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=_table(tmp_path, body), target="y")
+    assert "expected a header row and at least 2 data rows, " + found in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_a_csv_of_two_rows_trains_on_finite_numbers(tmp_path):
+    """Two data rows (the fewest accepted) leave one training example, whose standard deviation is NaN:
+    every feature became NaN and the run stopped with exit 3 advising a lower learning rate."""
+    b = csv(seed=0, path=_table(tmp_path, "a,b,y\n1,5,2\n2,7,4\n"), target="y")
+    assert len(b.train) == 1 and len(b.val) == 1
+    for t in (b.train.x, b.train.y, b.val.x, b.val.y):
+        assert torch.isfinite(t).all(), t
+    assert b.info.extra["x_std"].tolist() == [1.0, 1.0]
+
+
+def test_a_trailing_delimiter_adds_no_column_and_an_unnamed_column_is_named(tmp_path):
+    """'a,b,y,' on every line made a fourth column named '' whose empty values failed as 'not a number',
+    with the hint data.drop=[]. It is now dropped; an unnamed column that holds values is an error."""
+    path = _table(tmp_path, "a,b,y,\n" + "".join(f"{i},{i % 3},{i % 5},\n" for i in range(10)))
+    assert csv(seed=0, path=path, target="y").info.extra["feature_names"] == ["a", "b"]
+    path = _table(tmp_path, "a,,y\n" + "".join(f"{i},{i % 3},{i % 5}\n" for i in range(10)), name="u.csv")
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=path, target="y")
+    assert f"data.path={path}: column 2 holds values but has no name in the header row" in str(e.value)
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    """Columns are matched by name (predict reads its input by the training feature names): with two
+    columns named 'a', predict fed the first one twice and scored silently wrong predictions."""
+    path = _table(tmp_path, "a,a,y\n" + "".join(f"{i},{i % 3},{i % 5}\n" for i in range(10)))
+    with pytest.raises(DgtrainError) as e:
+        csv(seed=0, path=path, target="y")
+    assert f"data.path={path}: the header names column(s) 'a' more than once" in str(e.value)
+    assert "Rename the duplicates" in str(e.value)
+
+
+def test_data_drop_given_as_one_name_drops_that_column(tmp_path):
+    """data.drop=ab (no brackets) was split into its letters: columns a and b were dropped silently,
+    and data.drop=city failed with 'c, i, t not column(s)'."""
+    path = _table(tmp_path, "a,b,ab,y\n" + "".join(f"{i},{i % 3},{i % 7},{i % 5}\n" for i in range(10)))
+    assert csv(seed=0, path=path, target="y", drop="ab").info.extra["feature_names"] == ["a", "b"]
+    assert csv(seed=0, path=path, target="y", drop=["ab"]).info.extra["feature_names"] == ["a", "b"]
 
 
 def test_errors_quote_a_cut_field_never_a_whole_line_of_the_file(tmp_path):

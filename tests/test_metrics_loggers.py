@@ -11,7 +11,7 @@ import torch
 from dgtrain.errors import DgtrainError
 from dgtrain.loggers.csv import CsvLogger
 from dgtrain.tasks import Classification
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 
 
 def test_topk_f1_and_confusion_match_a_hand_count():
@@ -116,3 +116,25 @@ def test_mlflow_absent_says_how_to_install(tmp_path, monkeypatch):
 
     with pytest.raises(DgtrainError, match=r"pip install 'dgtrain\[mlflow\]'"):
         MlflowLogger(tmp_path)
+
+
+def test_a_missing_logger_package_leaves_no_run_dir(tmp_path):
+    """logger=mlflow without mlflow: exit 2 before anything is written. The loggers open after
+    config.yaml, data_info.json and metrics.jsonl, so the import error used to leave those behind in a
+    run dir of a run that never started (README: a run dir made for a rejected config is removed)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys; sys.modules['mlflow'] = None; from dgtrain.cli import main; "  # import mlflow fails
+        f"sys.argv = ['dgtrain', 'model=linreg', 'logger=mlflow', 'trainer.max_steps=2', 'hydra.run.dir={run_dir}']; "
+        "main()"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "logger=mlflow needs the mlflow package" in p.stdout + p.stderr
+    assert "pip install 'dgtrain[mlflow]'" in p.stdout + p.stderr
+    assert not run_dir.exists(), sorted(x.name for x in run_dir.iterdir())

@@ -19,6 +19,8 @@ from dgtrain.errors import DgtrainError
 def _standardise(x: torch.Tensor, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(standardised x, mean, std): the statistics are stored with the run (`dgtrain predict` reuses them)."""
     mean = x[train_idx].mean(0, keepdim=True)
+    if len(train_idx) < 2:  # one training example has no spread (std is NaN): centre it only
+        return x - mean, mean[0], torch.ones_like(mean[0])
     std = x[train_idx].std(0, keepdim=True).clamp_min(1e-8)
     return (x - mean) / std, mean[0], std[0]
 
@@ -174,9 +176,8 @@ def read_table(
         ) from None
     if len(numbered) < 1 + min_rows:
         want = f"{min_rows} data row{'s' if min_rows != 1 else ''}"
-        raise DgtrainError(
-            f"{name}{p}: expected a header row and at least {want}, found {len(numbered)} rows."
-        )
+        found = "an empty file" if not numbered else f"{len(numbered) - 1} data row(s) below the header"
+        raise DgtrainError(f"{name}{p}: expected a header row and at least {want}, found {found}.")
     header = [h.strip() for h in numbered[0][1]]
     for r, row in numbered[1:]:
         if len(row) != len(header):
@@ -184,7 +185,27 @@ def read_table(
                 f"{p}, line {r}: {len(row)} fields, expected {len(header)} (as in the header; delimiter "
                 f"{delimiter!r}, set {option} if that is wrong)."
             )
-    return header, [row for _, row in numbered[1:]], [r for r, _ in numbered[1:]]
+    rows = [row for _, row in numbered[1:]]
+    # A delimiter at the end of every line (as some exports write) adds a column with neither a name nor
+    # values: it is dropped. A column of values without a name cannot be chosen by name: it is an error.
+    unnamed = [i for i, h in enumerate(header) if not h]
+    filled = [i for i in unnamed if any(row[i].strip() for row in rows)]
+    if filled:
+        raise DgtrainError(
+            f"{name}{p}: column {filled[0] + 1} holds values but has no name in the header row; columns are "
+            "matched by name (data.target, data.drop, predict's input), so give it one."
+        )
+    if unnamed:
+        header = [h for h in header if h]
+        rows = [[v for i, v in enumerate(row) if i not in unnamed] for row in rows]
+    # columns are found by name (data.target, data.drop, predict's input): a name given twice is ambiguous
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise DgtrainError(
+            f"{name}{p}: the header names column(s) {', '.join(_field(h, 30) for h in twice)} more than once; "
+            "columns are matched by name, so each needs its own. Rename the duplicates in the header row."
+        )
+    return header, rows, [r for r, _ in numbered[1:]]
 
 
 def encode_columns(
@@ -346,7 +367,8 @@ def csv(
         )
     header, rows, lines = read_table(p, path, delimiter)
     labels = task == "classification"
-    x, y, features = encode_columns(p, header, rows, lines, target, list(drop or []), categorical, labels)
+    drop = [drop] if isinstance(drop, str) else list(drop or [])  # data.drop=id: one column, not i and d
+    x, y, features = encode_columns(p, header, rows, lines, target, drop, categorical, labels)
     classes = None
     if labels:
         classes, y = class_indices(p, y, lines, target)

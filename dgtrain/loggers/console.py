@@ -43,10 +43,18 @@ def _eta(seconds: float) -> str:
 
 class ConsoleLogger:
     def __init__(self, mode: str = "auto", plain_interval_s: float = 1.0):
+        from dgtrain.errors import DgtrainError
+
         if mode not in ("auto", "rich", "plain"):
-            raise ValueError(f"logger.console.mode={mode!r}: expected auto, rich or plain")
-        if not plain_interval_s >= 0:
-            raise ValueError(f"logger.console.plain_interval_s={plain_interval_s!r}: expected seconds >= 0")
+            raise DgtrainError(f"logger.console.mode={mode!r}: expected auto, rich or plain.")
+        if (
+            isinstance(plain_interval_s, bool)
+            or not isinstance(plain_interval_s, (int, float))
+            or not plain_interval_s >= 0
+        ):
+            raise DgtrainError(
+                f"logger.console.plain_interval_s={plain_interval_s!r}: expected a number of seconds, 0 or more."
+            )
         # plain lines: at most one per interval (a fast model logs every few milliseconds; metrics.jsonl
         # keeps every logging step). Evaluations, text samples and the last step always print.
         self.plain_interval_s, self._last_line = float(plain_interval_s), None
