@@ -7,6 +7,7 @@ and the unknown-command message import neither torch nor Hydra: they answer in w
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from dgtrain.errors import DgtrainError
@@ -128,6 +129,12 @@ def _train_task(cfg):
 
         return run_trial(cfg, hc)  # records a failed trial in its run dir, then re-raises
     run_dir = Path(hc.runtime.output_dir)
+    preset = hc.runtime.choices.get("sweep")
+    if preset and not os.environ.get("WANDB_SWEEP_ID"):  # the W&B agent runs its trials this way, on purpose
+        log.warning(
+            f"sweep={preset} is a sweep preset, but this is one run (no -m): it trains once with the "
+            f"preset's fixed settings. To sweep, add -m: dgtrain -m sweep={preset}"
+        )
     try:
         from dgtrain.distributed import run
 
@@ -153,7 +160,6 @@ HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
 def remove_untouched_run_dir(run_dir) -> bool:
     import json
-    import os
     import shutil
     from pathlib import Path
 
@@ -336,8 +342,6 @@ def main() -> None:
             print(f"dgtrain {name}: error: {e}", file=sys.stderr)
             code = e.exit_code
         except BrokenPipeError:  # `dgtrain sample RUN | head`: the reader has gone; stop quietly, as cat does
-            import os
-
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
             code = 141  # 128 + SIGPIPE: what a shell reports for a command stopped by a closed pipe
         sys.exit(code)

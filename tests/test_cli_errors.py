@@ -209,3 +209,14 @@ def test_a_sweep_hydra_refuses_leaves_its_error_last_and_no_sweep_dir(tmp_path):
     assert "Could not find 'model/mpl'" in _out(p)
     assert "missing" not in _out(p) and "sweep summary" not in _out(p)
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_sweep_preset_without_m_warns_that_it_trains_once(tmp_path):
+    args = ["sweep=linreg_optuna", "trainer.max_steps=2"]
+    r = run_cli(args + [f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "sweep=linreg_optuna is a sweep preset, but this is one run (no -m)" in r.stderr + r.stdout
+    # under the W&B agent (its trials are such runs) there is nothing to warn about
+    r = run_cli(args + [f"hydra.run.dir={tmp_path / 'b'}"], tmp_path, env=cli_env(WANDB_SWEEP_ID="abc123"))
+    assert r.returncode == 0, r.stderr
+    assert "sweep preset" not in r.stderr + r.stdout
