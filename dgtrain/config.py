@@ -515,12 +515,24 @@ NOT_FOR_EVERY_TARGET = {
 }
 
 
-def _unknown(key: str, bad: str, valid: list[str]) -> str:
+def _unknown(key: str, bad: str, valid: list[str], nested: list[str] = ()) -> str:
+    """The message for `bad`, unknown under `key`; `nested` (dotted keys one level down, for the top
+    level) lets `+max_steps=5` be pointed at trainer.max_steps."""
     import difflib
 
     close = difflib.get_close_matches(bad, valid, n=1)
     full = f"{key}.{bad}" if key else bad
     hint = f" Did you mean {key + '.' if key else ''}{close[0]}?" if close else ""
+    if not close and nested:
+        leaf = {k: k.rsplit(".", 1)[-1] for k in nested}
+        same = [k for k, name in leaf.items() if name == bad]
+        near = same or [
+            k
+            for name in difflib.get_close_matches(bad, list(leaf.values()), n=1)
+            for k in nested
+            if leaf[k] == name
+        ]
+        hint = f" Did you mean {' or '.join(near[:2])}?" if near else ""
     where = f"under {key}" if key else "at the top level"
     return (
         f"{full} is not a setting dgtrain knows, so it would be ignored.{hint} "
@@ -551,9 +563,14 @@ def unknown_key_problems(cfg: DictConfig, packages: tuple[str, ...]) -> list[str
 
     out: list[str] = []
     known = [f.name for f in fields(TrainConfig)]
+    nested = [f"{section}.{f.name}" for section, schema in SECTIONS.items() for f in fields(schema)]
+    for group in ("model", "data", "optimizer", "scheduler", "loss"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig):
+            nested += [f"{group}.{k}" for k in node if k not in SPECIAL_KEYS]
     for k in cfg:
         if k not in known:
-            out.append(_unknown("", str(k), known))
+            out.append(_unknown("", str(k), known, nested))
     for section, schema in SECTIONS.items():
         node = cfg.get(section)
         if isinstance(node, DictConfig):

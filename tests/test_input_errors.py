@@ -159,6 +159,13 @@ def test_a_closed_interval_admits_its_end(compose):
         ("+scheduler.warmup=5", "Did you mean scheduler.warmup_steps?"),
         ("+logger.console.verbose=1", "logger.console.verbose is not a setting dgtrain knows"),
         ("+seeed=1", "seeed is not a setting dgtrain knows, so it would be ignored. Did you mean seed?"),
+        # a setting of a section or group given at the top level: pointed at where it lives
+        (
+            "+max_steps=5",
+            "max_steps is not a setting dgtrain knows, so it would be ignored. Did you mean trainer.max_steps?",
+        ),
+        ("+lr=0.1", "Did you mean optimizer.lr?"),
+        ("+batch_size=8", "Did you mean data.batch_size?"),
     ],
 )
 def test_keys_that_nothing_reads_fail_listing_the_valid_ones(compose, override, message):
