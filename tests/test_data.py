@@ -554,6 +554,22 @@ def test_csv_classification_labels_become_sorted_classes(tmp_path):
         csv(seed=0, path=str(f), target="species", task="lm")
 
 
+def test_csv_classification_of_a_continuous_target_warns(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    f = tmp_path / "prices.csv"
+    f.write_text("a,price\n" + "\n".join(f"{i},{v:.4f}" for i, v in enumerate(rng.normal(size=60))) + "\n")
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        b = csv(seed=0, path=str(f), target="price", task="classification")
+    assert b.info.num_classes == 60  # as asked, one class per value; but said
+    assert "holds 60 distinct numbers in 60 rows" in caplog.text and "data.task=regression" in caplog.text
+    caplog.clear()
+    labels = tmp_path / "grades.csv"  # few numeric labels: a real classification, nothing to say
+    labels.write_text("a,grade\n" + "\n".join(f"{i},{i % 5}" for i in range(60)) + "\n")
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        csv(seed=0, path=str(labels), target="grade", task="classification")
+    assert caplog.text == ""
+
+
 def test_csv_tab_separated_is_detected(tmp_path):
     f = tmp_path / "t.tsv"
     f.write_text("a\tb\ty\n" + "\n".join(f"{i}\t{i % 5}\t{3 * i}" for i in range(20)) + "\n")

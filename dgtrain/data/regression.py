@@ -6,6 +6,7 @@ Features and targets are standardised with statistics of the training split only
 from __future__ import annotations
 
 import csv as _csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 
 from dgtrain.data import DataBundle, DataInfo, TensorPairs, limit, split_indices
 from dgtrain.errors import DgtrainError
+
+log = logging.getLogger("dgtrain")
 
 
 def _standardise(x: torch.Tensor, train_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,6 +304,12 @@ def class_indices(p: Path, values: list[str], lines: list[int], target: str) -> 
         raise DgtrainError(
             f"{p}: the target column {target!r} holds one class only ({classes[0]!r}); a classifier needs "
             "at least two. Check data.target, or use data.task=regression for a numeric target."
+        )
+    if len(classes) > max(20, len(values) // 2) and all(_is_float(v) for v in classes):
+        log.warning(
+            f"{p}: data.task=classification, but the target column {target!r} holds {len(classes):,} "
+            f"distinct numbers in {len(values):,} rows, so most classes have a single example: it looks "
+            "like a continuous target. For a numeric target, use data.task=regression."
         )
     index = {c: k for k, c in enumerate(classes)}
     return classes, [index[v] for v in values]
