@@ -527,6 +527,9 @@ def run(cfg: Any, run_dir: Path | str, hc: Any):
         finally:
             d.close()
     if nproc > 1:
+        from dgtrain.validation import check_config
+
+        check_config(cfg, dict(hc.runtime.choices))  # a config error once, here, before any worker starts
         return _launched(nproc, worker_argv(hc, run_dir), run_dir)
     return fit(cfg, run_dir, choices=dict(hc.runtime.choices))
 

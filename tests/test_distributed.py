@@ -98,6 +98,15 @@ def test_bad_devices_value_names_the_key(compose, tmp_path):
         fit(compose(["model=linreg", "trainer.strategy=fsdp", "precision=fp16"]), tmp_path)
 
 
+def test_a_config_error_with_trainer_devices_is_reported_once_before_any_worker_starts(tmp_path):
+    r = run_cli(["model=linreg", *TWO, "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert r.returncode == 2
+    out = r.stdout + r.stderr
+    assert out.count("optimizer.lr=-1: must be a finite, non-negative number") == 1  # was once per worker
+    assert "starting 2 workers" not in out and "worker exit codes" not in out
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_hydra_multirun_inside_torchrun_is_refused(compose, tmp_path, monkeypatch):
     """torchrun ... -m dgtrain -m ...: every rank would run its own sweep; say how to sweep instead."""
     from types import SimpleNamespace
