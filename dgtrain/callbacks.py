@@ -321,7 +321,12 @@ class TopKCheckpoints(Callback):
         return {"kept": self.kept}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.kept = [e for e in state["kept"] if Path(e["path"]).is_file()]
+        # Only files in this run's own top_k/: resumed from another run (resume=OTHER_RUN into a new run dir),
+        # its files are that run's, listed in its index.json, and must not be rotated away from here.
+        mine = self.dir.resolve()
+        self.kept = [
+            e for e in state["kept"] if Path(e["path"]).is_file() and Path(e["path"]).resolve().parent == mine
+        ]
 
 
 class CallbackList:
