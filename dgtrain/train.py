@@ -841,7 +841,7 @@ def fit(
     try:
         callbacks.fit_start(ctx)
         s.model.train()
-        while st.step < max_steps:
+        while st.step < max_steps and not ctx.stop_reason:  # stop_reason: a resumed early-stopped run
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
             callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
             stop.poll()  # several processes: every rank learns of a signal at the same step

@@ -220,6 +220,37 @@ def test_resuming_a_run_already_past_max_steps_says_there_is_nothing_to_train(co
     assert "the checkpoint is at step 12" in caplog.text and "raise trainer.max_steps" in caplog.text
 
 
+def test_resuming_an_early_stopped_run_trains_nothing(compose, tmp_path, caplog):
+    # resume=auto on a run that early stopping ended (a re-run script, a requeued job) kept training past
+    # the stop and replaced its model.safetensors and summary with a longer run's
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=40", "trainer.eval_every=4", "callbacks=[early_stopping]"]
+    args += ["callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=1e9"]
+    first = fit(compose(args), tmp_path).summary
+    assert first["status"] == "early_stopped" and first["steps"] == 12
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        again = fit(compose([*args, "resume=auto"]), tmp_path).summary
+    assert again["status"] == "early_stopped" and again["steps"] == 12
+    assert again["final"] == first["final"] and again["early_stopping"] == first["early_stopping"]
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    assert "nothing left to train" in caplog.text and "callbacks.early_stopping.patience" in caplog.text
+    # a higher patience continues the run
+    more = fit(
+        compose(
+            [
+                *args[:-2],
+                "callbacks.early_stopping.patience=3",
+                "callbacks.early_stopping.min_delta=1e9",
+                "resume=auto",
+            ]
+        ),
+        tmp_path,
+    ).summary
+    assert more["status"] == "early_stopped" and more["steps"] == 16
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
