@@ -761,6 +761,34 @@ def make_state(
     }
 
 
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The numeric settings of each param group (`lr`: the schedule's base lr, `initial_lr`, since the
+    current lr follows the schedule)."""
+    out = []
+    for group in optimizer.param_groups:
+        h: dict[str, Any] = {}
+        for k, v in group.items():
+            if isinstance(v, (tuple, list)) and v and all(isinstance(x, (int, float)) for x in v):
+                v = tuple(v)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            h[k] = v
+        if "initial_lr" in h:
+            h["lr"] = h.pop("initial_lr")
+        out.append(h)
+    return out
+
+
+def _settings_kept(fresh: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> list[str]:
+    """`optimizer.KEY=NEW (the checkpoint's OLD)` for each setting the loaded param groups override."""
+    kept: dict[str, str] = {}
+    for new, old in zip(fresh, loaded, strict=False):
+        for k, v in new.items():
+            if k in old and old[k] != v and k not in kept:
+                kept[k] = f"optimizer.{k}={v} (the checkpoint's {old[k]})"
+    return list(kept.values())
+
+
 def restore(
     state: dict[str, Any],
     *,
@@ -788,7 +816,15 @@ def restore(
             )
         else:
             model.load_state_dict(state["model"])
+            fresh = _hyperparameters(optimizer)
             optimizer.load_state_dict(state["optimizer"])
+            kept = _settings_kept(fresh, _hyperparameters(optimizer))
+            if kept:  # the saved param groups (and the schedule's base lr) win: say so, not just "differs"
+                log.warning(
+                    f"{path}: not applied: {', '.join(kept)}; the optimizer's settings are kept from the "
+                    "checkpoint, with its state. To train on with other settings, start a new run from these "
+                    "weights (init_from=CHECKPOINT), which starts the optimizer afresh."
+                )
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{path} does not fit this run's model/optimizer ({str(e).splitlines()[0][:200]}). "

@@ -251,6 +251,35 @@ def test_resuming_an_early_stopped_run_trains_nothing(compose, tmp_path, caplog)
     assert more["status"] == "early_stopped" and more["steps"] == 16
 
 
+def test_resuming_with_another_learning_rate_says_the_checkpoints_is_kept_not_applied(
+    compose, tmp_path, caplog
+):
+    # optimizer.load_state_dict brings back the saved param groups (lr, weight_decay, ...) and the schedule
+    # its base lr: the new optimizer.lr was listed as a config change and then silently not used
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=6", "trainer.log_every=1", "optimizer=sgd"]
+    fit(compose([*args, "optimizer.lr=0.05"]), tmp_path)
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        result = fit(
+            compose(
+                [
+                    *args[1:],
+                    "model=linreg",
+                    "trainer.max_steps=8",
+                    "optimizer.lr=0.2",
+                    "optimizer.momentum=0.5",
+                    "resume=auto",
+                ]
+            ),
+            tmp_path,
+        )
+    assert [h["train/lr"] for h in result.history] == [0.05, 0.05]
+    assert "not applied" in caplog.text and "kept from the checkpoint" in caplog.text
+    assert "optimizer.lr=0.2 (the checkpoint's 0.05)" in caplog.text
+    assert "optimizer.momentum=0.5 (the checkpoint's 0.9)" in caplog.text
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
