@@ -690,6 +690,16 @@ class Checkpointer:
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None
+            other = found[1].get("run_id")
+            if mine is None and other and self.explicit_dir:  # a new run dir, a checkpoint.dir in use
+                self.release()
+                raise DgtrainError(
+                    f"resume=auto: checkpoint.dir={self.dir} holds the checkpoints of run {other} "
+                    f"({found[0].name}), and the run dir {self.run_dir} has no run yet (no {RUN_FILE}); "
+                    "continuing there would take that run over and rotate its checkpoints away. Continue it "
+                    "from its own run dir (hydra.run.dir=...); for a new run, or one that starts from that "
+                    f"checkpoint (resume={found[0]}), choose another checkpoint.dir."
+                )
         elif (
             Path(resume).is_dir() and Path(resume).suffix != ".dcp"
         ):  # a run dir (a .dcp dir is one checkpoint)
@@ -702,6 +712,14 @@ class Checkpointer:
         path, state = found
         check_stored_config(state["config"], allowed, path)
         owner = read_run_id(self.run_dir)
+        if resume != "auto" and owner is None and self.explicit_dir and list_checkpoints(self.dir):
+            self.release()  # a new run dir whose checkpoint.dir holds another run dir's checkpoints
+            raise DgtrainError(
+                f"resume={resume}: checkpoint.dir={self.dir} already holds checkpoints "
+                f"({', '.join(run_files(self.run_dir, self.dir))}) and the run dir {self.run_dir} has no run "
+                f"yet (no {RUN_FILE}); this run would write its checkpoints among them and rotate them away. "
+                "Choose another checkpoint.dir, or continue that run from its own run dir (resume=auto)."
+            )
         if resume != "auto" and owner and state.get("run_id") != owner and run_files(self.run_dir, self.dir):
             raise DgtrainError(
                 f"resume={resume}: {path} belongs to run {state.get('run_id') or '(none)'}, but {self.run_dir} "

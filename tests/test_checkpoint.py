@@ -280,6 +280,36 @@ def test_resuming_with_another_learning_rate_says_the_checkpoints_is_kept_not_ap
     assert "optimizer.momentum=0.5 (the checkpoint's 0.9)" in caplog.text
 
 
+def test_resume_auto_in_a_new_run_dir_does_not_take_over_another_runs_shared_checkpoint_dir(
+    compose, tmp_path
+):
+    # checkpoint.dir shared by two run dirs: resume=auto in a new run dir silently continued the other run
+    # (its id, its checkpoints) and rotated that run's checkpoints away
+    from dgtrain.errors import DgtrainError
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=4", "checkpoint.every=2", f"checkpoint.dir={tmp_path / 'ck'}"]
+    fit(compose(args), tmp_path / "a")
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(DgtrainError, match=r"checkpoint.dir=.*holds the checkpoints of run .*resume=") as e:
+        fit(compose([*args[:1], "trainer.max_steps=8", *args[2:], "resume=auto"]), tmp_path / "b")
+    assert "hydra.run.dir=" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    newest = tmp_path / "ck" / before[-1]
+    with pytest.raises(
+        DgtrainError, match=r"checkpoint.dir=.*already holds checkpoints .*another checkpoint.dir"
+    ):
+        fit(compose([*args[:1], "trainer.max_steps=8", *args[2:], f"resume={newest}"]), tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    # its own run dir still continues it
+    assert (
+        fit(compose([*args[:1], "trainer.max_steps=6", *args[2:], "resume=auto"]), tmp_path / "a").summary[
+            "steps"
+        ]
+        == 6
+    )
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
