@@ -562,7 +562,8 @@ def _launched(nproc: int, argv: list[str], run_dir: Path):
     )
     history = [json.loads(x) for x in rows if x.strip()]
     if code and summary.get("status") != "stopped":
-        err = DgtrainError(f"trainer.devices={nproc}: a worker failed (exit code {code}); see the log above.")
+        why = f": {summary['error'].rstrip('.')}" if summary.get("error") else "; see the log above"
+        err = DgtrainError(f"trainer.devices={nproc}: a worker failed (exit code {code}){why}.")
         err.exit_code = code
         raise err
     return TrainResult(summary, None, None, history, code)
