@@ -85,11 +85,34 @@ def _atomic(path: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _disk_full(e):
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free"
+            except OSError:
+                free = "free space unknown"
+            raise DgtrainError(
+                f"could not write {path}: the disk holding {path.parent} is full ({free}; "
+                f"{str(e).splitlines()[0][:120]}). Nothing was half-written: the previous files are intact. "
+                "Free some space, or choose another directory (checkpoint.dir=... or hydra.run.dir=...)."
+            ) from e
         raise
     fsync_dir(path.parent)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """No space left (or over quota): an OSError saying so, or torch.save's zip writer failing mid-file,
+    which reports only that its position is wrong ("unexpected pos N vs M", "file write failed")."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "inline_container" in text or "PytorchStreamWriter failed" in text or "file write failed" in text
+    )
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:

@@ -5,6 +5,7 @@ because what they test is a process that dies (an exception, SIGKILL, SIGTERM, S
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -177,6 +178,29 @@ def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint_and_no_temp_f
     with pytest.raises(OSError, match="disk full"):
         ckpt_io.atomic_write(path, half_then_fail)
     assert ckpt_io.load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48960 vs 48912"),
+    ],
+)
+def test_a_full_disk_is_named_with_the_path_not_an_internal_error(tmp_path, monkeypatch, error):
+    # checkpoint.dir on a full disk: torch.save's zip writer failed with "unexpected pos 48960 vs 48912",
+    # reported as an internal error ("a bug in dgtrain", exit 1)
+    path = tmp_path / "step_00000001.pt"
+    ckpt_io.save(_tiny_state(1), path)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(DgtrainError, match=r"could not write .*step_00000002.pt.*disk .* full") as e:
+        ckpt_io.save(_tiny_state(2), tmp_path / "step_00000002.pt")
+    assert e.value.exit_code == 2 and "MB free" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
 
 
