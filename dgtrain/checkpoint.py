@@ -110,6 +110,8 @@ def _disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(e)
+    if type(e).__name__ == "SafetensorError":  # "I/O error: No space left on device (os error 28)"
+        return "os error 28" in text or "os error 122" in text
     return isinstance(e, RuntimeError) and (
         "inline_container" in text or "PytorchStreamWriter failed" in text or "file write failed" in text
     )

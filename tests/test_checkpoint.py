@@ -204,6 +204,19 @@ def test_a_full_disk_is_named_with_the_path_not_an_internal_error(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
 
 
+def test_a_full_disk_while_writing_the_final_weights_is_named(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def fail(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    with pytest.raises(DgtrainError, match=r"could not write .*model.safetensors.*is full"):
+        ckpt_io.save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from dgtrain import checkpoint as c
