@@ -860,7 +860,19 @@ def restore(
         else:
             model.load_state_dict(state["model"])
             fresh = _hyperparameters(optimizer)
+            needs = [set(g) for g in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer"])
+            lacks = sorted(
+                set().union(*(n - set(g) for n, g in zip(needs, optimizer.param_groups, strict=False)))
+            )
+            if lacks:  # another optimizer's param groups: its step would fail (KeyError: 'momentum')
+                saved = ((state.get("config") or {}).get("optimizer") or {}).get("_target_", "?")
+                raise CheckpointError(
+                    f"{path} was saved with another optimizer ({saved}) than this run's "
+                    f"({type(optimizer).__module__}.{type(optimizer).__name__}): its settings lack "
+                    f"{', '.join(lacks)}. Resume with the optimizer it was saved with (optimizer=...), or start "
+                    "a new run from its weights with init_from=CHECKPOINT, which starts the optimizer afresh."
+                )
             kept = _settings_kept(fresh, _hyperparameters(optimizer))
             if kept:  # the saved param groups (and the schedule's base lr) win: say so, not just "differs"
                 log.warning(

@@ -347,6 +347,19 @@ def test_resume_auto_in_a_new_run_dir_does_not_take_over_another_runs_shared_che
     )
 
 
+def test_resuming_with_another_optimizer_is_refused_before_training(compose, tmp_path):
+    # Adam's param groups loaded into SGD: an internal error (KeyError: 'momentum') at the first step
+    from dgtrain.train import fit
+
+    fit(compose(["model=linreg", "trainer.max_steps=2", "optimizer=adam"]), tmp_path)
+    with pytest.raises(
+        DgtrainError, match=r"saved with another optimizer \(torch.optim.Adam\).*momentum"
+    ) as e:
+        fit(compose(["model=linreg", "trainer.max_steps=4", "optimizer=sgd", "resume=auto"]), tmp_path)
+    assert e.value.exit_code == 2 and "init_from=" in str(e.value)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
