@@ -728,7 +728,8 @@ class Checkpointer:
         elif (
             Path(resume).is_dir() and Path(resume).suffix != ".dcp"
         ):  # a run dir (a .dcp dir is one checkpoint)
-            d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
+            d = run_checkpoint_dir(Path(resume))  # its checkpoints/, or the run's own checkpoint.dir
+            d = d if d.is_dir() else Path(resume)  # else a folder of checkpoints
             found = newest_valid(d, f"resume={resume}")
             if found is None:
                 raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt or step_*.dcp) in {d}.")

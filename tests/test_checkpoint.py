@@ -360,6 +360,16 @@ def test_resuming_with_another_optimizer_is_refused_before_training(compose, tmp
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
 
 
+def test_resume_from_a_run_dir_whose_checkpoints_are_in_its_checkpoint_dir(compose, tmp_path):
+    # resume=RUN_DIR looked only in RUN_DIR/checkpoints: a run with checkpoint.dir=... elsewhere gave
+    # "no checkpoint in RUN_DIR" (eval and init_from=RUN_DIR find them)
+    from dgtrain.train import fit
+
+    fit(compose(["model=linreg", "trainer.max_steps=4", f"checkpoint.dir={tmp_path / 'ck'}"]), tmp_path / "a")
+    result = fit(compose(["model=linreg", "trainer.max_steps=6", f"resume={tmp_path / 'a'}"]), tmp_path / "b")
+    assert result.summary["steps"] == 6 and [h["step"] for h in result.history][0] > 4
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
