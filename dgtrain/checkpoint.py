@@ -702,6 +702,28 @@ class Checkpointer:
             self.write_run_file()
         return state
 
+    def _refuse_starting_over(self) -> None:
+        """resume=auto found no checkpoint: fine for a run that never saved one (a requeued job's first
+        start, a run that failed early), not for one whose summary says it saved one (completed, early
+        stopped, stopped): starting from step 0 would drop its metrics and replace its weights."""
+        try:
+            summary = json.loads((self.run_dir / RUN_FILE_SUMMARY).read_text())
+        except (OSError, ValueError):
+            return
+        status = summary.get("status") if isinstance(summary, dict) else None
+        if status not in ("completed", "early_stopped", "stopped"):
+            return
+        self.release()
+        relative = (
+            "" if self.dir.is_absolute() else f" (a relative checkpoint.dir is read from {os.getcwd()})"
+        )
+        raise DgtrainError(
+            f"resume=auto: {self.run_dir} holds a {status} run ({summary.get('steps')} steps), but {self.dir}"
+            f"{relative} has no checkpoint of it; starting over from step 0 would drop its metrics and "
+            "replace its weights. Point checkpoint.dir=... (or resume=PATH) at its checkpoints, or train a "
+            "new run in another directory (hydra.run.dir=...)."
+        )
+
     def _load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         resume = cfg.get("resume")
         if resume is None:
@@ -712,6 +734,7 @@ class Checkpointer:
             mine = read_run_id(self.run_dir)  # resume=auto continues only the run this dir belongs to
             found = newest_valid(self.dir, "resume=auto", run_id=mine, remove_corrupt=True)
             if found is None:
+                self._refuse_starting_over()
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None

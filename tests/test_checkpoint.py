@@ -370,6 +370,23 @@ def test_resume_from_a_run_dir_whose_checkpoints_are_in_its_checkpoint_dir(compo
     assert result.summary["steps"] == 6 and [h["step"] for h in result.history][0] > 4
 
 
+def test_resume_auto_without_the_finished_runs_checkpoints_does_not_start_over(compose, tmp_path):
+    # resume=auto found no checkpoint (a relative checkpoint.dir read from another folder, or checkpoints
+    # deleted) and silently trained a completed run again from step 0, dropping its metrics.jsonl rows
+    from dgtrain.errors import DgtrainError
+    from dgtrain.train import fit
+
+    run = tmp_path / "run"
+    fit(compose(["model=linreg", "trainer.max_steps=4", f"checkpoint.dir={tmp_path / 'ck'}"]), run)
+    rows = (run / "metrics.jsonl").read_text()
+    args = ["model=linreg", "trainer.max_steps=6", f"checkpoint.dir={tmp_path / 'elsewhere'}", "resume=auto"]
+    with pytest.raises(DgtrainError, match=r"resume=auto: .* completed run .*no checkpoint of it") as e:
+        fit(compose(args), run)
+    assert e.value.exit_code == 2 and "checkpoint.dir" in str(e.value)
+    assert (run / "metrics.jsonl").read_text() == rows
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):
     cfg = compose(["model=linreg", "checkpoint.keep_last=2"])
     c = ckpt_io.Checkpointer(cfg, tmp_path)
