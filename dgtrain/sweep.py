@@ -122,9 +122,9 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
             log.info(f"sweep.resume: {job_dir} already completed ({' '.join(overrides)}); objective {done}")
             return done
     # A re-run job (sweep.resume, a reused sweep dir): the earlier attempt's files must not describe this one.
-    # (A job of several processes, one per SLURM task: rank 0 owns the files.) With resume=auto|PATH the job
+    # (A job of several processes, one per SLURM task: rank 0 owns the files.) With resume=auto the job
     # continues its earlier attempt (a requeued SLURM job): its metrics and checkpoints stay where they are.
-    continues = cfg.get("resume") is not None
+    continues = str(cfg.get("resume")) == "auto"
     if os.environ.get("RANK", "0") == "0":
         (job_dir / "summary.json").unlink(missing_ok=True)
     if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists() and not continues:
