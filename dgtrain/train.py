@@ -470,8 +470,10 @@ class Loop:
         )
         tc = cfg.trainer
         self.accum = int(tc.grad_accum_steps)
-        steps_per_epoch = max(1, len(s.train_loader) // self.accum)
-        self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
+        # max_epochs: every batch of each epoch, rounded up to a whole optimizer step (the micro-batch
+        # stream runs on across epoch boundaries, so a partial step takes the next epoch's first batches)
+        epochs_steps = math.ceil(int(tc.max_epochs) * len(s.train_loader) / self.accum)
+        self.max_steps = int(tc.max_steps) if tc.max_steps else max(1, epochs_steps)
         self.log_every = int(tc.log_every)
         # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None

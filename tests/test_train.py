@@ -128,6 +128,22 @@ def test_gradient_accumulation_matches_a_larger_batch(compose, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_max_epochs_with_gradient_accumulation_trains_every_epoch_to_its_end(compose, tmp_path):
+    """linreg has 13 batches an epoch: 2 epochs of 4-batch steps take 7 steps (26 batches, rounded up to a
+    whole step), not 6 (24 batches: the second epoch cut short, never evaluated at its end)."""
+    cfg = compose(
+        ["model=linreg", "trainer.max_epochs=2", "trainer.grad_accum_steps=4", "trainer.log_every=1"]
+        + ["device=cpu"]
+    )
+    r = fit(cfg, tmp_path)
+    batches = len(r.setup.train_loader)
+    assert r.summary["steps"] == math.ceil(2 * batches / 4) > 2 * batches // 4
+    assert [row["step"] for row in r.history if "val/loss" in row] == [
+        math.ceil(batches / 4),
+        r.summary["steps"],
+    ]
+
+
 def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
     cfg = compose(
         [
