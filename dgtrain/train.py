@@ -46,6 +46,7 @@ from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
+from dgtrain.losses import build_loss
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import grad_clearer, make_optimizer, step_function
 from dgtrain.runs import write_data_info
@@ -221,7 +222,7 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     model = build_model(cfg, data.info, allowed).to(device)
     if hasattr(model, "for_device"):  # a model's own layout choice for the device (convnet: channels_last)
         model.for_device(device)
-    loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
+    loss_fn = build_loss(cfg.loss, allowed, data.info.task, data.info.pad_id)
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

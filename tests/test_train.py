@@ -144,6 +144,23 @@ def test_max_epochs_with_gradient_accumulation_trains_every_epoch_to_its_end(com
     ]
 
 
+@pytest.mark.parametrize(
+    "loss",
+    [
+        ["loss._target_=torch.nn.L1Loss", "~loss.label_smoothing"],
+        ["loss._target_=tests.targets.ScaledL1", "~loss.label_smoothing", "+loss.scale=2.0"],
+    ],
+)
+def test_a_loss_target_without_task_and_pad_id_trains(compose, tmp_path, loss):
+    """dgtrain passes `task` and `pad_id` to its own loss builders; torch's losses and a user's class that
+    do not take them are called with their own settings only (they failed: unexpected keyword 'task')."""
+    cfg = compose(["model=linreg", "trainer.max_steps=3", "device=cpu", "allowed_targets=[tests.]", *loss])
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "completed"
+    assert type(r.setup.loss_fn).__name__ == cfg.loss._target_.rsplit(".", 1)[-1]
+    assert getattr(r.setup.loss_fn, "scale", 2.0) == 2.0
+
+
 def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
     cfg = compose(
         [
