@@ -623,7 +623,9 @@ class Loop:
         bad_loss = float(st.losses[kept])
         st.losses, st.step = st.losses[:kept], bad_step - 1
         if st.losses:  # the completed steps since the last log are logged first
-            self.record(self.train_metrics())
+            metrics = self.train_metrics()
+            metrics.pop("train/grad_norm", None)  # the norm of the failing step (or a later one), not theirs
+            self.record(metrics)
         raise nonfinite_error(bad_step, bad_loss, [] if st.last_finite is None else [st.last_finite])
 
     def train_metrics(self) -> dict[str, Any]:

@@ -181,6 +181,23 @@ def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
     assert 1 < bad < 50, "the exact step is named, not the logging step"
 
 
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_the_rows_logged_before_a_nonfinite_failure_carry_their_own_grad_norm(compose, tmp_path, fused):
+    """nonfinite=fail logs the window's good steps before raising; their train/grad_norm is not the norm
+    of the failing step (inf: the row of step 1 said grad_norm inf beside a finite loss)."""
+    from tests.conftest import read_metrics
+
+    cfg = compose(
+        ["model=linreg", "optimizer.lr=1e20", "trainer.clip_grad_norm=1.0", "trainer.max_steps=30"]
+        + ["trainer.log_every=5", "device=cpu", f"optimizer.fused={fused}"]
+    )
+    with pytest.raises(NonFiniteLossError):
+        fit(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert rows and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert all(math.isfinite(float(r.get("train/grad_norm", 0.0))) for r in rows), rows
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
