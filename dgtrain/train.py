@@ -853,10 +853,11 @@ def fit(
             if console:
                 console.advance(st.step)
 
-            # ---- logging step: losses and metrics come to the host only here. A stop signal makes this
-            # a logging step too, so no completed step goes unrecorded.
+            # ---- logging step: losses and metrics come to the host only here. A stop signal (or a
+            # callback's stop request) makes this a logging step too, so no completed step goes unrecorded.
             last = st.step == max_steps
-            metrics = loop.train_metrics() if st.step % loop.log_every == 0 or last or stop.signal else {}
+            logs = st.step % loop.log_every == 0 or last or stop.signal or ctx.stop_reason
+            metrics = loop.train_metrics() if logs else {}
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
             if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:

@@ -64,3 +64,35 @@ class ScaledL1(nn.Module):
 
     def forward(self, pred, target):
         return self.scale * (pred - target).abs().mean()
+
+
+class StopAtStep:
+    """A user callback that asks to stop from `on_train_step` (a host step count, no device read)."""
+
+    def __init__(self, at: int = 7):
+        self.at = at
+
+    def on_fit_start(self, ctx):
+        pass
+
+    def on_train_step(self, ctx, step):
+        if step >= self.at:
+            ctx.request_stop(f"step {self.at} reached")
+
+    def on_step_end(self, ctx, step, metrics):
+        pass
+
+    def on_eval_end(self, ctx, step, metrics):
+        pass
+
+    def on_checkpoint(self, ctx, step, path):
+        pass
+
+    def on_fit_end(self, ctx, status):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -198,6 +198,26 @@ def test_the_rows_logged_before_a_nonfinite_failure_carry_their_own_grad_norm(co
     assert all(math.isfinite(float(r.get("train/grad_norm", 0.0))) for r in rows), rows
 
 
+def test_a_stop_requested_between_logging_steps_logs_the_steps_since_the_last_log(compose, tmp_path):
+    """A callback's request_stop from on_train_step at step 7 (log_every=5): steps 6 and 7 are logged
+    (train/loss at step 7) before the run stops, as after a stop signal; they were left out of the log."""
+    from tests.conftest import read_metrics
+
+    cfg = compose(
+        [
+            "model=linreg",
+            "trainer.max_steps=50",
+            "trainer.log_every=5",
+            "device=cpu",
+            "allowed_targets=[tests.]",
+        ]
+        + ["+callbacks.stop._target_=tests.targets.StopAtStep", "+callbacks.stop.at=7"]
+    )
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "early_stopped" and r.summary["steps"] == 7
+    assert [row["step"] for row in read_metrics(tmp_path) if "train/loss" in row] == [5, 7]
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
