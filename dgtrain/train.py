@@ -478,6 +478,7 @@ class Loop:
         self.log_every = int(tc.log_every)
         # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.precision = precision  # the non-finite messages' advice
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
         self.optimizer = make_optimizer(cfg, self.model, allowed, s.device)  # no decay on biases/norms
@@ -613,7 +614,13 @@ class Loop:
             for i, bad in enumerate(flags):
                 st.skipped_steps += int(bad)
                 if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
-                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
+                    raise too_many_skipped(
+                        st.skipped_steps,
+                        st.step - len(flags) + i + 1,
+                        self.max_skipped,
+                        self.clip,
+                        self.precision,
+                    )
             return
         if not any(flags):
             return
@@ -626,7 +633,8 @@ class Loop:
             metrics = self.train_metrics()
             metrics.pop("train/grad_norm", None)  # the norm of the failing step (or a later one), not theirs
             self.record(metrics)
-        raise nonfinite_error(bad_step, bad_loss, [] if st.last_finite is None else [st.last_finite])
+        history = [] if st.last_finite is None else [st.last_finite]
+        raise nonfinite_error(bad_step, bad_loss, history, self.clip, self.precision)
 
     def train_metrics(self) -> dict[str, Any]:
         """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""

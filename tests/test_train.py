@@ -218,6 +218,24 @@ def test_a_stop_requested_between_logging_steps_logs_the_steps_since_the_last_lo
     assert [row["step"] for row in read_metrics(tmp_path) if "train/loss" in row] == [5, 7]
 
 
+def test_nonfinite_advice_fits_the_runs_settings(compose, tmp_path):
+    """The message does not tell an fp32 run with clipping to 'set trainer.clip_grad_norm, use
+    precision=fp32': both are set already."""
+    from dgtrain.faults import nonfinite_error, too_many_skipped
+
+    cfg = compose(
+        ["model=linreg", "optimizer.lr=1e20", "trainer.clip_grad_norm=1.0", "trainer.max_steps=30"]
+        + ["device=cpu", "optimizer=sgd"]
+    )
+    with pytest.raises(NonFiniteLossError) as e:
+        fit(cfg, tmp_path)
+    text = str(e.value)
+    assert "lower trainer.clip_grad_norm (now 1)" in text and "precision=" not in text, text
+    assert "set trainer.clip_grad_norm" in str(nonfinite_error(3, math.nan, [], None, "fp32"))
+    assert "use precision=bf16 or precision=fp32" in str(nonfinite_error(3, math.nan, [], None, "fp16"))
+    assert "use precision=fp32" in str(too_many_skipped(4, 5, 3, 0.5, "bf16"))
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
