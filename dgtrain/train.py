@@ -510,7 +510,9 @@ class Loop:
         self.sinks: list = []
         self.history: list[dict[str, Any]] = []
         self.grad_norm: torch.Tensor | None = None
-        self.t_log, self.eval_s = time.perf_counter(), 0.0  # wall clock of the log window
+        # wall clock of the log window, and its time spent outside training steps (evaluation, text
+        # samples, checkpoint writes), which perf/step_ms leaves out
+        self.t_log, self.eval_s = time.perf_counter(), 0.0
         self.t_start, self.wall_before = time.perf_counter(), 0.0  # this process; earlier processes
         self.callbacks = CallbackList({})  # their states travel in checkpoints too
 
@@ -876,7 +878,9 @@ def fit(
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
             if sample_every and st.step % sample_every == 0 and task.name == "lm":
+                t_out = time.perf_counter()  # not a training step's time (perf/step_ms), like evaluation
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
+                loop.eval_s += time.perf_counter() - t_out
             if test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
                 metrics.update(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
             if metrics:
@@ -892,10 +896,12 @@ def fit(
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
             if not fast_dev and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
+                t_out = time.perf_counter()  # not a training step's time (perf/step_ms)
                 d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
                 callbacks.checkpoint(
                     ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
                 )
+                loop.eval_s += time.perf_counter() - t_out
             if ctx.stop_reason:
                 log.info(f"{ctx.stop_reason}: stopped after step {st.step} (checkpoint saved)")
                 break

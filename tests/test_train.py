@@ -236,6 +236,33 @@ def test_nonfinite_advice_fits_the_runs_settings(compose, tmp_path):
     assert "use precision=fp32" in str(too_many_skipped(4, 5, 3, 0.5, "bf16"))
 
 
+def test_step_time_leaves_out_checkpoint_writes_and_text_samples(compose, tmp_path, monkeypatch):
+    """perf/step_ms (and samples_per_s) time the training steps: a checkpoint written, or a text sample
+    generated, after a logging step was counted into the next window's steps (a 1 s write: +500 ms/step)."""
+    import time
+
+    import dgtrain.checkpoint
+    import dgtrain.train
+
+    def slow(real):
+        def run(*args, **kwargs):
+            time.sleep(1.0)
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(dgtrain.checkpoint.Checkpointer, "save", slow(dgtrain.checkpoint.Checkpointer.save))
+    monkeypatch.setattr(dgtrain.train, "lm_sample", slow(dgtrain.train.lm_sample))
+    cfg = compose(
+        ["model=transformer", "data=text", "model.n_layers=1", "model.d_model=16", "data.batch_size=4"]
+        + ["trainer.max_steps=6", "trainer.log_every=2", "trainer.sample_every=2", "checkpoint.every=2"]
+        + ["checkpoint.best=false", "trainer.eval_every=100", "device=cpu", "telemetry.enabled=false"]
+    )
+    r = fit(cfg, tmp_path)
+    times = [row["perf/step_ms"] for row in r.history if "perf/step_ms" in row]
+    assert len(times) == 3 and max(times[1:]) < 250, times
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
