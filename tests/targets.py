@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -96,3 +97,28 @@ class StopAtStep:
 
     def load_state_dict(self, state):
         pass
+
+
+class PlainPairs(torch.utils.data.Dataset):
+    """A plain map-style Dataset (no dgtrain base class): items are (x, y) pairs, as docs/extending.md allows."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def plain_blobs(*, seed: int, n: int = 200, **_):
+    """A user's data function returning plain Datasets: 4 classes of 16 features."""
+    from dgtrain.data import DataBundle, DataInfo, split_indices
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(4, 16, generator=g)[y] * 3 + torch.randn(n, 16, generator=g)
+    train, val = split_indices(n, 0.2, seed)
+    info = DataInfo(task="classification", in_shape=(16,), num_classes=4)
+    return DataBundle(PlainPairs(x[train], y[train]), PlainPairs(x[val], y[val]), info)

@@ -263,6 +263,18 @@ def test_step_time_leaves_out_checkpoint_writes_and_text_samples(compose, tmp_pa
     assert len(times) == 3 and max(times[1:]) < 250, times
 
 
+@pytest.mark.parametrize("extra", [[], ["trainer.overfit_batches=1"], ["data.num_workers=1"]])
+def test_a_users_plain_dataset_trains(compose, tmp_path, extra):
+    """docs/extending.md: train/val may be any map-style Dataset of (x, y) items. Such items are stacked
+    into batches (torch's default collate); they arrived as a list of pairs ('tuple' has no 'to')."""
+    cfg = compose(
+        ["model=mlp", "data._target_=tests.targets.plain_blobs", "allowed_targets=[tests.]", "device=cpu"]
+        + ["trainer.max_steps=4", "trainer.log_every=2", *extra]
+    )
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "completed" and "val/acc" in r.summary["final"]
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
