@@ -164,6 +164,23 @@ class Setup:
     val_loader: Any
 
 
+def check_config_sizes(params: dict[str, Any], info, data_name: str) -> None:
+    """A model without `from_data` (docs/extending.md) takes `num_classes` and `in_features` from the
+    config; a value the data contradicts fails here, naming the key, not at the first step as an index or
+    shape error deep in torch."""
+    wrong = []
+    n = params.get("num_classes")
+    if info.task == "classification" and info.num_classes and type(n) is int and n != info.num_classes:
+        have = f"data {data_name} has {info.num_classes} classes"
+        wrong.append(f"model.num_classes={n}, but {have}: set model.num_classes={info.num_classes}")
+    n = params.get("in_features")
+    if len(info.in_shape) == 1 and type(n) is int and n != info.in_shape[0]:
+        have = f"data {data_name} has {info.in_shape[0]} features per example"
+        wrong.append(f"model.in_features={n}, but {have}: set model.in_features={info.in_shape[0]}")
+    if wrong:
+        raise DgtrainError(f"{'; '.join(wrong)} (a model without from_data takes its sizes from the config).")
+
+
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
     """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
     from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
@@ -171,6 +188,8 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
     `model.net`, as in lightning-hydra-template) are built first, as Hydra's `instantiate` does."""
     cls, params = build_children(cfg.model, allowed, key="model", exclude=MODEL_META_KEYS)
     factory = getattr(cls, "from_data", None)
+    if factory is None:  # every size from the config: the ones dgtrain can check against the data
+        check_config_sizes(params, info, str(cfg.data.get("_target_", "")).rsplit(".", 1)[-1])
     try:
         model = factory(info, **params) if factory else cls(**params)
     except TypeError as e:

@@ -122,3 +122,14 @@ def plain_blobs(*, seed: int, n: int = 200, **_):
     train, val = split_indices(n, 0.2, seed)
     info = DataInfo(task="classification", in_shape=(16,), num_classes=4)
     return DataBundle(PlainPairs(x[train], y[train]), PlainPairs(x[val], y[val]), info)
+
+
+class PlainMLP(nn.Module):
+    """A plain module without `from_data`: every size comes from the config (docs/extending.md)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.net(x)

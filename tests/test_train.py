@@ -275,6 +275,43 @@ def test_a_users_plain_dataset_trains(compose, tmp_path, extra):
     assert r.summary["status"] == "completed" and "val/acc" in r.summary["final"]
 
 
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (
+            ["+model.in_features=16", "+model.num_classes=3"],
+            r"model.num_classes=3, .* 4 classes.*num_classes=4",
+        ),
+        (
+            ["+model.in_features=15", "+model.num_classes=4"],
+            r"model.in_features=15, .* 16 features.*in_features=16",
+        ),
+    ],
+)
+def test_a_plain_models_sizes_are_checked_against_the_data(compose, tmp_path, sizes, message):
+    """A model without from_data takes its sizes from the config; one that does not fit the data stops
+    before training naming the key (it was an internal error at the first step: 'Target 3 is out of
+    bounds', 'mat1 and mat2 shapes cannot be multiplied')."""
+    cfg = compose(
+        [
+            "~model",
+            "+model._target_=tests.targets.PlainMLP",
+            *sizes,
+            "data._target_=tests.targets.plain_blobs",
+        ]
+        + ["allowed_targets=[tests.]", "device=cpu", "trainer.max_steps=2"]
+    )
+    with pytest.raises(DgtrainError, match=message):
+        fit(cfg, tmp_path)
+    ok = compose(
+        ["~model", "+model._target_=tests.targets.PlainMLP", "+model.in_features=16", "+model.num_classes=4"]
+        + ["data._target_=tests.targets.plain_blobs", "allowed_targets=[tests.]", "device=cpu"]
+        + ["trainer.max_steps=2"]
+    )
+    (tmp_path / "ok").mkdir()
+    assert fit(ok, tmp_path / "ok").summary["status"] == "completed"
+
+
 def test_clipping_and_precision_options_run(compose, tmp_path):
     for i, extra in enumerate([["trainer.clip_grad_norm=0.5"], ["precision=bf16"], ["precision=fp16"]]):
         d = tmp_path / str(i)
