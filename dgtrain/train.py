@@ -130,19 +130,37 @@ def tf32(mode: Any, device: torch.device, precision: str):
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
-def configure_torch(cfg: DictConfig) -> None:
-    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built."""
+def configure_torch(cfg: DictConfig):
+    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built.
+    Returns the function that puts them back after the run: a sweep's next trial (same process) starts
+    from the settings before this one (`-m deterministic=true,false` ran both trials deterministic)."""
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+
+    def restore() -> None:
+        threads, det, warn_only, cudnn_det, benchmark, cublas = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("deterministic"):
-        import os
-
         # cuBLAS reads this when it creates its handle (the first matmul on CUDA); without it,
         # deterministic mode makes CUDA matmuls raise. ":4096:8" is the setting NVIDIA documents.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+    return restore
 
 
 def seed_everything(seed: int) -> None:
@@ -751,6 +769,7 @@ class Run:
     n_params: int  # all the model's parameters
     fast_dev: bool  # trainer.fast_dev_run: nothing is written but the log
     dist: Dist
+    restore_torch: Any  # puts back the process-wide torch settings of threads= and deterministic=
 
 
 def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: Dist) -> Run:
@@ -766,13 +785,14 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
     resumed, before = None, None  # before: the run dir's names before this run wrote any file
+    restore_torch = None  # puts back threads= and deterministic= (configure_torch)
     try:
         # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
         fast_dev = bool(cfg.trainer.get("fast_dev_run"))
         resumed = None if fast_dev else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
         device = d.device or resolve_device(cfg.device)
         precision = precision_of(cfg)
-        configure_torch(cfg)
+        restore_torch = configure_torch(cfg)
         seed_everything(cfg.seed)
         s = setup(cfg, device, d.rank, d.world)
         cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
@@ -807,6 +827,8 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
                 path = run_dir / name
                 path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
         checkpointer.release()
+        if restore_torch is not None:
+            restore_torch()
         raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
@@ -824,7 +846,7 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
             "trainer.max_epochs)."
         )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
-    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d)
+    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d, restore_torch)
 
 
 def close_run(run: Run, status: str) -> dict[str, Any]:
@@ -846,9 +868,12 @@ def close_run(run: Run, status: str) -> dict[str, Any]:
     summary_text = json.dumps(summary, indent=2) + "\n"
     if d.is_main and not run.fast_dev:
         ckpt_io.atomic_write(loop.run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
-    for sink in run.sinks:
-        sink.close(summary, status)
-    run.checkpointer.release()
+    try:
+        for sink in run.sinks:
+            sink.close(summary, status)
+        run.checkpointer.release()
+    finally:
+        run.restore_torch()
     return summary
 
 

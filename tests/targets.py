@@ -133,3 +133,34 @@ class PlainMLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class TorchSettings:
+    """Records the process-wide torch settings a run trains with (threads=, deterministic=)."""
+
+    def on_fit_start(self, ctx):
+        ctx.extra_summary["torch_settings"] = {
+            "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+        }
+
+    def on_train_step(self, ctx, step):
+        pass
+
+    def on_step_end(self, ctx, step, metrics):
+        pass
+
+    def on_eval_end(self, ctx, step, metrics):
+        pass
+
+    def on_checkpoint(self, ctx, step, path):
+        pass
+
+    def on_fit_end(self, ctx, status):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

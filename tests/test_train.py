@@ -395,13 +395,18 @@ def test_threads_and_deterministic_set_torch_process_settings(compose, tmp_path,
     import os
 
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    other = 2 if threads == 1 else 1
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    cfg = compose(["model=linreg", "trainer.max_steps=2", "device=cpu", "threads=1", "deterministic=true"])
+    cfg = compose(
+        ["model=linreg", "trainer.max_steps=2", "device=cpu", f"threads={other}", "deterministic=true"]
+        + ["allowed_targets=[tests.]", "+callbacks.torch._target_=tests.targets.TorchSettings"]
+    )
     try:
-        fit(cfg, tmp_path)
-        assert torch.get_num_threads() == 1
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        r = fit(cfg, tmp_path)
+        assert r.summary["torch_settings"] == {"threads": other, "deterministic": True}  # during the run
+        # put back after it: a sweep's next trial (same process) starts from the settings before this one
+        assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det
+        assert not torch.backends.cudnn.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)
