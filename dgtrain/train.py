@@ -926,7 +926,9 @@ def fit(
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
                 loop.eval_s += time.perf_counter() - t_out
             if test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
-                metrics.update(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
+                # fast_dev_run: one test batch, as one train and one val batch
+                test_batches = 1 if fast_dev else None
+                metrics.update(evaluate_split(s, loop.autocast, "test", test_batches, reduce=loop.reduce))
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
