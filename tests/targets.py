@@ -164,3 +164,11 @@ class TorchSettings:
 
     def load_state_dict(self, state):
         pass
+
+
+class CrashingCallback(TorchSettings):
+    """A user callback with a bug of its own: dgtrain's message must point at it, not at dgtrain."""
+
+    def on_train_step(self, ctx, step):
+        if step == 2:
+            raise ValueError("a bug in the user's callback")
