@@ -932,6 +932,9 @@ def fit(
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
+                if test_at_end and ctx.stop_reason and not last and "test/loss" not in metrics:
+                    # a stop asked for in on_step_end, after the test check above: score it now
+                    loop.record(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
 
             # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
             # the task's monitor metric improved at this step

@@ -172,3 +172,11 @@ class CrashingCallback(TorchSettings):
     def on_train_step(self, ctx, step):
         if step == 2:
             raise ValueError("a bug in the user's callback")
+
+
+class StopOnStepEnd(TorchSettings):
+    """Asks to stop from `on_step_end` (host metrics of a logging step), as a loss threshold would."""
+
+    def on_step_end(self, ctx, step, metrics):
+        if "train/loss" in metrics and step >= 2:
+            ctx.request_stop("train/loss seen")
