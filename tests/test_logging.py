@@ -151,7 +151,10 @@ def test_tensorboard_keeps_logged_steps_through_sigkill(tmp_path):
     assert [e.step for e in tb_scalars(tmp_path).Scalars("train/loss")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("status, expected", [("completed", "STATUS_SUCCESS"), ("stopped", "STATUS_FAILURE")])
+@pytest.mark.parametrize(
+    "status, expected",
+    [("completed", "STATUS_SUCCESS"), ("early_stopped", "STATUS_SUCCESS"), ("stopped", "STATUS_FAILURE")],
+)
 def test_tensorboard_hparams_session_status(tmp_path, status, expected):
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
