@@ -855,7 +855,7 @@ def close_run(run: Run, status: str) -> dict[str, Any]:
     task = loop.task
     # a resumed run's wall time counts its earlier processes too
     summary = make_summary(
-        status, st.step, st.epoch, st.final, st.best, task, loop.device, run.n_params, st.peak_cuda,
+        status, st.step, st.completed_epochs, st.final, st.best, task, loop.device, run.n_params, st.peak_cuda,
         loop.wall_s(), loop.run_dir,
     )  # fmt: skip
     summary["telemetry"] = loop.telemetry.summary()

@@ -161,6 +161,15 @@ def test_a_loss_target_without_task_and_pad_id_trains(compose, tmp_path, loss):
     assert getattr(r.setup.loss_fn, "scale", 2.0) == 2.0
 
 
+def test_summary_counts_the_epochs_trained(compose, tmp_path):
+    """summary.json's `epochs` after max_epochs=2 is 2 (epochs fully trained); it was 1, the 0-based
+    index of the epoch the last batch came from (the console said '26 (epoch 1)')."""
+    r = fit(
+        compose(["model=linreg", "trainer.max_epochs=2", "device=cpu", "trainer.log_every=100"]), tmp_path
+    )
+    assert r.summary["steps"] == 2 * len(r.setup.train_loader) and r.summary["epochs"] == 2
+
+
 def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
     cfg = compose(
         [
