@@ -348,6 +348,10 @@ class CallbackList:
                     f"callbacks.{name}: {type(cb).__name__} lacks {', '.join(missing)}; subclass "
                     "dgtrain.callbacks.Callback (its hooks do nothing) and override the ones you need."
                 )
+        # EMA adds val_ema/... to an evaluation's metrics, which early stopping, top-k or a user's callback
+        # may monitor: it scores first, whatever the configured order (callbacks=[early_stopping,ema])
+        ema = [cb for cb in self.named.values() if isinstance(cb, EMA)]
+        self._eval_order = ema + [cb for cb in self.named.values() if not isinstance(cb, EMA)]
         # only callbacks that override the per-step hook are called every step
         self._per_step = [
             cb for cb in self.named.values() if type(cb).on_train_step is not Callback.on_train_step
@@ -369,7 +373,7 @@ class CallbackList:
             cb.on_step_end(ctx, step, metrics)
 
     def eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
-        for cb in self.named.values():
+        for cb in self._eval_order:
             cb.on_eval_end(ctx, step, metrics)
 
     def checkpoint(self, ctx: FitContext, step: int, path: Path) -> None:

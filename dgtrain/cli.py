@@ -194,6 +194,28 @@ def remove_untouched_run_dir(run_dir) -> bool:
     return True
 
 
+def user_frame(e: BaseException):
+    """The frame of a user's own code (a model, data, loss or callback) that `e` came from: walking out
+    from where it was raised, through Python's library and installed packages (torch), the first frame
+    that is not dgtrain's. None when dgtrain's own code comes first (a bug in dgtrain or in what it calls)."""
+    import sysconfig
+    import traceback
+    from pathlib import Path
+
+    paths = sysconfig.get_paths()
+    library = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, paths["stdlib"], paths["purelib"]}]
+    dgtrain_dir = Path(__file__).resolve().parent
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if frame.filename.startswith("<"):  # <string>, <frozen runpy>
+            continue
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(dgtrain_dir):
+            return None
+        if not any(path.is_relative_to(d) for d in library):
+            return frame
+    return None
+
+
 def internal_error(e: BaseException, run_dir) -> None:
     """An unexpected exception: one line on the console, the full traceback in <run_dir>/dgtrain.log."""
     import traceback
@@ -202,10 +224,17 @@ def internal_error(e: BaseException, run_dir) -> None:
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     log_file = Path(run_dir) / "dgtrain.log"
     first = (str(e).splitlines() or [""])[0][:200]
-    log.error(
-        f"internal error: {type(e).__name__}: {first} (this is a bug in dgtrain or a library it uses; "
-        f"the full traceback is in {log_file}, please include it in a report)"
-    )
+    frame = user_frame(e)
+    if frame is not None:  # a user's model, data, loss or callback (`_target_`), not dgtrain
+        log.error(
+            f"internal error: {type(e).__name__}: {first} (raised in {frame.filename}:{frame.lineno}, in "
+            f"{frame.name}: code of yours, not dgtrain's; the full traceback is in {log_file})"
+        )
+    else:
+        log.error(
+            f"internal error: {type(e).__name__}: {first} (this is a bug in dgtrain or a library it uses; "
+            f"the full traceback is in {log_file}, please include it in a report)"
+        )
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     record = logging.LogRecord("dgtrain", logging.ERROR, __file__, 0, "traceback:\n%s", (text,), None)
     for handler in files:

@@ -44,15 +44,33 @@ def skip_update(scaler: torch.amp.GradScaler) -> None:
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
 
-def nonfinite_error(step: int, loss: float, history: list[tuple[int, float]]) -> NonFiniteLossError:
+def remedies(clip: float | None, precision: str) -> str:
+    """What to try after non-finite steps, for this run's settings: no advice to set what is already set
+    (clip_grad_norm on, precision=fp32)."""
+    tips = ["lower optimizer.lr"]
+    tips.append(f"lower trainer.clip_grad_norm (now {clip:g})" if clip else "set trainer.clip_grad_norm")
+    if precision == "fp16":
+        tips.append("use precision=bf16 or precision=fp32")
+    elif precision == "bf16":
+        tips.append("use precision=fp32")
+    return ", ".join(tips)
+
+
+def nonfinite_error(
+    step: int,
+    loss: float,
+    history: list[tuple[int, float]],
+    clip: float | None = None,
+    precision: str = "fp32",
+) -> NonFiniteLossError:
     """The error for `trainer.nonfinite=fail`: names the step and the last finite loss before it."""
     last = next(((s, v) for s, v in reversed(history) if math.isfinite(v) and s < step), None)
     last_txt = f"last finite loss {last[1]:.6g} at step {last[0]}" if last else "no finite loss before it"
     what = f"train/loss became {loss}" if not math.isfinite(loss) else "a gradient became non-finite"
+    tips = remedies(clip, precision)
     return NonFiniteLossError(
         f"{what} at step {step} ({last_txt}). Training stopped before that step's optimizer update. "
-        "Lower optimizer.lr, set trainer.clip_grad_norm, use precision=fp32, or set trainer.nonfinite=skip "
-        "to drop such updates."
+        f"{tips[0].upper()}{tips[1:]}, or set trainer.nonfinite=skip to drop such updates."
     )
 
 
@@ -61,13 +79,14 @@ def skip_budget(max_skipped: int | None, max_steps: int) -> int:
     return int(max_skipped) if max_skipped is not None else max(1, max_steps // 10)
 
 
-def too_many_skipped(skipped: int, step: int, budget: int) -> NonFiniteLossError:
+def too_many_skipped(
+    skipped: int, step: int, budget: int, clip: float | None = None, precision: str = "fp32"
+) -> NonFiniteLossError:
     """A run that keeps skipping updates is not training: fail (exit 3) rather than report "completed"."""
     return NonFiniteLossError(
         f"trainer.nonfinite=skip dropped {skipped} of the first {step} updates (a NaN/inf loss or gradient), "
         f"more than trainer.max_skipped={budget}: the model is not training. Check the data for NaN/inf "
-        "values, lower optimizer.lr or set trainer.clip_grad_norm; raise trainer.max_skipped only if such "
-        "steps are expected."
+        f"values, {remedies(clip, precision)}; raise trainer.max_skipped only if such steps are expected."
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from dgtrain.errors import DgtrainError
@@ -43,3 +45,15 @@ TASKS_OF = {
     "cross_entropy": ("classification", "seq2seq", "lm"),
     "auto": ("regression", "classification", "seq2seq", "lm"),
 }
+
+
+def build_loss(node: Any, allowed: tuple[str, ...], task: str, pad_id: int | None) -> nn.Module:
+    """`loss._target_` built with the node's keys, plus the data's `task` and `pad_id` for a target that
+    takes them (dgtrain's builders above); torch's losses and a user's own class get only their keys."""
+    from dgtrain.config import build, locate, target_parameters
+
+    found = target_parameters(locate(node.get("_target_"), allowed, key="loss._target_"))
+    extra = {"task": task, "pad_id": pad_id}
+    if found is not None and not found[1]:  # a signature without **kwargs: what it names
+        extra = {k: v for k, v in extra.items() if k in found[0]}
+    return build(node, allowed=allowed, key="loss", **extra)

@@ -259,8 +259,9 @@ def _setup_from_info(cfg, stored: dict[str, Any]):
 
     import torch
 
-    from dgtrain.config import allowed_prefixes, build
+    from dgtrain.config import allowed_prefixes
     from dgtrain.data import DataInfo
+    from dgtrain.losses import build_loss
     from dgtrain.tasks import make_task
     from dgtrain.train import Setup, build_model, resolve_device
 
@@ -271,7 +272,7 @@ def _setup_from_info(cfg, stored: dict[str, Any]):
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, info, allowed).to(device)
-    loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=info.task, pad_id=info.pad_id)
+    loss_fn = build_loss(cfg.loss, allowed, info.task, info.pad_id)
     return Setup(device, None, make_task(info.task, info.pad_id), model, loss_fn, None, None)
 
 

@@ -47,6 +47,7 @@ from dgtrain.generation import lm_sample
 from dgtrain.loggers import JsonlLogger, sink_parameters
 from dgtrain.loggers.console import ConsoleLogger
 from dgtrain.loggers.plots import PlotLogger
+from dgtrain.losses import build_loss
 from dgtrain.memory import rss_peak_mb
 from dgtrain.optim import grad_clearer, make_optimizer, step_function
 from dgtrain.runs import write_data_info
@@ -130,19 +131,37 @@ def tf32(mode: Any, device: torch.device, precision: str):
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
-def configure_torch(cfg: DictConfig) -> None:
-    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built."""
+def configure_torch(cfg: DictConfig):
+    """`threads=` and `deterministic=`: process-wide torch settings, applied before anything is built.
+    Returns the function that puts them back after the run: a sweep's next trial (same process) starts
+    from the settings before this one (`-m deterministic=true,false` ran both trials deterministic)."""
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+
+    def restore() -> None:
+        threads, det, warn_only, cudnn_det, benchmark, cublas = before
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
     if cfg.get("threads") is not None:
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("deterministic"):
-        import os
-
         # cuBLAS reads this when it creates its handle (the first matmul on CUDA); without it,
         # deterministic mode makes CUDA matmuls raise. ":4096:8" is the setting NVIDIA documents.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
+    return restore
 
 
 def seed_everything(seed: int) -> None:
@@ -164,6 +183,23 @@ class Setup:
     val_loader: Any
 
 
+def check_config_sizes(params: dict[str, Any], info, data_name: str) -> None:
+    """A model without `from_data` (docs/extending.md) takes `num_classes` and `in_features` from the
+    config; a value the data contradicts fails here, naming the key, not at the first step as an index or
+    shape error deep in torch."""
+    wrong = []
+    n = params.get("num_classes")
+    if info.task == "classification" and info.num_classes and type(n) is int and n != info.num_classes:
+        have = f"data {data_name} has {info.num_classes} classes"
+        wrong.append(f"model.num_classes={n}, but {have}: set model.num_classes={info.num_classes}")
+    n = params.get("in_features")
+    if len(info.in_shape) == 1 and type(n) is int and n != info.in_shape[0]:
+        have = f"data {data_name} has {info.in_shape[0]} features per example"
+        wrong.append(f"model.in_features={n}, but {have}: set model.in_features={info.in_shape[0]}")
+    if wrong:
+        raise DgtrainError(f"{'; '.join(wrong)} (a model without from_data takes its sizes from the config).")
+
+
 def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Module:
     """`model._target_` names a class (or a function returning a module). dgtrain models size themselves
     from the data (`from_data(info, **params)`); any other class is called with the node's keys, so a
@@ -171,6 +207,8 @@ def build_model(cfg: DictConfig, info, allowed: tuple[str, ...]) -> torch.nn.Mod
     `model.net`, as in lightning-hydra-template) are built first, as Hydra's `instantiate` does."""
     cls, params = build_children(cfg.model, allowed, key="model", exclude=MODEL_META_KEYS)
     factory = getattr(cls, "from_data", None)
+    if factory is None:  # every size from the config: the ones dgtrain can check against the data
+        check_config_sizes(params, info, str(cfg.data.get("_target_", "")).rsplit(".", 1)[-1])
     try:
         model = factory(info, **params) if factory else cls(**params)
     except TypeError as e:
@@ -222,7 +260,7 @@ def setup(cfg: DictConfig, device: torch.device | None = None, rank: int = 0, wo
     model = build_model(cfg, data.info, allowed).to(device)
     if hasattr(model, "for_device"):  # a model's own layout choice for the device (convnet: channels_last)
         model.for_device(device)
-    loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
+    loss_fn = build_loss(cfg.loss, allowed, data.info.task, data.info.pad_id)
     nw = int(cfg.data.get("num_workers", 0))
     bs = int(cfg.data.batch_size)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -471,11 +509,14 @@ class Loop:
         )
         tc = cfg.trainer
         self.accum = int(tc.grad_accum_steps)
-        steps_per_epoch = max(1, len(s.train_loader) // self.accum)
-        self.max_steps = int(tc.max_steps) if tc.max_steps else int(tc.max_epochs) * steps_per_epoch
+        # max_epochs: every batch of each epoch, rounded up to a whole optimizer step (the micro-batch
+        # stream runs on across epoch boundaries, so a partial step takes the next epoch's first batches)
+        epochs_steps = math.ceil(int(tc.max_epochs) * len(s.train_loader) / self.accum)
+        self.max_steps = int(tc.max_steps) if tc.max_steps else max(1, epochs_steps)
         self.log_every = int(tc.log_every)
         # read once: an OmegaConf attribute costs tens of microseconds, too much for every step
         self.clip = float(tc.clip_grad_norm) if tc.clip_grad_norm else None
+        self.precision = precision  # the non-finite messages' advice
         self.eval_batches = tc.eval_batches
         allowed = allowed_prefixes(cfg)
         self.optimizer = make_optimizer(cfg, self.model, allowed, s.device)  # no decay on biases/norms
@@ -507,7 +548,9 @@ class Loop:
         self.sinks: list = []
         self.history: list[dict[str, Any]] = []
         self.grad_norm: torch.Tensor | None = None
-        self.t_log, self.eval_s = time.perf_counter(), 0.0  # wall clock of the log window
+        # wall clock of the log window, and its time spent outside training steps (evaluation, text
+        # samples, checkpoint writes), which perf/step_ms leaves out
+        self.t_log, self.eval_s = time.perf_counter(), 0.0
         self.t_start, self.wall_before = time.perf_counter(), 0.0  # this process; earlier processes
         self.callbacks = CallbackList({})  # their states travel in checkpoints too
 
@@ -611,7 +654,13 @@ class Loop:
             for i, bad in enumerate(flags):
                 st.skipped_steps += int(bad)
                 if st.skipped_steps > self.max_skipped:  # a run that keeps skipping is not training
-                    raise too_many_skipped(st.skipped_steps, st.step - len(flags) + i + 1, self.max_skipped)
+                    raise too_many_skipped(
+                        st.skipped_steps,
+                        st.step - len(flags) + i + 1,
+                        self.max_skipped,
+                        self.clip,
+                        self.precision,
+                    )
             return
         if not any(flags):
             return
@@ -621,8 +670,11 @@ class Loop:
         bad_loss = float(st.losses[kept])
         st.losses, st.step = st.losses[:kept], bad_step - 1
         if st.losses:  # the completed steps since the last log are logged first
-            self.record(self.train_metrics())
-        raise nonfinite_error(bad_step, bad_loss, [] if st.last_finite is None else [st.last_finite])
+            metrics = self.train_metrics()
+            metrics.pop("train/grad_norm", None)  # the norm of the failing step (or a later one), not theirs
+            self.record(metrics)
+        history = [] if st.last_finite is None else [st.last_finite]
+        raise nonfinite_error(bad_step, bad_loss, history, self.clip, self.precision)
 
     def train_metrics(self) -> dict[str, Any]:
         """Bring the window's losses to the host (with the guard, the one sync), add speed and memory."""
@@ -718,6 +770,7 @@ class Run:
     n_params: int  # all the model's parameters
     fast_dev: bool  # trainer.fast_dev_run: nothing is written but the log
     dist: Dist
+    restore_torch: Any  # puts back the process-wide torch settings of threads= and deterministic=
 
 
 def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: Dist) -> Run:
@@ -733,13 +786,14 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     if d.is_main:  # one dir, one run: lock, run id, writable (docs/checkpoints.md); rank 0 for the job
         checkpointer.claim(cfg.get("resume"))
     resumed, before = None, None  # before: the run dir's names before this run wrote any file
+    restore_torch = None  # puts back threads= and deterministic= (configure_torch)
     try:
         # rank 0 picks, every rank loads; a fast_dev_run never resumes (nor trims the run's files)
         fast_dev = bool(cfg.trainer.get("fast_dev_run"))
         resumed = None if fast_dev else d.resume_state(checkpointer, cfg, allowed_prefixes(cfg))
         device = d.device or resolve_device(cfg.device)
         precision = precision_of(cfg)
-        configure_torch(cfg)
+        restore_torch = configure_torch(cfg)
         seed_everything(cfg.seed)
         s = setup(cfg, device, d.rank, d.world)
         cfg = debug_modes(cfg, s)  # trainer.fast_dev_run, overfit_batches, limit_*_batches
@@ -774,6 +828,8 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
                 path = run_dir / name
                 path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
         checkpointer.release()
+        if restore_torch is not None:
+            restore_torch()
         raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for sink in sinks:
@@ -791,7 +847,7 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
             "trainer.max_epochs)."
         )
     console = next((x for x in sinks if isinstance(x, ConsoleLogger)), None)
-    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d)
+    return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d, restore_torch)
 
 
 def close_run(run: Run, status: str, error: BaseException | None = None) -> dict[str, Any]:
@@ -801,7 +857,7 @@ def close_run(run: Run, status: str, error: BaseException | None = None) -> dict
     task = loop.task
     # a resumed run's wall time counts its earlier processes too
     summary = make_summary(
-        status, st.step, st.epoch, st.final, st.best, task, loop.device, run.n_params, st.peak_cuda,
+        status, st.step, st.completed_epochs, st.final, st.best, task, loop.device, run.n_params, st.peak_cuda,
         loop.wall_s(), loop.run_dir,
     )  # fmt: skip
     summary["telemetry"] = loop.telemetry.summary()
@@ -816,9 +872,12 @@ def close_run(run: Run, status: str, error: BaseException | None = None) -> dict
     summary_text = json.dumps(summary, indent=2) + "\n"
     if d.is_main and not run.fast_dev:
         ckpt_io.atomic_write(loop.run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
-    for sink in run.sinks:
-        sink.close(summary, status)
-    run.checkpointer.release()
+    try:
+        for sink in run.sinks:
+            sink.close(summary, status)
+        run.checkpointer.release()
+    finally:
+        run.restore_torch()
     return summary
 
 
@@ -852,10 +911,11 @@ def fit(
             if console:
                 console.advance(st.step)
 
-            # ---- logging step: losses and metrics come to the host only here. A stop signal makes this
-            # a logging step too, so no completed step goes unrecorded.
+            # ---- logging step: losses and metrics come to the host only here. A stop signal (or a
+            # callback's stop request) makes this a logging step too, so no completed step goes unrecorded.
             last = st.step == max_steps
-            metrics = loop.train_metrics() if st.step % loop.log_every == 0 or last or stop.signal else {}
+            logs = st.step % loop.log_every == 0 or last or stop.signal or ctx.stop_reason
+            metrics = loop.train_metrics() if logs else {}
             # ---- evaluation: every eval_every steps, or at each epoch's end when eval_every is null
             epoch_ended = st.completed_epochs > st.last_eval_epochs
             if (eval_every and st.step % eval_every == 0) or (not eval_every and epoch_ended) or last:
@@ -866,12 +926,19 @@ def fit(
             if stop.signal and st.losses:  # the signal came during evaluation
                 metrics.update(loop.train_metrics())
             if sample_every and st.step % sample_every == 0 and task.name == "lm":
+                t_out = time.perf_counter()  # not a training step's time (perf/step_ms), like evaluation
                 metrics["sample/text"] = lm_sample(s.model, s.data.info, st.step)  # a str, not a float metric
+                loop.eval_s += time.perf_counter() - t_out
             if test_at_end and (last or ctx.stop_reason):  # the held-out test set, once: selects nothing
-                metrics.update(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
+                # fast_dev_run: one test batch, as one train and one val batch
+                test_batches = 1 if fast_dev else None
+                metrics.update(evaluate_split(s, loop.autocast, "test", test_batches, reduce=loop.reduce))
             if metrics:
                 loop.record(metrics)
                 callbacks.step_end(ctx, st.step, metrics)  # logging steps only: host values
+                if test_at_end and ctx.stop_reason and not last and "test/loss" not in metrics:
+                    # a stop asked for in on_step_end, after the test check above: score it now
+                    loop.record(evaluate_split(s, loop.autocast, "test", reduce=loop.reduce))
 
             # ---- checkpoint: every checkpoint.every steps, at the end, on a stop signal; best.pt when
             # the task's monitor metric improved at this step
@@ -882,10 +949,12 @@ def fit(
                 and st.best.get(task.monitor, {}).get("step") == st.step
             )
             if not fast_dev and (regular or new_best):  # rank 0's file, or (FSDP) every rank's shards
+                t_out = time.perf_counter()  # not a training step's time (perf/step_ms)
                 d.save_checkpoint(checkpointer, st.step, loop, regular, new_best)
                 callbacks.checkpoint(
                     ctx, st.step, checkpointer.path(st.step) if regular else checkpointer.dir / "best.pt"
                 )
+                loop.eval_s += time.perf_counter() - t_out
             if ctx.stop_reason:
                 log.info(f"{ctx.stop_reason}: stopped after step {st.step} (checkpoint saved)")
                 break

@@ -146,6 +146,20 @@ def test_console_eta_after_a_resume(caplog):
 
 
 @pytest.mark.slow
+def test_early_stopping_monitors_val_ema_whatever_the_configured_order(tmp_path):
+    """callbacks=[early_stopping,ema] (the order configs/callbacks/early_stopping.yaml shows) with
+    monitor=val_ema/acc: EMA scores first, so early stopping sees val_ema/acc (the run failed at its first
+    evaluation: 'the evaluation reports no such metric')."""
+    model = torch.nn.Linear(2, 2)
+    ctx = FitContext(tmp_path, model, None, "val/acc", "max", lambda: {"val/acc": 0.5}, lambda: {})
+    es = EarlyStopping(monitor="val_ema/acc", mode="max", patience=1)
+    cbs = CallbackList({"early_stopping": es, "ema": EMA(decay=0.9)})
+    cbs.fit_start(ctx)
+    metrics = {"val/acc": 0.5}
+    cbs.eval_end(ctx, 5, metrics)
+    assert metrics["val_ema/acc"] == 0.5 and es.best == 0.5 and es.best_step == 5
+
+
 def test_early_stopped_run_with_user_callback_ema_and_top_k(tmp_path):
     run = tmp_path / "run"
     args = [

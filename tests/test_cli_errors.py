@@ -125,7 +125,7 @@ def test_a_file_where_the_default_run_dir_goes_is_named(tmp_path, name, flags):
     assert run_cli(["--cfg", "job", "model=linreg"], tmp_path).returncode == 0
 
 
-# Runs dgtrain with the optimizer step raising: a bug, as far as dgtrain can tell.
+# Runs dgtrain with the optimizer step raising (from this script: code outside dgtrain).
 CRASH = """
 import sys, torch
 def step(self, *a, **kw):
@@ -166,6 +166,18 @@ def test_an_internal_error_is_one_console_line_and_a_traceback_in_the_log(tmp_pa
     assert f"the full traceback is in {run / 'dgtrain.log'}" in lines[0]
     log = (run / "dgtrain.log").read_text()
     assert "Traceback (most recent call last)" in log and 'raise RuntimeError("injected failure' in log
+
+
+def test_an_error_in_a_users_own_code_names_that_code_not_dgtrain(tmp_path):
+    """A user's callback (or model, data, loss) that raises: the one console line names the file and line
+    it came from as the user's code; it said 'this is a bug in dgtrain or a library it uses'."""
+    run = tmp_path / "run"
+    args = ["model=linreg", "trainer.max_steps=3", "allowed_targets=[tests.]", f"hydra.run.dir={run}"]
+    p = run_cli([*args, "+callbacks.crash._target_=tests.targets.CrashingCallback"], tmp_path)
+    assert p.returncode == 1 and "Traceback" not in _out(p)
+    line = next(x for x in _out(p).splitlines() if "a bug in the user's callback" in x)
+    assert "tests/targets.py:" in line and "in on_train_step: code of yours, not dgtrain's" in line, line
+    assert "bug in dgtrain" not in line and f"the full traceback is in {run / 'dgtrain.log'}" in line
 
 
 @pytest.mark.slow

@@ -424,6 +424,43 @@ def test_training_batches_are_augmented_on_the_device_and_evaluation_batches_nev
     assert "test/acc" in result.summary["final"] and "val/acc" in result.summary["final"]
 
 
+def test_fast_dev_run_scores_one_test_batch(compose, tmp_path, monkeypatch):
+    """trainer.fast_dev_run is one train and one val batch; with test_at_end the test set is scored on
+    one batch too (as Lightning's fast_dev_run does), not in full (MNIST's 10,000 images)."""
+    import dgtrain.train
+    from dgtrain.train import fit
+
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    scored = []
+    real = dgtrain.train.evaluate
+    monkeypatch.setattr(
+        dgtrain.train, "evaluate", lambda s, a, n, *r: (scored.append(n), real(s, a, n, *r))[1]
+    )
+    cfg = compose(
+        ["model=convnet", "data=cifar10", f"data.root={tmp_path}", "data.batch_size=4", "device=cpu"]
+        + ["trainer.fast_dev_run=true", "trainer.test_at_end=true"]
+    )
+    result = fit(cfg, tmp_path / "run")
+    assert "test/acc" in result.summary["final"]
+    assert scored == [1, 1]  # the val batch, then the test batch
+
+
+def test_test_at_end_scores_a_run_a_callback_stops_on_a_logging_step(compose, tmp_path):
+    """A stop asked for in on_step_end (the hook with the logging step's host metrics) ends the run
+    early_stopped; trainer.test_at_end still scores the test set once (it was skipped)."""
+    from dgtrain.train import fit
+
+    _write_cifar(tmp_path / "cifar-10-batches-py", n=20)
+    cfg = compose(
+        ["model=convnet", "data=cifar10", f"data.root={tmp_path}", "data.batch_size=4", "device=cpu"]
+        + ["trainer.max_steps=20", "trainer.log_every=2", "trainer.test_at_end=true", "logger=[]"]
+        + ["allowed_targets=[tests.]", "+callbacks.stop._target_=tests.targets.StopOnStepEnd"]
+    )
+    result = fit(cfg, tmp_path / "run")
+    assert result.summary["status"] == "early_stopped" and result.summary["steps"] == 2
+    assert [row["step"] for row in result.history if "test/acc" in row] == [2]
+
+
 # ------------------------------------------------------------------------------------- image folders
 
 

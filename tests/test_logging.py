@@ -151,7 +151,30 @@ def test_tensorboard_keeps_logged_steps_through_sigkill(tmp_path):
     assert [e.step for e in tb_scalars(tmp_path).Scalars("train/loss")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("status, expected", [("completed", "STATUS_SUCCESS"), ("stopped", "STATUS_FAILURE")])
+def test_wandb_finishes_an_early_stopped_run_as_a_success():
+    """An early-stopped run finished its training: W&B gets exit code 0, as TensorBoard's HParams a
+    success and MLflow FINISHED; it was shown as failed (exit code 1)."""
+    from dgtrain.loggers.wandb import WandbLogger
+
+    finished = []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def finish(self, exit_code):
+            finished.append(exit_code)
+
+    for status in ("completed", "early_stopped", "stopped", "failed"):
+        sink = object.__new__(WandbLogger)
+        sink.run, sink.mode = FakeRun(), "online"
+        sink.close({"final": {}, "best": {}}, status)
+    assert finished == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [("completed", "STATUS_SUCCESS"), ("early_stopped", "STATUS_SUCCESS"), ("stopped", "STATUS_FAILURE")],
+)
 def test_tensorboard_hparams_session_status(tmp_path, status, expected):
     from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 

@@ -68,6 +68,16 @@ def test_csv_logger_widens_its_header_and_resumes(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in rows] == [("5", "1.0"), ("10", "0.5"), ("15", "0.3")]
 
 
+def test_csv_logger_writes_nan_apart_from_a_metric_not_logged(tmp_path):
+    """A window of updates that nonfinite=skip all dropped logs train/loss NaN: the cell says nan (as
+    metrics.jsonl and Lightning's CSVLogger do), not empty, which means 'not logged at this step'."""
+    log = CsvLogger(tmp_path)
+    log.log_metrics({"train/loss": 1.0, "val/loss": 2.0}, 5)
+    log.log_metrics({"train/loss": float("nan")}, 10)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert rows[1]["train/loss"] == "nan" and rows[1]["val/loss"] == ""
+
+
 @pytest.mark.slow
 def test_metrics_and_csv_logger_in_a_run(tmp_path):
     pytest.importorskip("torchmetrics")

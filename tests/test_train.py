@@ -128,6 +128,48 @@ def test_gradient_accumulation_matches_a_larger_batch(compose, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_max_epochs_with_gradient_accumulation_trains_every_epoch_to_its_end(compose, tmp_path):
+    """linreg has 13 batches an epoch: 2 epochs of 4-batch steps take 7 steps (26 batches, rounded up to a
+    whole step), not 6 (24 batches: the second epoch cut short, never evaluated at its end)."""
+    cfg = compose(
+        ["model=linreg", "trainer.max_epochs=2", "trainer.grad_accum_steps=4", "trainer.log_every=1"]
+        + ["device=cpu"]
+    )
+    r = fit(cfg, tmp_path)
+    batches = len(r.setup.train_loader)
+    assert r.summary["steps"] == math.ceil(2 * batches / 4) > 2 * batches // 4
+    assert [row["step"] for row in r.history if "val/loss" in row] == [
+        math.ceil(batches / 4),
+        r.summary["steps"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        ["loss._target_=torch.nn.L1Loss", "~loss.label_smoothing"],
+        ["loss._target_=tests.targets.ScaledL1", "~loss.label_smoothing", "+loss.scale=2.0"],
+    ],
+)
+def test_a_loss_target_without_task_and_pad_id_trains(compose, tmp_path, loss):
+    """dgtrain passes `task` and `pad_id` to its own loss builders; torch's losses and a user's class that
+    do not take them are called with their own settings only (they failed: unexpected keyword 'task')."""
+    cfg = compose(["model=linreg", "trainer.max_steps=3", "device=cpu", "allowed_targets=[tests.]", *loss])
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "completed"
+    assert type(r.setup.loss_fn).__name__ == cfg.loss._target_.rsplit(".", 1)[-1]
+    assert getattr(r.setup.loss_fn, "scale", 2.0) == 2.0
+
+
+def test_summary_counts_the_epochs_trained(compose, tmp_path):
+    """summary.json's `epochs` after max_epochs=2 is 2 (epochs fully trained); it was 1, the 0-based
+    index of the epoch the last batch came from (the console said '26 (epoch 1)')."""
+    r = fit(
+        compose(["model=linreg", "trainer.max_epochs=2", "device=cpu", "trainer.log_every=100"]), tmp_path
+    )
+    assert r.summary["steps"] == 2 * len(r.setup.train_loader) and r.summary["epochs"] == 2
+
+
 def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
     cfg = compose(
         [
@@ -146,6 +188,137 @@ def test_nonfinite_loss_stops_naming_the_step(compose, tmp_path):
 
     bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
     assert 1 < bad < 50, "the exact step is named, not the logging step"
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_the_rows_logged_before_a_nonfinite_failure_carry_their_own_grad_norm(compose, tmp_path, fused):
+    """nonfinite=fail logs the window's good steps before raising; their train/grad_norm is not the norm
+    of the failing step (inf: the row of step 1 said grad_norm inf beside a finite loss)."""
+    from tests.conftest import read_metrics
+
+    cfg = compose(
+        ["model=linreg", "optimizer.lr=1e20", "trainer.clip_grad_norm=1.0", "trainer.max_steps=30"]
+        + ["trainer.log_every=5", "device=cpu", f"optimizer.fused={fused}"]
+    )
+    with pytest.raises(NonFiniteLossError):
+        fit(cfg, tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert rows and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert all(math.isfinite(float(r.get("train/grad_norm", 0.0))) for r in rows), rows
+
+
+def test_a_stop_requested_between_logging_steps_logs_the_steps_since_the_last_log(compose, tmp_path):
+    """A callback's request_stop from on_train_step at step 7 (log_every=5): steps 6 and 7 are logged
+    (train/loss at step 7) before the run stops, as after a stop signal; they were left out of the log."""
+    from tests.conftest import read_metrics
+
+    cfg = compose(
+        [
+            "model=linreg",
+            "trainer.max_steps=50",
+            "trainer.log_every=5",
+            "device=cpu",
+            "allowed_targets=[tests.]",
+        ]
+        + ["+callbacks.stop._target_=tests.targets.StopAtStep", "+callbacks.stop.at=7"]
+    )
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "early_stopped" and r.summary["steps"] == 7
+    assert [row["step"] for row in read_metrics(tmp_path) if "train/loss" in row] == [5, 7]
+
+
+def test_nonfinite_advice_fits_the_runs_settings(compose, tmp_path):
+    """The message does not tell an fp32 run with clipping to 'set trainer.clip_grad_norm, use
+    precision=fp32': both are set already."""
+    from dgtrain.faults import nonfinite_error, too_many_skipped
+
+    cfg = compose(
+        ["model=linreg", "optimizer.lr=1e20", "trainer.clip_grad_norm=1.0", "trainer.max_steps=30"]
+        + ["device=cpu", "optimizer=sgd"]
+    )
+    with pytest.raises(NonFiniteLossError) as e:
+        fit(cfg, tmp_path)
+    text = str(e.value)
+    assert "lower trainer.clip_grad_norm (now 1)" in text and "precision=" not in text, text
+    assert "set trainer.clip_grad_norm" in str(nonfinite_error(3, math.nan, [], None, "fp32"))
+    assert "use precision=bf16 or precision=fp32" in str(nonfinite_error(3, math.nan, [], None, "fp16"))
+    assert "use precision=fp32" in str(too_many_skipped(4, 5, 3, 0.5, "bf16"))
+
+
+def test_step_time_leaves_out_checkpoint_writes_and_text_samples(compose, tmp_path, monkeypatch):
+    """perf/step_ms (and samples_per_s) time the training steps: a checkpoint written, or a text sample
+    generated, after a logging step was counted into the next window's steps (a 1 s write: +500 ms/step)."""
+    import time
+
+    import dgtrain.checkpoint
+    import dgtrain.train
+
+    def slow(real):
+        def run(*args, **kwargs):
+            time.sleep(1.0)
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(dgtrain.checkpoint.Checkpointer, "save", slow(dgtrain.checkpoint.Checkpointer.save))
+    monkeypatch.setattr(dgtrain.train, "lm_sample", slow(dgtrain.train.lm_sample))
+    cfg = compose(
+        ["model=transformer", "data=text", "model.n_layers=1", "model.d_model=16", "data.batch_size=4"]
+        + ["trainer.max_steps=6", "trainer.log_every=2", "trainer.sample_every=2", "checkpoint.every=2"]
+        + ["checkpoint.best=false", "trainer.eval_every=100", "device=cpu", "telemetry.enabled=false"]
+    )
+    r = fit(cfg, tmp_path)
+    times = [row["perf/step_ms"] for row in r.history if "perf/step_ms" in row]
+    assert len(times) == 3 and max(times[1:]) < 250, times
+
+
+@pytest.mark.parametrize("extra", [[], ["trainer.overfit_batches=1"], ["data.num_workers=1"]])
+def test_a_users_plain_dataset_trains(compose, tmp_path, extra):
+    """docs/extending.md: train/val may be any map-style Dataset of (x, y) items. Such items are stacked
+    into batches (torch's default collate); they arrived as a list of pairs ('tuple' has no 'to')."""
+    cfg = compose(
+        ["model=mlp", "data._target_=tests.targets.plain_blobs", "allowed_targets=[tests.]", "device=cpu"]
+        + ["trainer.max_steps=4", "trainer.log_every=2", *extra]
+    )
+    r = fit(cfg, tmp_path)
+    assert r.summary["status"] == "completed" and "val/acc" in r.summary["final"]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (
+            ["+model.in_features=16", "+model.num_classes=3"],
+            r"model.num_classes=3, .* 4 classes.*num_classes=4",
+        ),
+        (
+            ["+model.in_features=15", "+model.num_classes=4"],
+            r"model.in_features=15, .* 16 features.*in_features=16",
+        ),
+    ],
+)
+def test_a_plain_models_sizes_are_checked_against_the_data(compose, tmp_path, sizes, message):
+    """A model without from_data takes its sizes from the config; one that does not fit the data stops
+    before training naming the key (it was an internal error at the first step: 'Target 3 is out of
+    bounds', 'mat1 and mat2 shapes cannot be multiplied')."""
+    cfg = compose(
+        [
+            "~model",
+            "+model._target_=tests.targets.PlainMLP",
+            *sizes,
+            "data._target_=tests.targets.plain_blobs",
+        ]
+        + ["allowed_targets=[tests.]", "device=cpu", "trainer.max_steps=2"]
+    )
+    with pytest.raises(DgtrainError, match=message):
+        fit(cfg, tmp_path)
+    ok = compose(
+        ["~model", "+model._target_=tests.targets.PlainMLP", "+model.in_features=16", "+model.num_classes=4"]
+        + ["data._target_=tests.targets.plain_blobs", "allowed_targets=[tests.]", "device=cpu"]
+        + ["trainer.max_steps=2"]
+    )
+    (tmp_path / "ok").mkdir()
+    assert fit(ok, tmp_path / "ok").summary["status"] == "completed"
 
 
 def test_clipping_and_precision_options_run(compose, tmp_path):
@@ -231,13 +404,18 @@ def test_threads_and_deterministic_set_torch_process_settings(compose, tmp_path,
     import os
 
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    other = 2 if threads == 1 else 1
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    cfg = compose(["model=linreg", "trainer.max_steps=2", "device=cpu", "threads=1", "deterministic=true"])
+    cfg = compose(
+        ["model=linreg", "trainer.max_steps=2", "device=cpu", f"threads={other}", "deterministic=true"]
+        + ["allowed_targets=[tests.]", "+callbacks.torch._target_=tests.targets.TorchSettings"]
+    )
     try:
-        fit(cfg, tmp_path)
-        assert torch.get_num_threads() == 1
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        r = fit(cfg, tmp_path)
+        assert r.summary["torch_settings"] == {"threads": other, "deterministic": True}  # during the run
+        # put back after it: a sweep's next trial (same process) starts from the settings before this one
+        assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det
+        assert not torch.backends.cudnn.deterministic and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det)

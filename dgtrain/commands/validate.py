@@ -31,6 +31,7 @@ def instantiate(cfg: DictConfig) -> list[str]:
 
     from dgtrain.config import allowed_prefixes, build
     from dgtrain.data import make_loader
+    from dgtrain.losses import build_loss
     from dgtrain.optim import make_optimizer
     from dgtrain.tasks import make_task
     from dgtrain.train import build_data, build_model
@@ -43,7 +44,7 @@ def instantiate(cfg: DictConfig) -> list[str]:
         task = make_task(data.info.task, data.info.pad_id)
         with torch.device("meta"):
             model = build_model(cfg, data.info, allowed)
-        loss_fn = build(cfg.loss, allowed=allowed, key="loss", task=data.info.task, pad_id=data.info.pad_id)
+        loss_fn = build_loss(cfg.loss, allowed, data.info.task, data.info.pad_id)
         optimizer = make_optimizer(cfg, model, allowed)
         build(cfg.scheduler, allowed=allowed, key="scheduler")(optimizer, total_steps=1)
         loader = make_loader(

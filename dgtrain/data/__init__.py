@@ -258,6 +258,18 @@ def batch_sampler_for(
     return EpochBatchSampler(len(ds), batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
 
 
+def _collate_for(ds: Dataset):
+    """dgtrain's in-memory datasets return a whole batch from `__getitems__` (nothing to collate); any
+    other map-style Dataset (a user's, docs/extending.md) returns one example per index, which torch's
+    default collate stacks into the batch's tensors."""
+    from torch.utils.data import Subset, default_collate
+
+    base = ds
+    while isinstance(base, Subset):  # trainer.overfit_batches wraps the training split
+        base = base.dataset
+    return _identity if isinstance(base, InMemory) else default_collate
+
+
 def make_loader(
     ds: Dataset,
     batch_size: int,
@@ -274,7 +286,7 @@ def make_loader(
     sampler = batch_sampler_for(ds, batch_size, shuffle=shuffle, seed=seed, rank=rank, world=world)
     if isinstance(ds, InMemory) and num_workers == 0:
         return DirectLoader(ds, sampler, pin_memory=pin_memory)
-    collate = getattr(ds, "collate", _identity)
+    collate = getattr(ds, "collate", None) or _collate_for(ds)
     return DataLoader(
         ds,
         batch_sampler=sampler,

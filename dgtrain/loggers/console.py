@@ -225,7 +225,7 @@ def summary_table(summary: dict[str, Any], status: str) -> Table:
             b = best.get(k)
             t.add_row(k, _fmt(k, final[k]), "" if b is None else f"{_fmt(k, b['value'])} @ {b['step']}")
     t.add_section()
-    t.add_row("steps", f"{summary.get('steps')} (epoch {summary.get('epochs')})", "")
+    t.add_row("steps", f"{summary.get('steps')} ({summary.get('epochs')} full epochs)", "")
     if "skipped_steps" in summary:  # updates trainer.nonfinite=skip dropped
         t.add_row("skipped updates", str(summary["skipped_steps"]), "")
     t.add_row("wall time", f"{summary.get('wall_s', 0):.1f} s", "")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ class CsvLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, int | float)}}
-        row = {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
         self.rows.append(row)
         new = [k for k in row if k not in self.columns]
         if new:

@@ -78,7 +78,9 @@ class TensorBoardLogger:
         # torch's own end record always says "success"; this one tells a stopped or failed run apart.
         end = plugin_data_pb2.HParamsPluginData(
             session_end_info=plugin_data_pb2.SessionEndInfo(
-                status=api_pb2.Status.Value("STATUS_SUCCESS" if status == "completed" else "STATUS_FAILURE")
+                status=api_pb2.Status.Value(
+                    "STATUS_SUCCESS" if status in ("completed", "early_stopped") else "STATUS_FAILURE"
+                )
             ),
             version=metadata.PLUGIN_DATA_VERSION,
         )
