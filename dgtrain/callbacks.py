@@ -145,6 +145,13 @@ class EarlyStopping(Callback):
         self.mode = self.mode or (
             ctx.mode if self.monitor == ctx.monitor else _direction(self.monitor, "callbacks.early_stopping")
         )
+        if self.bad_evals >= self.patience:  # resumed from the checkpoint of the step it stopped at
+            log.warning(
+                f"resume: early stopping ended this run ({self.monitor} had not improved on {self.best:.6g} "
+                f"(step {self.best_step}) for {self.bad_evals} evaluations), so there is nothing left to train. "
+                f"To train further, raise callbacks.early_stopping.patience (now {self.patience})."
+            )
+            ctx.request_stop("early stopping: the resumed run had stopped already")
 
     def on_eval_end(self, ctx: FitContext, step: int, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
@@ -321,7 +328,12 @@ class TopKCheckpoints(Callback):
         return {"kept": self.kept}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.kept = [e for e in state["kept"] if Path(e["path"]).is_file()]
+        # Only files in this run's own top_k/: resumed from another run (resume=OTHER_RUN into a new run dir),
+        # its files are that run's, listed in its index.json, and must not be rotated away from here.
+        mine = self.dir.resolve()
+        self.kept = [
+            e for e in state["kept"] if Path(e["path"]).is_file() and Path(e["path"]).resolve().parent == mine
+        ]
 
 
 class CallbackList:

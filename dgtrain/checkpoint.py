@@ -85,11 +85,36 @@ def _atomic(path: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _disk_full(e):
+            try:
+                free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free"
+            except OSError:
+                free = "free space unknown"
+            raise DgtrainError(
+                f"could not write {path}: the disk holding {path.parent} is full ({free}; "
+                f"{str(e).splitlines()[0][:120]}). Nothing was half-written: the previous files are intact. "
+                "Free some space, or choose another directory (checkpoint.dir=... or hydra.run.dir=...)."
+            ) from e
         raise
     fsync_dir(path.parent)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """No space left (or over quota): an OSError saying so, or torch.save's zip writer failing mid-file,
+    which reports only that its position is wrong ("unexpected pos N vs M", "file write failed")."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":  # "I/O error: No space left on device (os error 28)"
+        return "os error 28" in text or "os error 122" in text
+    return isinstance(e, RuntimeError) and (
+        "inline_container" in text or "PytorchStreamWriter failed" in text or "file write failed" in text
+    )
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
@@ -677,6 +702,28 @@ class Checkpointer:
             self.write_run_file()
         return state
 
+    def _refuse_starting_over(self) -> None:
+        """resume=auto found no checkpoint: fine for a run that never saved one (a requeued job's first
+        start, a run that failed early), not for one whose summary says it saved one (completed, early
+        stopped, stopped): starting from step 0 would drop its metrics and replace its weights."""
+        try:
+            summary = json.loads((self.run_dir / RUN_FILE_SUMMARY).read_text())
+        except (OSError, ValueError):
+            return
+        status = summary.get("status") if isinstance(summary, dict) else None
+        if status not in ("completed", "early_stopped", "stopped"):
+            return
+        self.release()
+        relative = (
+            "" if self.dir.is_absolute() else f" (a relative checkpoint.dir is read from {os.getcwd()})"
+        )
+        raise DgtrainError(
+            f"resume=auto: {self.run_dir} holds a {status} run ({summary.get('steps')} steps), but {self.dir}"
+            f"{relative} has no checkpoint of it; starting over from step 0 would drop its metrics and "
+            "replace its weights. Point checkpoint.dir=... (or resume=PATH) at its checkpoints, or train a "
+            "new run in another directory (hydra.run.dir=...)."
+        )
+
     def _load_for_resume(self, cfg: DictConfig, allowed: tuple[str, ...]) -> dict[str, Any] | None:
         resume = cfg.get("resume")
         if resume is None:
@@ -687,13 +734,25 @@ class Checkpointer:
             mine = read_run_id(self.run_dir)  # resume=auto continues only the run this dir belongs to
             found = newest_valid(self.dir, "resume=auto", run_id=mine, remove_corrupt=True)
             if found is None:
+                self._refuse_starting_over()
                 log.info(f"resume=auto: no checkpoint in {self.dir} yet; starting from step 0")
                 trim_metrics(self.run_dir, 0)
                 return None
+            other = found[1].get("run_id")
+            if mine is None and other and self.explicit_dir:  # a new run dir, a checkpoint.dir in use
+                self.release()
+                raise DgtrainError(
+                    f"resume=auto: checkpoint.dir={self.dir} holds the checkpoints of run {other} "
+                    f"({found[0].name}), and the run dir {self.run_dir} has no run yet (no {RUN_FILE}); "
+                    "continuing there would take that run over and rotate its checkpoints away. Continue it "
+                    "from its own run dir (hydra.run.dir=...); for a new run, or one that starts from that "
+                    f"checkpoint (resume={found[0]}), choose another checkpoint.dir."
+                )
         elif (
             Path(resume).is_dir() and Path(resume).suffix != ".dcp"
         ):  # a run dir (a .dcp dir is one checkpoint)
-            d = Path(resume) / "checkpoints" if (Path(resume) / "checkpoints").is_dir() else Path(resume)
+            d = run_checkpoint_dir(Path(resume))  # its checkpoints/, or the run's own checkpoint.dir
+            d = d if d.is_dir() else Path(resume)  # else a folder of checkpoints
             found = newest_valid(d, f"resume={resume}")
             if found is None:
                 raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt or step_*.dcp) in {d}.")
@@ -702,6 +761,14 @@ class Checkpointer:
         path, state = found
         check_stored_config(state["config"], allowed, path)
         owner = read_run_id(self.run_dir)
+        if resume != "auto" and owner is None and self.explicit_dir and list_checkpoints(self.dir):
+            self.release()  # a new run dir whose checkpoint.dir holds another run dir's checkpoints
+            raise DgtrainError(
+                f"resume={resume}: checkpoint.dir={self.dir} already holds checkpoints "
+                f"({', '.join(run_files(self.run_dir, self.dir))}) and the run dir {self.run_dir} has no run "
+                f"yet (no {RUN_FILE}); this run would write its checkpoints among them and rotate them away. "
+                "Choose another checkpoint.dir, or continue that run from its own run dir (resume=auto)."
+            )
         if resume != "auto" and owner and state.get("run_id") != owner and run_files(self.run_dir, self.dir):
             raise DgtrainError(
                 f"resume={resume}: {path} belongs to run {state.get('run_id') or '(none)'}, but {self.run_dir} "
@@ -761,6 +828,34 @@ def make_state(
     }
 
 
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The numeric settings of each param group (`lr`: the schedule's base lr, `initial_lr`, since the
+    current lr follows the schedule)."""
+    out = []
+    for group in optimizer.param_groups:
+        h: dict[str, Any] = {}
+        for k, v in group.items():
+            if isinstance(v, (tuple, list)) and v and all(isinstance(x, (int, float)) for x in v):
+                v = tuple(v)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            h[k] = v
+        if "initial_lr" in h:
+            h["lr"] = h.pop("initial_lr")
+        out.append(h)
+    return out
+
+
+def _settings_kept(fresh: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> list[str]:
+    """`optimizer.KEY=NEW (the checkpoint's OLD)` for each setting the loaded param groups override."""
+    kept: dict[str, str] = {}
+    for new, old in zip(fresh, loaded, strict=False):
+        for k, v in new.items():
+            if k in old and old[k] != v and k not in kept:
+                kept[k] = f"optimizer.{k}={v} (the checkpoint's {old[k]})"
+    return list(kept.values())
+
+
 def restore(
     state: dict[str, Any],
     *,
@@ -788,7 +883,27 @@ def restore(
             )
         else:
             model.load_state_dict(state["model"])
+            fresh = _hyperparameters(optimizer)
+            needs = [set(g) for g in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizer"])
+            lacks = sorted(
+                set().union(*(n - set(g) for n, g in zip(needs, optimizer.param_groups, strict=False)))
+            )
+            if lacks:  # another optimizer's param groups: its step would fail (KeyError: 'momentum')
+                saved = ((state.get("config") or {}).get("optimizer") or {}).get("_target_", "?")
+                raise CheckpointError(
+                    f"{path} was saved with another optimizer ({saved}) than this run's "
+                    f"({type(optimizer).__module__}.{type(optimizer).__name__}): its settings lack "
+                    f"{', '.join(lacks)}. Resume with the optimizer it was saved with (optimizer=...), or start "
+                    "a new run from its weights with init_from=CHECKPOINT, which starts the optimizer afresh."
+                )
+            kept = _settings_kept(fresh, _hyperparameters(optimizer))
+            if kept:  # the saved param groups (and the schedule's base lr) win: say so, not just "differs"
+                log.warning(
+                    f"{path}: not applied: {', '.join(kept)}; the optimizer's settings are kept from the "
+                    "checkpoint, with its state. To train on with other settings, start a new run from these "
+                    "weights (init_from=CHECKPOINT), which starts the optimizer afresh."
+                )
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{path} does not fit this run's model/optimizer ({str(e).splitlines()[0][:200]}). "

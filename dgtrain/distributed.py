@@ -561,8 +561,13 @@ def _launched(nproc: int, argv: list[str], run_dir: Path):
         (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
     )
     history = [json.loads(x) for x in rows if x.strip()]
-    if code and summary.get("status") != "stopped":
-        err = DgtrainError(f"trainer.devices={nproc}: a worker failed (exit code {code}); see the log above.")
+    if code in (130, 138, 143) and summary.get("status") in ("completed", "early_stopped"):
+        log.warning(
+            f"trainer.devices={nproc}: the run had {summary['status']} when a signal ended the workers"
+        )
+    elif code and summary.get("status") != "stopped":
+        why = f": {summary['error'].rstrip('.')}" if summary.get("error") else "; see the log above"
+        err = DgtrainError(f"trainer.devices={nproc}: a worker failed (exit code {code}){why}.")
         err.exit_code = code
         raise err
     return TrainResult(summary, None, None, history, code)

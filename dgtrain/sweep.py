@@ -122,12 +122,14 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
             log.info(f"sweep.resume: {job_dir} already completed ({' '.join(overrides)}); objective {done}")
             return done
     # A re-run job (sweep.resume, a reused sweep dir): the earlier attempt's files must not describe this one.
-    # (A job of several processes, one per SLURM task: rank 0 owns the files.)
+    # (A job of several processes, one per SLURM task: rank 0 owns the files.) With resume=auto the job
+    # continues its earlier attempt (a requeued SLURM job): its metrics and checkpoints stay where they are.
+    continues = str(cfg.get("resume")) == "auto"
     if os.environ.get("RANK", "0") == "0":
         (job_dir / "summary.json").unlink(missing_ok=True)
-    if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists():
+    if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists() and not continues:
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
-    if (job_dir / "checkpoints").is_dir():  # a fresh run refuses another run's checkpoints (issue 10)
+    if (job_dir / "checkpoints").is_dir() and not continues:  # a fresh run refuses another run's (issue 10)
         import shutil
 
         shutil.rmtree(job_dir / "checkpoints.previous", ignore_errors=True)

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -849,8 +850,9 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
     return Run(cfg, loop, checkpointer, ctx, sinks, console, trainable, n_params, fast_dev, d, restore_torch)
 
 
-def close_run(run: Run, status: str) -> dict[str, Any]:
-    """The run's summary (summary.json, the sinks' last word), the sinks closed, the run dir released."""
+def close_run(run: Run, status: str, error: BaseException | None = None) -> dict[str, Any]:
+    """The run's summary (summary.json, the sinks' last word), the sinks closed, the run dir released.
+    `error`: what failed the run, named in summary.json (a `trainer.devices` launcher repeats it)."""
     loop, st, d = run.loop, run.loop.state, run.dist
     task = loop.task
     # a resumed run's wall time counts its earlier processes too
@@ -865,6 +867,8 @@ def close_run(run: Run, status: str) -> dict[str, Any]:
     summary.update(task.summary())  # the confusion matrix of the last evaluation, when asked for
     summary.update(run.ctx.extra_summary)  # e.g. early_stopping's best value and step
     summary["distributed"] = {"world_size": d.world, "strategy": d.strategy, "backend": d.backend}
+    if status == "failed" and error is not None:
+        summary["error"] = f"{type(error).__name__}: {error}"
     summary_text = json.dumps(summary, indent=2) + "\n"
     if d.is_main and not run.fast_dev:
         ckpt_io.atomic_write(loop.run_dir / "summary.json", lambda f: f.write(summary_text.encode()))
@@ -900,7 +904,7 @@ def fit(
     try:
         callbacks.fit_start(ctx)
         s.model.train()
-        while st.step < max_steps:
+        while st.step < max_steps and not ctx.stop_reason:  # stop_reason: a resumed early-stopped run
             loop.train_step()  # queues the step's device work; reads nothing back (docs/checkpoints.md)
             callbacks.train_step(ctx, st.step)  # device-only work (EMA); never a host read
             stop.poll()  # several processes: every rank learns of a signal at the same step
@@ -979,7 +983,7 @@ def fit(
             if status != "failed":
                 raise
             log.warning(f"callbacks: on_fit_end failed too ({type(e).__name__}: {e})")
-        summary = close_run(run, status)
+        summary = close_run(run, status, error=sys.exc_info()[1])
     return TrainResult(summary, s.model, s, loop.history, stop.exit_code if stop.signal else 0)
 
 

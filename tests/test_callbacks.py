@@ -97,6 +97,28 @@ def test_top_k_keeps_the_best_and_indexes_them(tmp_path):
     ]
 
 
+def test_top_k_resumed_into_another_dir_leaves_the_source_runs_checkpoints(tmp_path):
+    # resume=OTHER_RUN hydra.run.dir=NEW: the checkpoint's top-k list names the other run's files; a better
+    # value in the new run must not delete them (the other run's index.json still lists them)
+    ctx = _ctx(tmp_path, monitor="val/mse", mode="min")
+    src = TopKCheckpoints(2, tmp_path / "src")
+    src.on_fit_start(ctx)
+    for step, mse in [(1, 3.0), (2, 2.0)]:
+        src.on_eval_end(ctx, step, {"val/mse": mse})
+    top = TopKCheckpoints(2, tmp_path / "new")
+    top.load_state_dict(src.state_dict())
+    top.on_fit_start(ctx)
+    for step, mse in [(3, 1.0), (4, 0.5)]:
+        top.on_eval_end(ctx, step, {"val/mse": mse})
+    assert sorted(p.name for p in (tmp_path / "src" / "top_k").glob("*.pt")) == [
+        "step_00000001.pt",
+        "step_00000002.pt",
+    ]
+    index = json.loads((tmp_path / "new" / "top_k" / "index.json").read_text())
+    assert [(e["step"], e["value"]) for e in index["kept"]] == [(4, 0.5), (3, 1.0)]
+    assert all(Path(e["path"]).parent == tmp_path / "new" / "top_k" for e in index["kept"])
+
+
 def test_user_callbacks_come_through_target_and_must_implement_the_hooks(tmp_path):
     cfg = OmegaConf.create(
         {

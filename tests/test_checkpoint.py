@@ -5,6 +5,7 @@ because what they test is a process that dies (an exception, SIGKILL, SIGTERM, S
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -180,6 +181,42 @@ def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint_and_no_temp_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48960 vs 48912"),
+    ],
+)
+def test_a_full_disk_is_named_with_the_path_not_an_internal_error(tmp_path, monkeypatch, error):
+    # checkpoint.dir on a full disk: torch.save's zip writer failed with "unexpected pos 48960 vs 48912",
+    # reported as an internal error ("a bug in dgtrain", exit 1)
+    path = tmp_path / "step_00000001.pt"
+    ckpt_io.save(_tiny_state(1), path)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(DgtrainError, match=r"could not write .*step_00000002.pt.*disk .* full") as e:
+        ckpt_io.save(_tiny_state(2), tmp_path / "step_00000002.pt")
+    assert e.value.exit_code == 2 and "MB free" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001.pt"]
+
+
+def test_a_full_disk_while_writing_the_final_weights_is_named(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def fail(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    with pytest.raises(DgtrainError, match=r"could not write .*model.safetensors.*is full"):
+        ckpt_io.save_weights(torch.nn.Linear(2, 2), tmp_path / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys
 from dgtrain import checkpoint as c
@@ -218,6 +255,136 @@ def test_resuming_a_run_already_past_max_steps_says_there_is_nothing_to_train(co
         result = fit(compose(["model=linreg", "trainer.max_steps=6", "resume=auto"]), tmp_path)
     assert result.summary["steps"] == 12 and result.summary["status"] == "completed"
     assert "the checkpoint is at step 12" in caplog.text and "raise trainer.max_steps" in caplog.text
+
+
+def test_resuming_an_early_stopped_run_trains_nothing(compose, tmp_path, caplog):
+    # resume=auto on a run that early stopping ended (a re-run script, a requeued job) kept training past
+    # the stop and replaced its model.safetensors and summary with a longer run's
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=40", "trainer.eval_every=4", "callbacks=[early_stopping]"]
+    args += ["callbacks.early_stopping.patience=2", "callbacks.early_stopping.min_delta=1e9"]
+    first = fit(compose(args), tmp_path).summary
+    assert first["status"] == "early_stopped" and first["steps"] == 12
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        again = fit(compose([*args, "resume=auto"]), tmp_path).summary
+    assert again["status"] == "early_stopped" and again["steps"] == 12
+    assert again["final"] == first["final"] and again["early_stopping"] == first["early_stopping"]
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    assert "nothing left to train" in caplog.text and "callbacks.early_stopping.patience" in caplog.text
+    # a higher patience continues the run
+    more = fit(
+        compose(
+            [
+                *args[:-2],
+                "callbacks.early_stopping.patience=3",
+                "callbacks.early_stopping.min_delta=1e9",
+                "resume=auto",
+            ]
+        ),
+        tmp_path,
+    ).summary
+    assert more["status"] == "early_stopped" and more["steps"] == 16
+
+
+def test_resuming_with_another_learning_rate_says_the_checkpoints_is_kept_not_applied(
+    compose, tmp_path, caplog
+):
+    # optimizer.load_state_dict brings back the saved param groups (lr, weight_decay, ...) and the schedule
+    # its base lr: the new optimizer.lr was listed as a config change and then silently not used
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=6", "trainer.log_every=1", "optimizer=sgd"]
+    fit(compose([*args, "optimizer.lr=0.05"]), tmp_path)
+    with caplog.at_level("WARNING", logger="dgtrain"):
+        result = fit(
+            compose(
+                [
+                    *args[1:],
+                    "model=linreg",
+                    "trainer.max_steps=8",
+                    "optimizer.lr=0.2",
+                    "optimizer.momentum=0.5",
+                    "resume=auto",
+                ]
+            ),
+            tmp_path,
+        )
+    assert [h["train/lr"] for h in result.history] == [0.05, 0.05]
+    assert "not applied" in caplog.text and "kept from the checkpoint" in caplog.text
+    assert "optimizer.lr=0.2 (the checkpoint's 0.05)" in caplog.text
+    assert "optimizer.momentum=0.5 (the checkpoint's 0.9)" in caplog.text
+
+
+def test_resume_auto_in_a_new_run_dir_does_not_take_over_another_runs_shared_checkpoint_dir(
+    compose, tmp_path
+):
+    # checkpoint.dir shared by two run dirs: resume=auto in a new run dir silently continued the other run
+    # (its id, its checkpoints) and rotated that run's checkpoints away
+    from dgtrain.errors import DgtrainError
+    from dgtrain.train import fit
+
+    args = ["model=linreg", "trainer.max_steps=4", "checkpoint.every=2", f"checkpoint.dir={tmp_path / 'ck'}"]
+    fit(compose(args), tmp_path / "a")
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(DgtrainError, match=r"checkpoint.dir=.*holds the checkpoints of run .*resume=") as e:
+        fit(compose([*args[:1], "trainer.max_steps=8", *args[2:], "resume=auto"]), tmp_path / "b")
+    assert "hydra.run.dir=" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    newest = tmp_path / "ck" / before[-1]
+    with pytest.raises(
+        DgtrainError, match=r"checkpoint.dir=.*already holds checkpoints .*another checkpoint.dir"
+    ):
+        fit(compose([*args[:1], "trainer.max_steps=8", *args[2:], f"resume={newest}"]), tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    # its own run dir still continues it
+    assert (
+        fit(compose([*args[:1], "trainer.max_steps=6", *args[2:], "resume=auto"]), tmp_path / "a").summary[
+            "steps"
+        ]
+        == 6
+    )
+
+
+def test_resuming_with_another_optimizer_is_refused_before_training(compose, tmp_path):
+    # Adam's param groups loaded into SGD: an internal error (KeyError: 'momentum') at the first step
+    from dgtrain.train import fit
+
+    fit(compose(["model=linreg", "trainer.max_steps=2", "optimizer=adam"]), tmp_path)
+    with pytest.raises(
+        DgtrainError, match=r"saved with another optimizer \(torch.optim.Adam\).*momentum"
+    ) as e:
+        fit(compose(["model=linreg", "trainer.max_steps=4", "optimizer=sgd", "resume=auto"]), tmp_path)
+    assert e.value.exit_code == 2 and "init_from=" in str(e.value)
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_from_a_run_dir_whose_checkpoints_are_in_its_checkpoint_dir(compose, tmp_path):
+    # resume=RUN_DIR looked only in RUN_DIR/checkpoints: a run with checkpoint.dir=... elsewhere gave
+    # "no checkpoint in RUN_DIR" (eval and init_from=RUN_DIR find them)
+    from dgtrain.train import fit
+
+    fit(compose(["model=linreg", "trainer.max_steps=4", f"checkpoint.dir={tmp_path / 'ck'}"]), tmp_path / "a")
+    result = fit(compose(["model=linreg", "trainer.max_steps=6", f"resume={tmp_path / 'a'}"]), tmp_path / "b")
+    assert result.summary["steps"] == 6 and [h["step"] for h in result.history][0] > 4
+
+
+def test_resume_auto_without_the_finished_runs_checkpoints_does_not_start_over(compose, tmp_path):
+    # resume=auto found no checkpoint (a relative checkpoint.dir read from another folder, or checkpoints
+    # deleted) and silently trained a completed run again from step 0, dropping its metrics.jsonl rows
+    from dgtrain.errors import DgtrainError
+    from dgtrain.train import fit
+
+    run = tmp_path / "run"
+    fit(compose(["model=linreg", "trainer.max_steps=4", f"checkpoint.dir={tmp_path / 'ck'}"]), run)
+    rows = (run / "metrics.jsonl").read_text()
+    args = ["model=linreg", "trainer.max_steps=6", f"checkpoint.dir={tmp_path / 'elsewhere'}", "resume=auto"]
+    with pytest.raises(DgtrainError, match=r"resume=auto: .* completed run .*no checkpoint of it") as e:
+        fit(compose(args), run)
+    assert e.value.exit_code == 2 and "checkpoint.dir" in str(e.value)
+    assert (run / "metrics.jsonl").read_text() == rows
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
 def test_keep_last_2_after_5_saves_leaves_the_newest_2(compose, tmp_path):

@@ -98,6 +98,39 @@ def test_bad_devices_value_names_the_key(compose, tmp_path):
         fit(compose(["model=linreg", "trainer.strategy=fsdp", "precision=fp16"]), tmp_path)
 
 
+def test_a_failed_workers_own_error_reaches_the_launcher(compose, tmp_path, monkeypatch):
+    # `dgtrain -m ... trainer.devices=2`: a trial whose workers failed (the loss became inf) recorded only
+    # "a worker failed (exit code 3); see the log above" as its error; the failed run's summary.json
+    # now names the error, and the launcher repeats it
+    from dgtrain import distributed
+    from dgtrain.train import fit
+
+    run = tmp_path / "run"
+    with pytest.raises(DgtrainError, match="became inf"):
+        fit(compose(["model=linreg", "optimizer.lr=1e30", "trainer.max_steps=4"]), run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("NonFiniteLossError: train/loss became inf at step 2")
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv, run_dir: 3)
+    with pytest.raises(
+        DgtrainError, match=r"a worker failed \(exit code 3\): NonFiniteLossError: train/loss"
+    ):
+        distributed._launched(2, [], run)
+
+
+def test_a_signal_after_the_workers_completed_is_no_worker_failure(compose, tmp_path, monkeypatch):
+    # SIGINT to `dgtrain trainer.devices=2` while its workers were exiting after a completed run: the
+    # launcher said "a worker failed (exit code 130); see the log above" about a completed run
+    from dgtrain import distributed
+    from dgtrain.train import fit
+
+    run = tmp_path / "run"
+    fit(compose(["model=linreg", "trainer.max_steps=2"]), run)
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv, run_dir: 130)
+    result = distributed._launched(2, [], run)
+    assert result.summary["status"] == "completed" and result.exit_code == 130
+
+
 def test_a_config_error_with_trainer_devices_is_reported_once_before_any_worker_starts(tmp_path):
     r = run_cli(["model=linreg", *TWO, "optimizer.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert r.returncode == 2

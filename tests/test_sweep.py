@@ -264,6 +264,32 @@ def test_resumed_grid_runs_only_the_unfinished_jobs(grid, tmp_path):
     assert [x["status"] for x in _csv_rows(sweep_dir)] == ["completed"] * 4
 
 
+def test_a_rerun_job_with_resume_auto_continues_its_own_checkpoint(compose, tmp_path):
+    # `dgtrain -m ... resume=auto` run again in the same sweep dir (a requeued SLURM job under submitit,
+    # docs/distributed.md): the job moved its checkpoints to checkpoints.previous/ and started from step 0
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from dgtrain.sweep import run_trial
+
+    job = tmp_path / "0"
+    overrides = ["model=linreg", "checkpoint.every=2", "resume=auto"]
+    hc = SimpleNamespace(
+        runtime=SimpleNamespace(output_dir=str(job), choices={"model": "linreg"}),
+        overrides=SimpleNamespace(task=overrides),
+        mode=RunMode.MULTIRUN,
+        job=SimpleNamespace(config_name="train"),
+    )
+    run_trial(compose([*overrides, "trainer.max_steps=4"]), hc)
+    first = (job / "metrics.jsonl").read_text()
+    run_trial(compose([*overrides, "trainer.max_steps=6"]), hc)
+    assert _summary(job)["steps"] == 6
+    assert (job / "metrics.jsonl").read_text().startswith(first)
+    assert not (job / "checkpoints.previous").exists() and not (job / "metrics.previous.jsonl").exists()
+    assert "step_00000006.pt" in [p.name for p in (job / "checkpoints").iterdir()]
+
+
 @pytest.mark.slow
 def test_optuna_study_continues_after_an_interruption(tmp_path):
     import optuna
