@@ -118,7 +118,8 @@ def constant(optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0) -
 def cosine(
     optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
 ) -> LRScheduler:
-    """Linear warmup to the base lr over `warmup_steps`, then cosine decay to `min_lr_ratio * lr`."""
+    """Linear warmup to the base lr over `warmup_steps`, then cosine decay towards `min_lr_ratio * lr`,
+    reached at `total_steps` (the last step, total_steps - 1, runs just above it)."""
 
     def factor(s: int) -> float:
         if s < warmup_steps:
