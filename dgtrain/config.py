@@ -283,12 +283,15 @@ def user_packages(entries: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def allowed_targets_problems(entries: Any) -> list[str]:
+def allowed_targets_problems(entries: Any, option: str | None = None) -> list[str]:
+    """Entries naming a protected package, each with its message: for the `allowed_targets` key, or for a
+    command's `option` (`--allow-target`)."""
     bad = [str(e) for e in entries or () if str(e).strip().rstrip(".").split(".")[0] in PROTECTED_PACKAGES]
+    example = f"{option} mypkg" if option else "allowed_targets=[mypkg]"
     return [
-        f"allowed_targets={b!r}: {b.rstrip('.')} cannot be allowed as a whole (it holds callables that run "
-        "commands or load pickles, or dgtrain already admits its safe classes by name). List only your "
-        "own package, for example allowed_targets=[mypkg]."
+        f"{f'{option} {b}' if option else f'allowed_targets={b!r}'}: {b.rstrip('.')} cannot be allowed as a "
+        "whole (it holds callables that run commands or load pickles, or dgtrain already admits its safe "
+        f"classes by name). List only your own package, for example {example}."
         for b in bad
     ]
 

@@ -168,22 +168,17 @@ def load_run(
     from omegaconf import OmegaConf
 
     from dgtrain import checkpoint as ckpt_io
-    from dgtrain.validation import check_config
+    from dgtrain.config import allowed_targets_problems
+    from dgtrain.validation import check_config, device_spec_ok
 
     source = Path(source)
     # the command's own options first, so that their problems are not blamed on the stored config
     device = str(device)
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not device_spec_ok(device):
         raise DgtrainError(f"--device={device}: expected auto, cpu, cuda or cuda:N.")
-    from dgtrain.config import PROTECTED_PACKAGES
-
-    bad = [str(p) for p in allow if str(p).strip().rstrip(".").split(".")[0] in PROTECTED_PACKAGES]
-    if bad:
-        raise DgtrainError(
-            f"--allow-target {bad[0]}: {bad[0].rstrip('.')} cannot be allowed as a whole (it holds callables "
-            "that run commands or load pickles, or dgtrain already admits its safe classes by name). Name "
-            "only your own package, for example --allow-target mypkg."
-        )
+    refused = allowed_targets_problems(allow, option="--allow-target")
+    if refused:
+        raise DgtrainError(refused[0])
     config, weights_name, weights, run_dir = resolve_source(source)
     ckpt_io.check_stored_config(config, tuple(allow), source)  # before anything is imported or built
     cfg = OmegaConf.create(config)

@@ -195,9 +195,8 @@ def problems(cfg: DictConfig, choices: dict[str, str] | None = None) -> list[str
     out += flag_and_loss_problems(cfg)
     out += logger_problems(cfg)
     out += argument_problems(cfg)
-    device = str(cfg.device)
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        out.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N.")
+    if not device_spec_ok(cfg.device):
+        out.append(f"device={str(cfg.device)!r}: expected auto, cpu, cuda or cuda:N.")
     out.extend(_distributed_problems(cfg))
     return out
 
@@ -420,6 +419,12 @@ def check_logger_packages(cfg: DictConfig) -> None:
             )
     if out:
         raise DgtrainError(" ".join(out))
+
+
+def device_spec_ok(device: object) -> bool:
+    """`device=` (or a command's --device): auto, cpu, cuda or cuda:N, whether or not this machine has it."""
+    device = str(device)
+    return device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
 
 
 def check_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
