@@ -345,7 +345,7 @@ def read_wandb_id(run_dir: Path) -> str | None:
 def run_checkpoint_dir(run_dir: Path) -> Path:
     """Where a run dir's checkpoints are: `<run_dir>/checkpoints`, or the run's own `checkpoint.dir` (from its
     config.yaml) when it was set and that folder is found: from here, or (relative) from the folder the
-    run was started in."""
+    run was started in. Else `run_dir` itself, which may be a folder of checkpoints."""
     default = run_dir / "checkpoints"
     if default.is_dir():
         return default
@@ -354,12 +354,12 @@ def run_checkpoint_dir(run_dir: Path) -> Path:
     except Exception:  # noqa: BLE001 - no config.yaml, or a damaged one (reported when the run is loaded)
         stored = None
     if not stored:
-        return default
+        return run_dir
     stored = Path(str(stored)).expanduser()
     if stored.is_dir():
         return stored
     base = None if stored.is_absolute() else launch_dir(run_dir)
-    return base / stored if base is not None and (base / stored).is_dir() else default
+    return base / stored if base is not None and (base / stored).is_dir() else run_dir
 
 
 def final_weights_current(run_dir: Path) -> bool:
@@ -751,8 +751,7 @@ class Checkpointer:
         elif (
             Path(resume).is_dir() and Path(resume).suffix != ".dcp"
         ):  # a run dir (a .dcp dir is one checkpoint)
-            d = run_checkpoint_dir(Path(resume))  # its checkpoints/, or the run's own checkpoint.dir
-            d = d if d.is_dir() else Path(resume)  # else a folder of checkpoints
+            d = run_checkpoint_dir(Path(resume))  # its checkpoints/, its checkpoint.dir, or a folder of them
             found = newest_valid(d, f"resume={resume}")
             if found is None:
                 raise CheckpointError(f"resume={resume}: no checkpoint (step_*.pt or step_*.dcp) in {d}.")

@@ -27,8 +27,9 @@ def weights_file(path: str | Path) -> Path:
     if p.is_dir():
         if ckpt_io.final_weights_current(p):
             return p / "model.safetensors"
-        d = ckpt_io.run_checkpoint_dir(p)  # p/checkpoints, or the run's checkpoint.dir
-        ckpts = ckpt_io.newest_valid(d if d.is_dir() else p, "init_from")
+        ckpts = ckpt_io.newest_valid(
+            ckpt_io.run_checkpoint_dir(p), "init_from"
+        )  # checkpoints/, its checkpoint.dir
         if ckpts is None:
             raise DgtrainError(
                 f"init_from={path}: the directory holds neither model.safetensors nor a checkpoint "

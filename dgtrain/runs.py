@@ -118,8 +118,7 @@ def resolve_source(source: Path) -> tuple[dict[str, Any], str, Any, Path | None]
         if ckpt_io.final_weights_current(source):  # else a resumed run went on past it: its newest checkpoint
             w = source / "model.safetensors"
             return run_config(source), str(w), w, source
-        d = ckpt_io.run_checkpoint_dir(source)  # RUN_DIR/checkpoints, or the run's checkpoint.dir
-        d = d if d.is_dir() else source
+        d = ckpt_io.run_checkpoint_dir(source)  # RUN_DIR/checkpoints, the run's checkpoint.dir, or source
         found = ckpt_io.newest_valid(d, f"dgtrain {source}")
         if found is None and (source / "model.safetensors").is_file():  # the checkpoints are unreadable
             w = source / "model.safetensors"
