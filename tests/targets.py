@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dgtrain.callbacks import Callback
+
 
 class Backbone(nn.Module):
     def __init__(self, in_features: int, hidden: int):
@@ -67,36 +69,15 @@ class ScaledL1(nn.Module):
         return self.scale * (pred - target).abs().mean()
 
 
-class StopAtStep:
+class StopAtStep(Callback):
     """A user callback that asks to stop from `on_train_step` (a host step count, no device read)."""
 
     def __init__(self, at: int = 7):
         self.at = at
 
-    def on_fit_start(self, ctx):
-        pass
-
     def on_train_step(self, ctx, step):
         if step >= self.at:
             ctx.request_stop(f"step {self.at} reached")
-
-    def on_step_end(self, ctx, step, metrics):
-        pass
-
-    def on_eval_end(self, ctx, step, metrics):
-        pass
-
-    def on_checkpoint(self, ctx, step, path):
-        pass
-
-    def on_fit_end(self, ctx, status):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 class PlainPairs(torch.utils.data.Dataset):
@@ -135,7 +116,7 @@ class PlainMLP(nn.Module):
         return self.net(x)
 
 
-class TorchSettings:
+class TorchSettings(Callback):
     """Records the process-wide torch settings a run trains with (threads=, deterministic=)."""
 
     def on_fit_start(self, ctx):
@@ -144,29 +125,8 @@ class TorchSettings:
             "deterministic": torch.are_deterministic_algorithms_enabled(),
         }
 
-    def on_train_step(self, ctx, step):
-        pass
 
-    def on_step_end(self, ctx, step, metrics):
-        pass
-
-    def on_eval_end(self, ctx, step, metrics):
-        pass
-
-    def on_checkpoint(self, ctx, step, path):
-        pass
-
-    def on_fit_end(self, ctx, status):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-class CrashingCallback(TorchSettings):
+class CrashingCallback(Callback):
     """A user callback with a bug of its own: dgtrain's message must point at it, not at dgtrain."""
 
     def on_train_step(self, ctx, step):
@@ -174,7 +134,7 @@ class CrashingCallback(TorchSettings):
             raise ValueError("a bug in the user's callback")
 
 
-class StopOnStepEnd(TorchSettings):
+class StopOnStepEnd(Callback):
     """Asks to stop from `on_step_end` (host metrics of a logging step), as a loss threshold would."""
 
     def on_step_end(self, ctx, step, metrics):
