@@ -126,11 +126,8 @@ class EarlyStopping(Callback):
     ):
         _check_mode(mode, "callbacks.early_stopping.mode")
         key = "callbacks.early_stopping"
-        patience = _number(
-            patience, f"{key}.patience", "must be a whole number, at least 1", lambda x: x >= 1
-        )
-        if patience != int(patience):
-            raise DgtrainError(f"{key}.patience={patience:g}: must be a whole number, at least 1.")
+        rule = "must be a whole number, at least 1"
+        patience = _number(patience, f"{key}.patience", rule, lambda x: x >= 1 and x == int(x))
         min_delta = _number(min_delta, f"{key}.min_delta", "must be a number, 0 or more", lambda x: x >= 0)
         if monitor and mode is None:
             _direction(monitor, key)  # an unknown direction fails here, before the run dir is written
@@ -283,10 +280,8 @@ class TopKCheckpoints(Callback):
         if int(k) < 1:
             raise DgtrainError(f"checkpoint.save_top_k={k}: must be a positive integer, or null.")
         _check_mode(mode, "checkpoint.mode")
-        if monitor and mode is None:
-            _direction(
-                monitor, "checkpoint"
-            )  # an unknown direction fails here, before the run dir is written
+        if monitor and mode is None:  # an unknown direction fails here, before the run dir is written
+            _direction(monitor, "checkpoint")
         self.k, self.dir, self.monitor, self.mode = int(k), Path(directory) / "top_k", monitor, mode
         self.kept: list[dict[str, Any]] = []  # {"step", "value", "path"}, best first
 

@@ -130,8 +130,6 @@ def run_trial(cfg: DictConfig, hc: Any) -> float:
     if os.environ.get("RANK", "0") == "0" and (job_dir / "metrics.jsonl").exists() and not continues:
         (job_dir / "metrics.jsonl").replace(job_dir / "metrics.previous.jsonl")
     if (job_dir / "checkpoints").is_dir() and not continues:  # a fresh run refuses another run's (issue 10)
-        import shutil
-
         shutil.rmtree(job_dir / "checkpoints.previous", ignore_errors=True)
         (job_dir / "checkpoints").replace(job_dir / "checkpoints.previous")
 
