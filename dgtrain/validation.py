@@ -402,8 +402,9 @@ def check_logger_packages(cfg: DictConfig) -> None:
     """A training run's loggers can import their packages. Checked before the run dir is written: the
     loggers open last, after config.yaml and data_info.json, so a missing package left a run dir of a run
     that never started. Not part of `problems`: eval, predict and sample re-check stored configs, and do
-    not need the logger a run trained with."""
-    import importlib
+    not need the logger a run trained with. Found, not imported: every rank checks, and only rank 0's
+    sinks import their (heavy) packages."""
+    import importlib.util
 
     out = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -411,11 +412,13 @@ def check_logger_packages(cfg: DictConfig) -> None:
         if need is None:
             continue
         try:
-            importlib.import_module(need[0])
-        except ImportError as e:
+            found = importlib.util.find_spec(need[0]) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             out.append(
-                f"logger={name} needs the {need[0]} package, which is not installed ({e}): pip install "
-                f"'dgtrain[{need[1]}]' (or choose another logger, e.g. logger=csv)."
+                f"logger={name} needs the {need[0]} package, which is not installed (no module named "
+                f"{need[0]!r}): pip install 'dgtrain[{need[1]}]' (or choose another logger, e.g. logger=csv)."
             )
     if out:
         raise DgtrainError(" ".join(out))
