@@ -821,12 +821,13 @@ def open_run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None, d: 
             build_loggers(cfg, run_dir, resume_step=resume_step, files=writes) if d.is_main else []
         )
     except BaseException:
-        if (
-            before is not None and resumed is None
-        ):  # a sink failed to open: no files of a run that never started
+        if before is not None and resumed is None:  # a sink failed to open: no files of a run never started
             for name in set(os.listdir(run_dir)) - before:  # config.yaml, metrics.jsonl, the sinks' files
                 path = run_dir / name
-                path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+                if path.is_file():
+                    path.unlink()
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
         checkpointer.release()
         if restore_torch is not None:
             restore_torch()
