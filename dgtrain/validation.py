@@ -390,6 +390,16 @@ def logger_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it (a heavy package stays unloaded)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
 # The package each shipped logger imports when it opens, and the extra that installs it.
 LOGGER_PACKAGES = {
     "dgtrain.loggers.mlflow.MlflowLogger": ("mlflow", "mlflow"),
@@ -404,18 +414,10 @@ def check_logger_packages(cfg: DictConfig) -> None:
     that never started. Not part of `problems`: eval, predict and sample re-check stored configs, and do
     not need the logger a run trained with. Found, not imported: every rank checks, and only rank 0's
     sinks import their (heavy) packages."""
-    import importlib.util
-
     out = []
     for name, node in (cfg.get("logger") or {}).items():
         need = LOGGER_PACKAGES.get(str(node.get("_target_"))) if isinstance(node, DictConfig) else None
-        if need is None:
-            continue
-        try:
-            found = importlib.util.find_spec(need[0]) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
+        if need is not None and not installed(need[0]):
             out.append(
                 f"logger={name} needs the {need[0]} package, which is not installed (no module named "
                 f"{need[0]!r}): pip install 'dgtrain[{need[1]}]' (or choose another logger, e.g. logger=csv)."

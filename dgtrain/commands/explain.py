@@ -284,21 +284,14 @@ def explain_features(run, out: Path, steps: int) -> tuple[list[Path], dict[str, 
     return [f], result
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ValueError:  # a module set to None in sys.modules (blocked)
-        return False
-
-
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.num < 1 or args.steps < 1:
         raise DgtrainError(f"--num={args.num}, --steps={args.steps}: both must be at least 1.")
+    from dgtrain.validation import installed
+
     missing = [
-        name for name, module in (("matplotlib", "matplotlib"), ("Pillow", "PIL")) if not _installed(module)
+        name for name, module in (("matplotlib", "matplotlib"), ("Pillow", "PIL")) if not installed(module)
     ]
     if missing:  # checked first: a missing one half-way through left some PNGs and a traceback
         raise DgtrainError(
@@ -315,9 +308,8 @@ def main(argv: list[str]) -> int:
     task, in_shape = run.info["task"], tuple(run.info.get("in_shape") or ())
     out = Path(args.out) if args.out else out_dir(run, "explain")
     out.mkdir(parents=True, exist_ok=True)
-    for (
-        old
-    ) in out.iterdir():  # an earlier explain's maps (a larger --num, another model) would pass as this one's
+    # an earlier explain's maps (a larger --num, another model) would pass as this one's
+    for old in out.iterdir():
         if OUTPUT_NAMES.fullmatch(old.name) and old.is_file():
             old.unlink()
     if task in ("lm", "seq2seq"):

@@ -38,9 +38,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
                 opts[key] = GRAPH_KEYS[key](value)
             except ValueError:
                 raise DgtrainError(f"{arg!r}: graph.{key} must be an integer.") from None
-        elif (
-            "=" not in arg and Path(arg).exists()
-        ):  # `dgtrain graph RUN_DIR`: Hydra would say "missing EQUAL"
+        elif "=" not in arg and Path(arg).exists():  # `dgtrain graph RUN_DIR`: Hydra says "missing EQUAL"
             raise DgtrainError(
                 f"{arg}: dgtrain graph takes the overrides a training run takes (model=NAME data=NAME key=value), "
                 "not a run dir or a file; give the run's model and data options, e.g. dgtrain graph model=mlp."
