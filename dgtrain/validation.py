@@ -371,13 +371,11 @@ def logger_problems(cfg: DictConfig) -> list[str]:
     for name, node in (cfg.get("logger") or {}).items():
         target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
         if target == "dgtrain.loggers.console.ConsoleLogger":
-            mode, interval = node.get("mode", "auto"), node.get("plain_interval_s", 1.0)
-            if mode not in ("auto", "rich", "plain"):
-                out.append(f"logger.{name}.mode={mode!r}: expected auto, rich or plain.")
-            if _number(interval) is None or not _number(interval) >= 0:
-                out.append(
-                    f"logger.{name}.plain_interval_s={interval!r}: expected a number of seconds, 0 or more."
-                )
+            from dgtrain.loggers.console import settings_problems
+
+            out += settings_problems(
+                node.get("mode", "auto"), node.get("plain_interval_s", 1.0), f"logger.{name}"
+            )
         elif target == "dgtrain.loggers.wandb.WandbLogger":
             from dgtrain.loggers.wandb import MODES
 

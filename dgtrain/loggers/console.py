@@ -41,20 +41,25 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def settings_problems(mode: Any, plain_interval_s: Any, key: str = "logger.console") -> list[str]:
+    """What is wrong with the console's settings (`key`: where the config holds them); the config check
+    (dgtrain/validation.py) and the constructor share it."""
+    out = []
+    if mode not in ("auto", "rich", "plain"):
+        out.append(f"{key}.mode={mode!r}: expected auto, rich or plain.")
+    interval = plain_interval_s
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
+        out.append(f"{key}.plain_interval_s={interval!r}: expected a number of seconds, 0 or more.")
+    return out
+
+
 class ConsoleLogger:
     def __init__(self, mode: str = "auto", plain_interval_s: float = 1.0):
         from dgtrain.errors import DgtrainError
 
-        if mode not in ("auto", "rich", "plain"):
-            raise DgtrainError(f"logger.console.mode={mode!r}: expected auto, rich or plain.")
-        if (
-            isinstance(plain_interval_s, bool)
-            or not isinstance(plain_interval_s, (int, float))
-            or not plain_interval_s >= 0
-        ):
-            raise DgtrainError(
-                f"logger.console.plain_interval_s={plain_interval_s!r}: expected a number of seconds, 0 or more."
-            )
+        problems = settings_problems(mode, plain_interval_s)
+        if problems:
+            raise DgtrainError(problems[0])
         # plain lines: at most one per interval (a fast model logs every few milliseconds; metrics.jsonl
         # keeps every logging step). Evaluations, text samples and the last step always print.
         self.plain_interval_s, self._last_line = float(plain_interval_s), None
