@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from dgtrain.errors import DgtrainError
+from dgtrain.loggers import FINISHED
 
 log = logging.getLogger("dgtrain")
 
@@ -255,7 +256,7 @@ class EMA(Callback):
         metrics.update({k.replace("val/", "val_ema/", 1): v for k, v in ema.items()})
 
     def on_fit_end(self, ctx: FitContext, status: str) -> None:
-        if status in ("completed", "early_stopped") and ctx.writes_files and self.shadow:
+        if status in FINISHED and ctx.writes_files and self.shadow:
             from dgtrain.checkpoint import save_weights
 
             with self.swapped(ctx):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dgtrain.errors import DgtrainError
+from dgtrain.loggers import FINISHED
 
 log = logging.getLogger("dgtrain")
 
@@ -561,7 +562,7 @@ def _launched(nproc: int, argv: list[str], run_dir: Path):
         (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
     )
     history = [json.loads(x) for x in rows if x.strip()]
-    if code in (130, 138, 143) and summary.get("status") in ("completed", "early_stopped"):
+    if code in (130, 138, 143) and summary.get("status") in FINISHED:
         log.warning(
             f"trainer.devices={nproc}: the run had {summary['status']} when a signal ended the workers"
         )

@@ -32,13 +32,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dgtrain.errors import DgtrainError
+from dgtrain.loggers import FINISHED
 
 log = logging.getLogger("dgtrain")
 
 SUMMARY_FILES = ("sweep_summary.csv", "sweep_summary.json", "sweep_objective.png")
 # Order of the statuses below the ranked (completed) trials in the table.
 # A trial that early stopping ended finished as planned: it is ranked like a completed one.
-FINISHED = ("completed", "early_stopped")
 STATUS_ORDER = {"completed": 0, "early_stopped": 0, "stopped": 1, "failed": 2, "incomplete": 3, "missing": 4}
 
 

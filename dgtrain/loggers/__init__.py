@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
+# The statuses of a run that trained to its end (its summary.json `status`): a success for sinks and sweeps.
+FINISHED = ("completed", "early_stopped")
+
 
 class MetricLogger(Protocol):
     def log_config(self, config: dict[str, Any]) -> None: ...

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dgtrain.errors import DgtrainError
+from dgtrain.loggers import FINISHED
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -78,9 +79,7 @@ class TensorBoardLogger:
         # torch's own end record always says "success"; this one tells a stopped or failed run apart.
         end = plugin_data_pb2.HParamsPluginData(
             session_end_info=plugin_data_pb2.SessionEndInfo(
-                status=api_pb2.Status.Value(
-                    "STATUS_SUCCESS" if status in ("completed", "early_stopped") else "STATUS_FAILURE"
-                )
+                status=api_pb2.Status.Value("STATUS_SUCCESS" if status in FINISHED else "STATUS_FAILURE")
             ),
             version=metadata.PLUGIN_DATA_VERSION,
         )

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dgtrain.errors import DgtrainError
+from dgtrain.loggers import FINISHED
 
 log = logging.getLogger("dgtrain")
 
@@ -191,7 +192,7 @@ class WandbLogger:
                     run.summary[k] = summary[k]
         finally:
             # Always finished, so W&B never shows a completed-looking run that failed or was stopped.
-            run.finish(exit_code=0 if status in ("completed", "early_stopped") else 1)
+            run.finish(exit_code=0 if status in FINISHED else 1)
         if self.mode == "offline":
             sync_dir = run.settings.sync_dir
             log.info(f"W&B run {run.id} saved offline in {sync_dir}; upload it with: wandb sync {sync_dir}")
