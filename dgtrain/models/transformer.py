@@ -197,9 +197,8 @@ class Transformer(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=bool(head_bias))
         if init == "gpt2":
             self._gpt2_init(n_layers)
-        if (
-            tie_weights
-        ):  # one matrix embeds tokens and scores them (GPT-2, nanoGPT); a head bias stays its own
+        # one matrix embeds tokens and scores them (GPT-2, nanoGPT); a head bias stays its own
+        if tie_weights:
             self.head.weight = self.tok_emb.weight
 
     def _gpt2_init(self, n_layers: int) -> None:
